@@ -1,0 +1,45 @@
+# hptransfer: `make demo` and `make test` work from a fresh clone (see README).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export CUDA_HOME ?= $(shell [ -d /usr/local/cuda ] && echo /usr/local/cuda)
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+# On a machine without a GPU, Triton kernels run in the (exact, slow) interpreter in tests.
+NO_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || echo 1)
+DEMO_DIR ?= runs/synth_demo
+DEMO_DATA ?= data/synth_demo
+
+.PHONY: setup demo test ext clean help
+help:
+	@echo "make setup  - create $(VENV), install the pinned stack and hptransfer (builds hptransfer._C)"
+	@echo "make demo   - setup, synthesize data, train synth_demo on the CPU, evaluate, export"
+	@echo "make test   - setup, run the whole test suite"
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+
+$(VENV)/.deps: requirements.txt requirements-test.txt | $(VENV)/bin/python
+	$(PIP) install torch==2.14.1 torchvision==0.29.1
+	DS_BUILD_OPS=0 $(PIP) install --no-build-isolation -r requirements.txt -r requirements-test.txt
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
+	$(PIP) install --no-build-isolation --no-deps -e .
+	$(PY) -c "import hptransfer, hptransfer.kernels; from hptransfer.ops import backend_status; print(backend_status())"
+	touch $@
+
+setup: $(VENV)/.installed
+
+ext: setup
+
+test: setup
+	$(if $(NO_GPU),TRITON_INTERPRET=1 ,)$(PY) -m pytest tests -q --timeout=1500
+
+demo: setup
+	$(VENV)/bin/hptransfer demo --data $(DEMO_DATA) --out $(DEMO_DIR)
+
+clean:
+	rm -rf build *.egg-info hptransfer/_C*.so $(VENV)

@@ -1,0 +1,72 @@
+"""The ``hptransfer`` command. Each subcommand lives in its own module exposing
+``add_arguments(parser)`` and ``run(args) -> int``; this file only wires them up, importing a
+module when its subcommand runs so ``hptransfer --help`` stays fast."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "data": ("hptransfer.data.cli", "synthesize, prepare, check and show datasets"),
+    "train": ("hptransfer.train", "progressive training (also: deepspeed hptransfer/train.py ...)"),
+    "eval": ("hptransfer.evaluate", "score generated images: SSIM (both protocols), MS-SSIM, local-SSIM, LPIPS, FID"),
+    "infer": ("hptransfer.infer", "generate one image of a reference person in a target pose"),
+    "video": ("hptransfer.video", "generate a pose-guided video"),
+    "export": ("hptransfer.export", "export a checkpoint as safetensors, ONNX or TorchScript"),
+    "model-summary": ("hptransfer.models.summary", "table of stages: resolution, channels, parameters, FLOPs"),
+    "demo": ("hptransfer.demo", "the end-to-end CPU demo behind `make demo`"),
+}
+
+
+class NotAvailable(Exception):
+    pass
+
+
+def _load(name: str):
+    module_name, _ = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (e.name == module_name or module_name.startswith(e.name + ".")):
+            raise NotAvailable(name) from None
+        raise
+    if not hasattr(module, "add_arguments") or not hasattr(module, "run"):
+        raise NotAvailable(name)
+    return module
+
+
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hptransfer", description="Pose-guided high-resolution appearance transfer.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == selected:
+            _load(name).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    if selected not in COMMANDS:
+        selected = None
+    try:
+        parser = build_parser(selected)
+    except NotAvailable as e:
+        print(f"hptransfer {e.args[0]}: not available yet in this version.", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return int(_load(args.command).run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,252 @@
+"""Typed experiment configuration: dataclasses loaded from YAML, overridden from the command line.
+
+A config file has the sections below (every key optional, defaults are the paper's settings)::
+
+    model: {width: 1.0, ...}
+    data:  {root: data/synth, ...}
+    loss:  {...}
+    train: {...}
+    stages: [{resolution: 64, iterations: 700000, batch_size: 16}, ...]
+
+Overrides are ``section.key=value`` (value parsed as YAML, so ``train.lr=1e-4``,
+``data.flip=false``, ``loss.layers=[relu1_2,relu2_2]``); ``stages.0.iterations=100`` addresses a
+stage. An unknown key or a value of the wrong type raises :class:`ConfigError` naming the key and
+where it came from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+RESOLUTIONS = (64, 128, 256, 512, 1024)
+VGG_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
+
+
+class ConfigError(ValueError):
+    """A bad config file or override; the message names the key and the source."""
+
+
+@dataclass
+class ModelConfig:
+    width: float = 1.0  # scales every channel count; 1.0 = the paper (1024 channels at 32x32)
+    bottleneck_size: int = 32
+    bottleneck_channels: int = 1024
+    num_keypoints: int = 18
+    pose_sigma: float = 3.2  # in pixels of the 32x32 bottleneck grid; scaled with the grid
+    pose_at_every_scale: bool = False  # also inject heatmaps at every decoder scale
+    negative_slope: float = 0.2
+    disc_shared: bool = False  # one discriminator shared by all descriptors instead of N grouped
+    disc_channels: int = 64  # first-layer width of each local discriminator
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/synth"
+    train_split: str = "train"
+    test_split: str = "test"
+    loader: Literal["auto", "torch", "dali"] = "auto"
+    workers: int = 2
+    flip: bool = True
+    skip_bad: bool = False
+    fit: Literal["pad", "resize"] = "pad"
+
+
+@dataclass
+class LossConfig:
+    vgg_weights: Optional[str] = None  # file path, "random" (tests only) or None = search defaults
+    layers: list = field(default_factory=lambda: list(VGG_LAYERS))
+    layer_weights: Optional[list] = None  # equal weights when None
+    global_weight: float = 1.0
+    local_weight: float = 1.0
+    local_min_crop: int = 32  # crops smaller than this are upsampled before VGG
+    local_perceptual_at_top: bool = True  # paper: "in replacement" at 1024; keep both by default
+    adv_weight: float = 0.01
+    disc_lr: float = 2e-4
+    disc_at_resolution: int = 1024  # local discriminators train only at this stage
+
+
+@dataclass
+class StageConfig:
+    resolution: int = 64
+    iterations: int = 700_000
+    batch_size: int = 16
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    seed: int = 0
+    lr: float = 2e-4
+    weight_decay: float = 5e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    optimizer: Literal["adam", "adamw"] = "adam"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    kernels: Literal["auto", "fast", "reference"] = "auto"
+    activation_checkpointing: bool = False
+    channels_last: bool = True  # applied on GPU only
+    compile: bool = False
+    deterministic: bool = False
+    log_every: int = 10
+    sample_every: int = 200
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    tensorboard: bool = True
+    grad_clip: float = 0.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stages: list = field(default_factory=lambda: [StageConfig(r) for r in RESOLUTIONS])
+
+    def validate(self, source: str = "<config>") -> "Config":
+        if not self.stages:
+            raise ConfigError(f"{source}: 'stages' is empty")
+        resolutions = [s.resolution for s in self.stages]
+        for i, s in enumerate(self.stages):
+            if s.resolution not in RESOLUTIONS:
+                raise ConfigError(f"{source}: stages.{i}.resolution={s.resolution} is not one of {RESOLUTIONS}")
+            if s.iterations < 1 or s.batch_size < 1:
+                raise ConfigError(f"{source}: stages.{i} needs iterations >= 1 and batch_size >= 1")
+        expected = [resolutions[0] * 2**i for i in range(len(resolutions))]
+        if resolutions != expected:
+            raise ConfigError(f"{source}: stages must double from one to the next, got {resolutions}")
+        for name in self.loss.layers:
+            if name not in VGG_LAYERS:
+                raise ConfigError(f"{source}: loss.layers has unknown layer {name!r}; known: {VGG_LAYERS}")
+        if self.loss.layer_weights is not None and len(self.loss.layer_weights) != len(self.loss.layers):
+            raise ConfigError(f"{source}: loss.layer_weights must have one weight per entry of loss.layers")
+        if self.model.width <= 0:
+            raise ConfigError(f"{source}: model.width must be > 0")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_type(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Return ``value`` coerced to ``tp`` (int -> float allowed) or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{source}: {key}={value!r} must be one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1] if errors else f"{source}: bad value for {key}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{source}: {key}={value!r} must be true or false")
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{source}: {key}={value!r} must be a number")
+    if tp in (int, float, str, bool, list, dict) and not isinstance(value, tp):
+        raise ConfigError(f"{source}: {key}={value!r} must be of type {tp.__name__}")
+    return value
+
+
+def _build(cls, data: Any, prefix: str, source: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key {full!r}; known keys: {sorted(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, full, source)
+        elif cls is Config and key == "stages":
+            if not isinstance(value, list):
+                raise ConfigError(f"{source}: stages must be a list of mappings")
+            kwargs[key] = [_build(StageConfig, v, f"stages.{i}", source) for i, v in enumerate(value)]
+        else:
+            kwargs[key] = _check_type(value, tp, full, source)
+    return cls(**kwargs)
+
+
+def _set_override(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {key}: no stage {part!r} (there are {len(node)})")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {} if not (parts[i + 1].isdigit()) else [])
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"override {key}: index {last!r} out of range")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load ``path`` (YAML) and apply ``section.key=value`` overrides; validate the result."""
+    source = str(path) if path else "<defaults>"
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+    if "stages" not in raw:
+        raw["stages"] = [dataclasses.asdict(s) for s in Config().stages]
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        _set_override(raw, key.strip(), value)
+    where = source + (" (with overrides)" if overrides else "")
+    return _build(Config, raw, "", where).validate(where)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML atomically."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> Config:
+    return _build(Config, data, "", source).validate(source)
+
+
+def channels_at(resolution: int, model: ModelConfig) -> int:
+    """Feature channels at a spatial size: bottleneck_channels at bottleneck_size, halving per doubling."""
+    ch = model.bottleneck_channels * model.bottleneck_size / resolution * model.width
+    return max(int(round(ch)), 4)

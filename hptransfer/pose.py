@@ -1,0 +1,265 @@
+"""OpenPose-18 keypoints: names, flip and limb pairs, format conversion, heatmaps and local descriptors.
+
+Keypoints are tensors (B, 18, 2) holding (y, x) in pixels of the image they belong to;
+a missing keypoint is (-1, -1) (any negative coordinate counts as missing).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+KEYPOINT_NAMES = (
+    "nose", "neck",
+    "r_shoulder", "r_elbow", "r_wrist",
+    "l_shoulder", "l_elbow", "l_wrist",
+    "r_hip", "r_knee", "r_ankle",
+    "l_hip", "l_knee", "l_ankle",
+    "r_eye", "l_eye", "r_ear", "l_ear",
+)
+NUM_KEYPOINTS = 18
+MISSING = -1
+
+# Left/right pairs swapped by a horizontal flip.
+FLIP_PAIRS = ((2, 5), (3, 6), (4, 7), (8, 11), (9, 12), (10, 13), (14, 15), (16, 17))
+FLIP_PERMUTATION = list(range(NUM_KEYPOINTS))
+for _a, _b in FLIP_PAIRS:
+    FLIP_PERMUTATION[_a], FLIP_PERMUTATION[_b] = _b, _a
+FLIP_PERMUTATION = tuple(FLIP_PERMUTATION)
+
+# OpenPose's 17 limbs (for drawing skeletons).
+LIMB_PAIRS = (
+    (1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10),
+    (1, 11), (11, 12), (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17),
+)
+
+# The 13 body limbs along which local descriptors are interpolated (no face-internal limbs:
+# the face is already covered by nose/eyes/ears; hands and feet have no keypoints).
+DESCRIPTOR_LIMBS = (
+    (1, 0),                       # neck - nose
+    (1, 2), (2, 3), (3, 4),       # right arm
+    (1, 5), (5, 6), (6, 7),       # left arm
+    (1, 8), (8, 9), (9, 10),      # neck - right hip, right leg
+    (1, 11), (11, 12), (12, 13),  # neck - left hip, left leg
+)
+# Fractions along each limb: 31 = 18 keypoints + 13 midpoints; 44 = 18 + 13 x {1/3, 2/3}.
+DESCRIPTOR_FRACTIONS = {18: (), 31: (0.5,), 44: (1.0 / 3.0, 2.0 / 3.0)}
+
+# COCO-17 order -> OpenPose-18 index (neck is the midpoint of the shoulders).
+COCO17_TO_OPENPOSE18 = {0: 0, 1: 15, 2: 14, 3: 17, 4: 16, 5: 5, 6: 2, 7: 6, 8: 3, 9: 7, 10: 4,
+                        11: 11, 12: 8, 13: 12, 14: 9, 15: 13, 16: 10}
+# BODY_25 index -> OpenPose-18 index (BODY_25 adds mid-hip 8 and feet 19..24).
+BODY25_TO_OPENPOSE18 = {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6, 7: 7, 9: 8, 10: 9, 11: 10,
+                        12: 11, 13: 12, 14: 13, 15: 14, 16: 15, 17: 16, 18: 17}
+
+
+def descriptor_count(resolution: int) -> int:
+    """18 descriptors at 64/128 px, 31 at 256/512 px, 44 at 1024 px (section 3.4)."""
+    if resolution <= 128:
+        return 18
+    if resolution <= 512:
+        return 31
+    return 44
+
+
+def crop_size(resolution: int) -> int:
+    """Local region side: one eighth of the image resolution (section 3.2)."""
+    return max(resolution // 8, 1)
+
+
+def is_missing(kp: torch.Tensor) -> torch.Tensor:
+    """(..., 2) -> (...) bool: a keypoint with any negative coordinate is missing."""
+    return (kp < 0).any(dim=-1)
+
+
+def flip_keypoints(kp: torch.Tensor | np.ndarray, width: int):
+    """Mirror (..., 18, 2) (y, x) keypoints of an image ``width`` px wide and swap left/right."""
+    is_np = isinstance(kp, np.ndarray)
+    t = torch.as_tensor(kp).clone()
+    missing = is_missing(t)
+    t[..., 1] = width - 1 - t[..., 1]
+    t[missing] = MISSING
+    t = t[..., list(FLIP_PERMUTATION), :]
+    return t.numpy() if is_np else t
+
+
+# ---------------------------------------------------------------- heatmaps (eq. 1)
+
+def default_sigma(map_size: int, bottleneck_sigma: float = 3.2, bottleneck_size: int = 32) -> float:
+    """The paper's sigma=3.2 is read as pixels of the 32x32 bottleneck grid; it scales with the map."""
+    return bottleneck_sigma * map_size / bottleneck_size
+
+
+def heatmaps_reference(kp: torch.Tensor, image_size: Sequence[int], size: Sequence[int],
+                       sigma: Optional[float] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dense torch formula of eq. (1); the spec the fast kernel is tested against.
+
+    Keypoints in image pixels are mapped to map pixels with pixel centres aligned:
+    ``u_map = (u_img + 0.5) * map / image - 0.5``.
+    """
+    H, W = int(image_size[0]), int(image_size[1])
+    h, w = int(size[0]), int(size[1])
+    if sigma is None:
+        sigma = default_sigma(h)
+    kp = kp.to(torch.float32)
+    B, K, _ = kp.shape
+    cy = (kp[..., 0] + 0.5) * (h / H) - 0.5
+    cx = (kp[..., 1] + 0.5) * (w / W) - 0.5
+    ys = torch.arange(h, device=kp.device, dtype=torch.float32).view(1, 1, h, 1)
+    xs = torch.arange(w, device=kp.device, dtype=torch.float32).view(1, 1, 1, w)
+    d2 = (ys - cy.view(B, K, 1, 1)) ** 2 + (xs - cx.view(B, K, 1, 1)) ** 2
+    maps = torch.exp(-d2 / (2.0 * sigma * sigma))
+    maps = maps * (~is_missing(kp)).view(B, K, 1, 1).to(maps.dtype)
+    return maps.to(dtype)
+
+
+def heatmaps(kp: torch.Tensor, image_size: Sequence[int], size: Sequence[int],
+             sigma: Optional[float] = None, impl: str = "auto",
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Gaussian pose maps (B, 18, h, w) for keypoints ``kp`` (B, 18, 2) (y, x) of an ``image_size`` image.
+
+    ``sigma`` is in pixels of the map (default: 3.2 on a 32x32 grid, scaled with ``size``).
+    ``impl``: "auto" uses the Triton kernel on CUDA tensors, "fast" requires it, "reference"
+    is the dense torch formula. Missing keypoints give all-zero maps.
+    """
+    return heatmaps_multi(kp, image_size, [size], None if sigma is None else [sigma], impl, dtype)[0]
+
+
+def heatmaps_multi(kp: torch.Tensor, image_size: Sequence[int], sizes: Sequence[Sequence[int]],
+                   sigmas: Optional[Sequence[float]] = None, impl: str = "auto",
+                   dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Heatmaps at several map sizes at once (one kernel launch on the fast path)."""
+    if kp.dim() != 3 or kp.shape[1] != NUM_KEYPOINTS or kp.shape[2] != 2:
+        raise ValueError(f"keypoints must be (B, {NUM_KEYPOINTS}, 2), got {tuple(kp.shape)}")
+    sizes = [(int(s[0]), int(s[1])) for s in sizes]
+    if sigmas is None:
+        sigmas = [default_sigma(s[0]) for s in sizes]
+    if len(sigmas) != len(sizes):
+        raise ValueError("one sigma per map size")
+    from hptransfer import ops  # dispatch lives in ops (the layer that may reach kernels)
+    if ops.use_fast("heatmaps", kp, impl):
+        from hptransfer.kernels.heatmaps import heatmaps_triton
+        return heatmaps_triton(kp, image_size, sizes, sigmas, dtype)
+    return [heatmaps_reference(kp, image_size, s, sg, dtype) for s, sg in zip(sizes, sigmas)]
+
+
+# ---------------------------------------------------------------- local descriptors (section 3.2)
+
+def local_descriptors(kp: torch.Tensor, resolution: int, count: Optional[int] = None):
+    """Descriptor centres for the local losses.
+
+    Returns ``(centers (B, N, 2) float (y, x) pixels, valid (B, N) bool)`` with N = 18 / 31 / 44 by
+    resolution (or ``count``). The first 18 are the keypoints; the rest lie on
+    :data:`DESCRIPTOR_LIMBS` at :data:`DESCRIPTOR_FRACTIONS` (midpoints for 31; thirds for 44).
+    A descriptor is invalid when a keypoint it is made from is missing; invalid centres are -1.
+    """
+    n = count if count is not None else descriptor_count(resolution)
+    if n not in DESCRIPTOR_FRACTIONS:
+        raise ValueError(f"descriptor count must be one of {sorted(DESCRIPTOR_FRACTIONS)}, got {n}")
+    kp = kp.to(torch.float32)
+    present = ~is_missing(kp)
+    centers = [kp]
+    valid = [present]
+    fractions = DESCRIPTOR_FRACTIONS[n]
+    if fractions:
+        a = torch.tensor([l[0] for l in DESCRIPTOR_LIMBS], device=kp.device)
+        b = torch.tensor([l[1] for l in DESCRIPTOR_LIMBS], device=kp.device)
+        pa, pb = kp[:, a], kp[:, b]
+        ok = present[:, a] & present[:, b]
+        for t in fractions:
+            centers.append(pa + (pb - pa) * t)
+            valid.append(ok)
+    centers = torch.cat(centers, dim=1)
+    valid = torch.cat(valid, dim=1)
+    centers = torch.where(valid.unsqueeze(-1), centers, torch.full_like(centers, MISSING))
+    return centers, valid
+
+
+# ---------------------------------------------------------------- conversion from other formats
+
+def _empty(num: int = NUM_KEYPOINTS) -> np.ndarray:
+    return np.full((num, 2), MISSING, dtype=np.float32)
+
+
+def from_coco17(xyv: np.ndarray, min_confidence: float = 0.0) -> np.ndarray:
+    """COCO-17 keypoints (17, 3) as (x, y, visibility/score) -> OpenPose-18 (18, 2) (y, x).
+
+    The neck is the midpoint of both shoulders when both are present.
+    """
+    xyv = np.asarray(xyv, dtype=np.float32).reshape(17, -1)
+    out = _empty()
+    for c, o in COCO17_TO_OPENPOSE18.items():
+        x, y = xyv[c, 0], xyv[c, 1]
+        v = xyv[c, 2] if xyv.shape[1] > 2 else 1.0
+        if v > min_confidence and x >= 0 and y >= 0:
+            out[o] = (y, x)
+    if (out[2] >= 0).all() and (out[5] >= 0).all():
+        out[1] = (out[2] + out[5]) / 2
+    return out
+
+
+def from_body25(xyc: np.ndarray, min_confidence: float = 0.0) -> np.ndarray:
+    """OpenPose BODY_25 (25, 3) (x, y, confidence) -> OpenPose-18 (18, 2) (y, x)."""
+    xyc = np.asarray(xyc, dtype=np.float32).reshape(25, 3)
+    out = _empty()
+    for b, o in BODY25_TO_OPENPOSE18.items():
+        x, y, c = xyc[b]
+        if c > min_confidence:
+            out[o] = (y, x)
+    return out
+
+
+def from_openpose18(xyc: np.ndarray, min_confidence: float = 0.0) -> np.ndarray:
+    """OpenPose COCO-18 (18, 3) (x, y, confidence) -> (18, 2) (y, x)."""
+    xyc = np.asarray(xyc, dtype=np.float32).reshape(18, 3)
+    out = _empty()
+    keep = xyc[:, 2] > min_confidence
+    out[keep] = xyc[keep][:, [1, 0]]
+    return out
+
+
+def read_openpose_json(path: str | Path, person: int = 0, min_confidence: float = 0.05) -> np.ndarray:
+    """Read a JSON file as OpenPose writes it (``people[i].pose_keypoints_2d``, COCO-18 or BODY_25).
+
+    Returns (18, 2) (y, x); all missing when the file holds no person.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read OpenPose JSON: {e}") from None
+    people = data.get("people") if isinstance(data, dict) else None
+    if people is None:
+        raise ValueError(f"{path}: no 'people' list; is this an OpenPose JSON file?")
+    if len(people) <= person:
+        return _empty()
+    flat = people[person].get("pose_keypoints_2d") or people[person].get("pose_keypoints")
+    if flat is None:
+        raise ValueError(f"{path}: people[{person}] has no 'pose_keypoints_2d'")
+    n = len(flat) // 3
+    if len(flat) % 3 or n not in (18, 25):
+        raise ValueError(f"{path}: pose_keypoints_2d has {len(flat)} numbers; expected 54 (COCO-18) or 75 (BODY_25)")
+    arr = np.asarray(flat, dtype=np.float32).reshape(n, 3)
+    return from_openpose18(arr, min_confidence) if n == 18 else from_body25(arr, min_confidence)
+
+
+def read_coco17_json(path: str | Path, person: int = 0, min_confidence: float = 0.0) -> np.ndarray:
+    """Read COCO-style keypoints: a COCO annotation dict/list with ``keypoints`` (51 numbers)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read COCO JSON: {e}") from None
+    if isinstance(data, dict) and "annotations" in data:
+        data = data["annotations"]
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or len(data) <= person or "keypoints" not in data[person]:
+        raise ValueError(f"{path}: expected a COCO annotation with 'keypoints' (person {person})")
+    flat = data[person]["keypoints"]
+    if len(flat) != 51:
+        raise ValueError(f"{path}: 'keypoints' has {len(flat)} numbers; COCO-17 has 51")
+    return from_coco17(np.asarray(flat, dtype=np.float32).reshape(17, 3), min_confidence)

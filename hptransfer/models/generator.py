@@ -219,7 +219,7 @@ class Generator(nn.Module):
                     if p.dim() == 4:
                         p.data = p.data.contiguous(memory_format=fmt)
         self.train(self.training)
-        log.info("generator grown to %d px (%d parameters)", self.resolution,
+        log.debug("generator grown to %d px (%d parameters)", self.resolution,
                  sum(p.numel() for p in self.parameters()))
 
     def arch(self) -> dict:

@@ -1,0 +1,172 @@
+"""The paper's losses (eq. 2-4): global and local perceptual loss, local discriminators.
+
+- Criterion C: L2 in the first half of each stage's iterations, L1 in the second
+  (:func:`criterion_for_step`). Per layer, C is the mean over (C, H, W) of the squared or absolute
+  feature difference; layers are summed with ``loss.layer_weights`` (equal when unset). The global
+  and the local loss share this criterion (``ops.local_perceptual_loss.criterion_per_sample``), so a
+  crop covering the whole image gives the same number both ways.
+- Global perceptual loss (eq. 2): C over the whole image, mean over the batch.
+- Local perceptual loss (eq. 3): ``hptransfer.ops.local_perceptual_loss`` at the target's
+  descriptors (sum over valid descriptors per image, mean over the batch).
+- Local discriminators (section 3.2, Fig. 6): pairs stacked on channels, ``(X_d, X'_d)`` real and
+  ``(X_d, X^_d)`` fake, following the text (the Fig. 6 caption's fake pair ``(X'_d, X^_d)`` would
+  let a discriminator win by comparing two crops of the target pose, without the reference). ``X_d``
+  is the reference cropped at the reference's own descriptor d (the same body part as in the
+  target); ``reference_at="target"`` crops it at the target's location instead. Losses are the
+  non-saturating GAN losses with logits (softplus form of BCE), averaged over valid descriptors:
+  a descriptor is valid when it is valid in both the reference and the target pose.
+
+Which terms run at a stage (:func:`active_terms`): the local perceptual loss at every stage (at the
+discriminator stage only if ``loss.local_perceptual_at_top``; the paper uses the discriminators "in
+replacement" there, we keep both by default), the adversarial loss from
+``loss.disc_at_resolution`` (1024) on.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from hptransfer import ops, pose
+from hptransfer.config import LossConfig
+from hptransfer.ops.local_perceptual_loss import criterion_per_sample
+
+
+def criterion_for_step(step: int, iterations: int) -> str:
+    """"l2" while the 0-based ``step`` is in the first half of the stage's ``iterations``, else "l1"."""
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    return "l2" if 2 * step < iterations else "l1"
+
+
+def global_perceptual_loss(fake: torch.Tensor, real: torch.Tensor, vgg, criterion: str,
+                           layer_weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """Eq. 2 on whole images: ``fake``, ``real`` (B, 3, H, W) in [-1, 1] -> fp32 scalar.
+
+    sum_l w_l * mean over (C, H, W) of C(phi_l(fake), phi_l(real)), averaged over the batch;
+    ``real`` goes through VGG without autograd.
+    """
+    if fake.shape != real.shape:
+        raise ValueError(f"fake and real must have the same shape, got {tuple(fake.shape)} and {tuple(real.shape)}")
+    feats_fake = vgg(fake)
+    with torch.no_grad():
+        feats_real = vgg(real)
+    weights = list(layer_weights) if layer_weights is not None else [1.0] * len(feats_fake)
+    if len(weights) != len(feats_fake):
+        raise ValueError(f"{len(weights)} layer weights for {len(feats_fake)} VGG layers")
+    per = sum(w * criterion_per_sample(a, b, criterion) for w, a, b in zip(weights, feats_fake, feats_real))
+    return per.mean()
+
+
+def pair_validity(kp_reference: torch.Tensor, kp_target: torch.Tensor, resolution: int,
+                  reference_at: str = "reference") -> torch.Tensor:
+    """(B, N) bool: descriptor d usable for a discriminator pair (valid in both poses)."""
+    _, valid_t = pose.local_descriptors(kp_target, resolution)
+    if reference_at == "target":
+        return valid_t
+    _, valid_r = pose.local_descriptors(kp_reference, resolution)
+    return valid_r & valid_t
+
+
+def local_discriminator_pairs(reference: torch.Tensor, other: torch.Tensor, kp_reference: torch.Tensor,
+                              kp_target: torch.Tensor, resolution: int, impl: str = "auto",
+                              reference_at: str = "reference") -> torch.Tensor:
+    """Crop pairs for the local discriminators: (B, N, 6, s, s), s = resolution / 8.
+
+    ``reference`` (B, 3, R, R) is cropped at the descriptors of ``kp_reference`` (or of
+    ``kp_target`` with ``reference_at="target"``); ``other`` (the target X' for real pairs, the
+    generated X^ for fake ones) at the descriptors of ``kp_target`` (B, 18, 2) (y, x). Channels 0-2
+    hold X_d, 3-5 the other crop. Invalid descriptors give zero crops (see :func:`pair_validity`).
+    Differentiable with respect to both images.
+    """
+    if reference.shape != other.shape or reference.dim() != 4 or reference.shape[-1] != resolution:
+        raise ValueError(f"reference and other must both be (B, 3, {resolution}, {resolution}), "
+                         f"got {tuple(reference.shape)} and {tuple(other.shape)}")
+    if reference_at not in ("reference", "target"):
+        raise ValueError(f"reference_at must be 'reference' or 'target', got {reference_at!r}")
+    B = reference.shape[0]
+    s = pose.crop_size(resolution)
+    centers_t, _ = pose.local_descriptors(kp_target, resolution)
+    centers_r = centers_t if reference_at == "target" else pose.local_descriptors(kp_reference, resolution)[0]
+    N = centers_t.shape[1]
+    crops_r = ops.gather_crops(reference, centers_r, s, impl=impl)
+    crops_o = ops.gather_crops(other, centers_t, s, impl=impl)
+    return torch.cat([crops_r, crops_o], dim=1).reshape(B, N, 6, s, s)
+
+
+def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of (B, N) ``values`` over valid entries; 0 (still in the graph) when none is valid."""
+    w = valid.to(values.dtype)
+    return (values * w).sum() / w.sum().clamp_min(1.0)
+
+
+def discriminator_loss(disc, pairs_real: torch.Tensor, pairs_fake: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Non-saturating discriminator loss, fp32 scalar: mean over valid descriptors of
+    softplus(-D(real)) + softplus(D(fake)). ``pairs_*`` (B, N, 6, s, s); ``valid`` (B, N) bool.
+    ``pairs_fake`` is detached here (the generator gets no gradient from this loss).
+    """
+    logits_real = disc(pairs_real).float()
+    logits_fake = disc(pairs_fake.detach()).float()
+    if valid.shape != logits_real.shape:
+        raise ValueError(f"valid must be {tuple(logits_real.shape)}, got {tuple(valid.shape)}")
+    return _masked_mean(F.softplus(-logits_real) + F.softplus(logits_fake), valid)
+
+
+def generator_adversarial_loss(disc, pairs_fake: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss, fp32 scalar: mean over valid descriptors of softplus(-D(fake)).
+
+    The discriminator's parameters are taken as constants for this call (their ``requires_grad`` is
+    switched off during the forward), so only the generator receives gradients: a generator
+    backward never touches discriminator gradients (which a separate DeepSpeed engine owns).
+    """
+    params = [p for p in disc.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        logits = disc(pairs_fake).float()
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    if valid.shape != logits.shape:
+        raise ValueError(f"valid must be {tuple(logits.shape)}, got {tuple(valid.shape)}")
+    return _masked_mean(F.softplus(-logits), valid)
+
+
+def active_terms(loss_cfg: LossConfig, resolution: int) -> dict:
+    """Which generator terms run at ``resolution``: {"local": bool, "adv": bool}."""
+    top = resolution >= loss_cfg.disc_at_resolution
+    return {"local": loss_cfg.local_weight > 0 and (not top or loss_cfg.local_perceptual_at_top),
+            "adv": top and loss_cfg.adv_weight > 0}
+
+
+def generator_loss(fake: torch.Tensor, target: torch.Tensor, kp_target: torch.Tensor, vgg, loss_cfg: LossConfig,
+                   criterion: str, *, reference: Optional[torch.Tensor] = None,
+                   kp_reference: Optional[torch.Tensor] = None, disc=None, impl: str = "auto",
+                   reference_at: str = "reference") -> dict:
+    """All generator terms at the current stage as a dict of fp32 scalars.
+
+    ``fake`` (generated X^), ``target`` (X') and ``reference`` (X): (B, 3, R, R) in [-1, 1];
+    ``kp_target``, ``kp_reference`` (B, 18, 2) (y, x) pixels at R. Returns {"global", "local",
+    "adv", "total"}: the unweighted terms (0 when inactive, see :func:`active_terms`) and
+    total = global_weight * global + local_weight * local + adv_weight * adv. The adversarial term
+    needs ``disc``, ``reference`` and ``kp_reference``.
+    """
+    R = fake.shape[-1]
+    weights = loss_cfg.layer_weights
+    terms = active_terms(loss_cfg, R)
+    zero = fake.new_zeros((), dtype=torch.float32)
+    out = {"global": global_perceptual_loss(fake, target, vgg, criterion, weights), "local": zero, "adv": zero}
+    if terms["local"]:
+        out["local"] = ops.local_perceptual_loss(fake, target, kp_target, vgg, criterion, impl=impl,
+                                                 layer_weights=weights, min_crop=loss_cfg.local_min_crop)
+    if terms["adv"]:
+        if disc is None or reference is None or kp_reference is None:
+            raise ValueError(f"the adversarial term is active at {R} px (loss.disc_at_resolution="
+                             f"{loss_cfg.disc_at_resolution}): pass disc, reference and kp_reference")
+        pairs = local_discriminator_pairs(reference, fake, kp_reference, kp_target, R, impl, reference_at)
+        valid = pair_validity(kp_reference, kp_target, R, reference_at)
+        out["adv"] = generator_adversarial_loss(disc, pairs, valid)
+    out["total"] = (loss_cfg.global_weight * out["global"] + loss_cfg.local_weight * out["local"]
+                    + loss_cfg.adv_weight * out["adv"])
+    return out

@@ -155,6 +155,12 @@ def _check_type(value: Any, tp: Any, key: str, source: str) -> Any:
         raise ConfigError(errors[-1] if errors else f"{source}: bad value for {key}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads "1e-4" (no dot) as a string; accept it as the number it is
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{source}: {key}={value!r} must be true or false")
     if tp in (int, float) and isinstance(value, bool):
@@ -196,6 +202,8 @@ def _set_override(raw: dict, key: str, value: Any) -> None:
             node = node[int(part)]
         else:
             node = node.setdefault(part, {} if not (parts[i + 1].isdigit()) else [])
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {key}: {'.'.join(parts[:i + 1])} is a value, not a section")
     last = parts[-1]
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):

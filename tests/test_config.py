@@ -1,0 +1,135 @@
+"""Config loading: errors name the key and the file; overrides, including stages.N.key."""
+from __future__ import annotations
+
+import pytest
+
+from hptransfer.config import (Config, ConfigError, ModelConfig, StageConfig, channels_at, config_from_dict,
+                               load_config, save_config)
+
+
+def write(tmp_path, text, name="exp.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_defaults_are_the_paper():
+    cfg = load_config()
+    assert [s.resolution for s in cfg.stages] == [64, 128, 256, 512, 1024]
+    assert all(s.iterations == 700_000 for s in cfg.stages)
+    assert cfg.train.lr == 2e-4 and cfg.train.weight_decay == 5e-4
+    assert cfg.model.pose_sigma == 3.2 and cfg.model.negative_slope == 0.2
+
+
+def test_file_values_and_int_to_float(tmp_path):
+    p = write(tmp_path, "model: {width: 1}\ntrain: {lr: 1.0e-3, seed: 7}\n"
+                        "stages: [{resolution: 64, iterations: 5, batch_size: 2}, {resolution: 128, iterations: 6}]\n")
+    cfg = load_config(p)
+    assert cfg.model.width == 1.0 and isinstance(cfg.model.width, float)
+    assert cfg.train.lr == 1e-3 and cfg.train.seed == 7
+    assert [(s.resolution, s.iterations, s.batch_size) for s in cfg.stages] == [(64, 5, 2), (128, 6, 16)]
+
+
+@pytest.mark.parametrize("text, key", [
+    ("model: {widht: 1.0}\n", "model.widht"),
+    ("trian: {lr: 1.0}\n", "trian"),
+    ("stages: [{resolution: 64, iters: 3}]\n", "stages.0.iters"),
+])
+def test_unknown_key_names_key_and_file(tmp_path, text, key):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert key in str(e.value) and str(p) in str(e.value)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("model: {width: wide}\n", "model.width"),
+    ("data: {flip: 3}\n", "data.flip"),
+    ("train: {seed: 1.5}\n", "train.seed"),
+    ("train: {precision: fp8}\n", "train.precision"),
+    ("train: {log_every: true}\n", "train.log_every"),
+])
+def test_bad_type_names_key_and_file(tmp_path, text, key):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert key in str(e.value) and str(p) in str(e.value)
+
+
+@pytest.mark.parametrize("stages, needle", [
+    ("[{resolution: 64}, {resolution: 256}]", "double"),
+    ("[{resolution: 64}, {resolution: 100}]", "stages.1.resolution"),
+    ("[]", "empty"),
+    ("[{resolution: 64, iterations: 0}]", "stages.0"),
+    ("{resolution: 64}", "stages"),
+])
+def test_bad_stage_list(tmp_path, stages, needle):
+    p = write(tmp_path, f"stages: {stages}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert needle in str(e.value) and str(p) in str(e.value)
+
+
+def test_overrides(tmp_path):
+    p = write(tmp_path, "train: {lr: 1.0e-3}\n")
+    cfg = load_config(p, ["train.lr=1e-4", "data.flip=false", "loss.layers=[relu1_2,relu2_2]",
+                          "stages.0.iterations=100", "stages.4.batch_size=1", "model.pose_at_every_scale=true"])
+    assert cfg.train.lr == 1e-4 and cfg.data.flip is False
+    assert cfg.loss.layers == ["relu1_2", "relu2_2"]
+    assert cfg.stages[0].iterations == 100 and cfg.stages[4].batch_size == 1
+    assert cfg.stages[1].iterations == 700_000
+    assert cfg.model.pose_at_every_scale is True
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("model.nope=1", "model.nope"),
+    ("stages.9.iterations=1", "9"),
+    ("train.lr", "section.key=value"),
+    ("loss.layers=[relu9_9]", "relu9_9"),
+    ("train.optimizer=sgd", "train.optimizer"),
+])
+def test_bad_overrides(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in str(e.value)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    p = write(tmp_path, "model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+
+
+def test_save_and_reload_roundtrip(tmp_path):
+    cfg = load_config(None, ["model.width=0.125", "stages.0.iterations=3"])
+    out = tmp_path / "resolved.yaml"
+    save_config(cfg, out)
+    assert not (tmp_path / "resolved.yaml.tmp").exists()
+    again = load_config(out)
+    assert again == cfg
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_channels_at():
+    paper = ModelConfig()
+    assert [channels_at(r, paper) for r in (32, 64, 128, 256, 512, 1024)] == [1024, 512, 256, 128, 64, 32]
+    eighth = ModelConfig(width=0.125)
+    assert [channels_at(r, eighth) for r in (32, 64, 1024)] == [128, 64, 4]
+
+
+def test_stage_config_defaults():
+    assert Config().stages[2] == StageConfig(256, 700_000, 16)
+
+
+def test_override_into_a_value_is_an_error(tmp_path):
+    p = write(tmp_path, "train: {lr: 1.0e-3}\n")
+    with pytest.raises(ConfigError, match="train.lr is a value"):
+        load_config(p, ["train.lr.x=1"])
+
+
+def test_exponent_without_dot_is_a_float(tmp_path):
+    p = write(tmp_path, "train: {lr: 1e-4}\nloss: {adv_weight: 5e-3}\n")  # PyYAML reads these as strings
+    cfg = load_config(p)
+    assert cfg.train.lr == 1e-4 and cfg.loss.adv_weight == 5e-3

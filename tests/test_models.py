@@ -359,3 +359,39 @@ def test_bf16_and_channels_last_inputs(rng):
         out = v(x)
     assert out[0].dtype == torch.bfloat16
     torch.testing.assert_close(out[1].float(), ref[1], rtol=0.1, atol=0.1)
+
+
+# ---------------------------------------------------------------- model-summary
+
+def expected_gflop(R: int, width: float) -> float:
+    """Conv FLOPs of one image forward, 2 * Cin * Cout * k * k * Hout * Wout per conv."""
+    conv = lambda cin, cout, k, side: 2 * cin * cout * k * k * side * side
+    cb = ch(32, width)
+    f = conv(3, ch(R, width), 1, R) + conv(ch(R, width), 3, 1, R)
+    f += conv(cb + 18, cb, 3, 32) + conv(cb, cb, 3, 32)
+    r = 64
+    while r <= R:
+        c, c2 = ch(r, width), ch(r // 2, width)
+        f += conv(c, c, 3, r) + conv(c, c2, 3, r) + conv(2 * c2, c, 3, r) + conv(c, c, 3, r)
+        r *= 2
+    return f / 1e9
+
+
+def test_summary_table_matches_formulas():
+    from hptransfer.models.summary import stage_table
+    rows = stage_table(ModelConfig(width=1.0), 1024)
+    assert [r["resolution"] for r in rows] == list(STAGES)
+    for r in rows:
+        R = r["resolution"]
+        assert r["channels"] == ch(R, 1.0)
+        assert r["params"] == expected_params(R, 1.0)
+        assert r["gflop"] == pytest.approx(expected_gflop(R, 1.0), rel=1e-9)
+    assert 180 < rows[0]["gflop"] < 200  # design.md: ~184-194 GFLOP per 64x64 image at the paper's width
+
+
+def test_summary_cli_runs(capsys):
+    from hptransfer.cli import main
+    assert main(["model-summary", "--resolution", "128", "--width", str(TINY_WIDTH), "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "GFLOP" in out and "forward at 128x128, batch 2, cpu" in out
+    assert f"{expected_params(128, TINY_WIDTH):,}" in out

@@ -1,0 +1,192 @@
+"""Training checkpoints: atomic directories, a ``latest`` pointer, RNG states, keep-last-K.
+
+Layout under ``out_dir/checkpoints``::
+
+    latest                    text: the name of the newest complete checkpoint (written atomically)
+    step_00001000/
+        meta.json             stage index, step in stage, global step, data position, architecture, stats
+        generator.pt          single process: model + optimiser + GradScaler state
+        discriminator.pt      (only at the discriminator stage)
+        generator/, discriminator/   under DeepSpeed instead: DeepSpeed's own format, every rank's shard
+        rng_rank{r}.pt        python / numpy / torch CPU / CUDA RNG states of rank r
+
+A checkpoint is written into ``.tmp-step_...`` and renamed when complete, so a crash never leaves a
+half-written directory behind ``latest``. Everything loads with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file, fsync and rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """``torch.save`` via a temp file, fsync and rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    """All RNG states as tensors / plain lists (loadable with weights_only=True)."""
+    version, mt, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [int(version), torch.tensor(mt, dtype=torch.int64), gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    version, mt, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in mt.tolist()), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_name(global_step: int) -> str:
+    return f"step_{global_step:08d}"
+
+
+def begin(root: str | Path, global_step: int, is_main: bool, barrier=lambda: None) -> Path:
+    """Create (rank 0) the temp directory of a new checkpoint; every rank gets its path."""
+    root = Path(root)
+    tmp = root / f".tmp-{checkpoint_name(global_step)}"
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier()
+    return tmp
+
+
+def finish(root: str | Path, tmp: Path, meta: dict, keep: int, is_main: bool, barrier=lambda: None) -> Optional[Path]:
+    """After every rank wrote into ``tmp``: meta.json, rename, ``latest``, prune to ``keep``."""
+    barrier()
+    root = Path(root)
+    final = root / tmp.name[len(".tmp-"):]
+    if is_main:
+        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        atomic_write_text(root / LATEST, final.name + "\n")
+        prune(root, keep)
+        log.info("checkpoint written: %s", final)
+    barrier()
+    return final
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints (never the one ``latest`` names)."""
+    if keep <= 0:
+        return
+    latest = read_latest(root)
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "meta.json").is_file())
+    for p in done[:-keep]:
+        if latest is None or p.resolve() != latest.resolve():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def read_latest(root: str | Path) -> Optional[Path]:
+    """The checkpoint ``root/latest`` names, or None when there is none."""
+    root = Path(root)
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    return path if (path / "meta.json").is_file() else None
+
+
+def resolve(resume: str, out_dir: str | Path) -> Optional[Path]:
+    """``--resume auto`` -> the latest in out_dir (None if there is none); a path -> that checkpoint.
+
+    A path may be a checkpoint directory or a checkpoints root holding ``latest``.
+    """
+    root = Path(out_dir) / "checkpoints"
+    if resume == "auto":
+        return read_latest(root)
+    p = Path(resume)
+    if (p / "meta.json").is_file():
+        return p
+    latest = read_latest(p)
+    if latest is None:
+        latest = read_latest(p / "checkpoints")
+    if latest is None:
+        raise FileNotFoundError(f"--resume {resume}: no checkpoint there (expected meta.json, or a 'latest' file)")
+    return latest
+
+
+def read_meta(path: str | Path) -> dict:
+    p = Path(path) / "meta.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{p}: unreadable checkpoint metadata ({e})") from None
+
+
+def save_rng(directory: Path, rank: int) -> None:
+    atomic_torch_save(rng_state(), Path(directory) / f"rng_rank{rank}.pt")
+
+
+def load_rng(directory: Path, rank: int) -> None:
+    path = Path(directory) / f"rng_rank{rank}.pt"
+    if not path.is_file():
+        log.warning("%s missing: RNG not restored (resuming with a different process count?)", path)
+        return
+    set_rng_state(torch.load(path, weights_only=True))

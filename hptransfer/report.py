@@ -1,0 +1,182 @@
+"""What a person sees during training: progress bar, log file, TensorBoard, sample grids, summary.
+
+Everything here runs on rank 0 only (the trainer makes a :class:`Reporter` with ``enabled=False``
+on other ranks, and every method then does nothing).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+log = logging.getLogger("hptransfer.train")
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if math.isfinite(v) else str(v)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    x = images.detach().float().cpu().clamp(-1, 1)
+    return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def draw_skeleton(kp: torch.Tensor, size: int) -> np.ndarray:
+    """A (size, size, 3) uint8 picture of the limbs of ``kp`` (18, 2) (y, x) on a black canvas."""
+    from PIL import Image, ImageDraw
+
+    from hptransfer.pose import LIMB_PAIRS
+
+    img = Image.new("RGB", (size, size))
+    draw = ImageDraw.Draw(img)
+    pts = kp.detach().float().cpu().tolist()
+    width = max(1, size // 64)
+    for i, (a, b) in enumerate(LIMB_PAIRS):
+        (ya, xa), (yb, xb) = pts[a], pts[b]
+        if min(ya, xa, yb, xb) < 0:
+            continue  # a missing keypoint
+        hue = i / len(LIMB_PAIRS)
+        color = tuple(int(255 * c) for c in _hsv(hue))
+        draw.line([(xa, ya), (xb, yb)], fill=color, width=width)
+    for y, x in pts:
+        if y >= 0 and x >= 0:
+            draw.ellipse([x - width, y - width, x + width, y + width], fill=(255, 255, 255))
+    return np.asarray(img)
+
+
+def _hsv(h: float) -> tuple:
+    import colorsys
+    return colorsys.hsv_to_rgb(h, 0.9, 1.0)
+
+
+def save_sample_grid(path: str | Path, reference: torch.Tensor, kp_target: torch.Tensor, generated: torch.Tensor,
+                     target: torch.Tensor) -> None:
+    """PNG rows of: reference | target skeleton | generated | ground truth. Images (B, 3, R, R) in [-1, 1]."""
+    from PIL import Image
+
+    R = reference.shape[-1]
+    ref, gen, gt = to_uint8(reference), to_uint8(generated), to_uint8(target)
+    pad = 2
+    rows = []
+    for i in range(ref.shape[0]):
+        cells = [ref[i], draw_skeleton(kp_target[i], R), gen[i], gt[i]]
+        row = np.full((R, 4 * R + 3 * pad, 3), 255, np.uint8)
+        for j, c in enumerate(cells):
+            row[:, j * (R + pad): j * (R + pad) + R] = c
+        rows.append(row)
+    grid = np.concatenate([np.concatenate([r, np.full((pad, r.shape[1], 3), 255, np.uint8)]) for r in rows])[:-pad]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(grid).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+class Reporter:
+    """tqdm bar + ``out_dir/train.log`` + optional TensorBoard + the end-of-run summary table."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True, total_steps: int = 0,
+                 initial_step: int = 0):
+        self.enabled = enabled
+        self.out_dir = Path(out_dir)
+        self.stats: dict[int, dict] = {}
+        self.bar = None
+        self.tb = None
+        self._handler = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._handler = logging.FileHandler(self.out_dir / "train.log")
+        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        logging.getLogger("hptransfer").addHandler(self._handler)
+        if logging.getLogger("hptransfer").getEffectiveLevel() > logging.INFO:
+            logging.getLogger("hptransfer").setLevel(logging.INFO)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(self.out_dir / "tb"))
+            except Exception as e:  # tensorboard is optional: the run goes on without it
+                log.warning("TensorBoard disabled: %s", e)
+        from tqdm import tqdm
+        self.bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True, unit="it",
+                        disable=os.environ.get("HPTRANSFER_NO_BAR") == "1")
+
+    def stage_start(self, stage: int, resolution: int, iterations: int, step_in_stage: int = 0) -> None:
+        if not self.enabled:
+            return
+        s = self.stats.setdefault(stage, {"resolution": resolution, "iterations": iterations, "time": 0.0,
+                                          "images": 0, "skipped": 0, "last": {}})
+        s["t0"] = time.perf_counter()
+        log.info("stage %d: %d px, %d iterations (from step %d)", stage, resolution, iterations, step_in_stage)
+
+    def step(self, stage: int, step_in_stage: int, global_step: int, images: int, terms: dict, skipped: bool,
+             log_now: bool) -> None:
+        """One finished iteration: update the bar; log and write TensorBoard scalars when ``log_now``."""
+        if not self.enabled:
+            return
+        s = self.stats[stage]
+        now = time.perf_counter()
+        s["time"] += now - s["t0"]
+        s["t0"] = now
+        s["images"] += images
+        s["skipped"] += int(skipped)
+        if not skipped:
+            s["last"] = dict(terms)
+        if self.bar is not None:
+            self.bar.update(1)
+        if not log_now:
+            return
+        ips = s["images"] / max(s["time"], 1e-9)
+        post = {"px": s["resolution"], "img/s": f"{ips:.1f}"}
+        post.update({k: _fmt(v) for k, v in terms.items() if k != "criterion"})
+        if self.bar is not None:
+            self.bar.set_description(f"stage {stage} ({s['resolution']}px) {step_in_stage}/{s['iterations']}")
+            self.bar.set_postfix(post, refresh=False)
+        log.info("stage %d step %d/%d (global %d) %s img/s=%.1f%s", stage, step_in_stage, s["iterations"],
+                 global_step, " ".join(f"{k}={v if isinstance(v, str) else _fmt(v)}" for k, v in terms.items()),
+                 ips, " SKIPPED (non-finite loss)" if skipped else "")
+        if self.tb is not None:
+            for k, v in terms.items():
+                if not isinstance(v, str) and math.isfinite(v):
+                    self.tb.add_scalar(f"loss/{k}", v, global_step)
+            self.tb.add_scalar("perf/images_per_s", ips, global_step)
+            self.tb.add_scalar("train/resolution", s["resolution"], global_step)
+
+    def image(self, tag: str, path: Path, global_step: int) -> None:
+        if self.tb is not None and Path(path).is_file():
+            from PIL import Image
+            self.tb.add_image(tag, np.asarray(Image.open(path)), global_step, dataformats="HWC")
+
+    def summary(self) -> str:
+        """The per-stage table (also logged)."""
+        head = ["stage", "res", "iters", "time_s", "img/s", "skipped", "final loss terms"]
+        rows = []
+        for stage, s in sorted(self.stats.items()):
+            terms = " ".join(f"{k}={v if isinstance(v, str) else _fmt(v)}" for k, v in s["last"].items())
+            rows.append([str(stage), str(s["resolution"]), str(s["iterations"]), f"{s['time']:.1f}",
+                         f"{s['images'] / max(s['time'], 1e-9):.1f}", str(s["skipped"]), terms])
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+        line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+        table = "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+        return table
+
+    def close(self) -> Optional[str]:
+        if not self.enabled:
+            return None
+        if self.bar is not None:
+            self.bar.close()
+        table = self.summary()
+        log.info("summary:\n%s", table)
+        if self.tb is not None:
+            self.tb.close()
+        if self._handler is not None:
+            logging.getLogger("hptransfer").removeHandler(self._handler)
+            self._handler.close()
+        return table

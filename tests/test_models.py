@@ -395,3 +395,17 @@ def test_summary_cli_runs(capsys):
     out = capsys.readouterr().out
     assert "GFLOP" in out and "forward at 128x128, batch 2, cpu" in out
     assert f"{expected_params(128, TINY_WIDTH):,}" in out
+
+
+def test_bf16_autocast_channels_last_and_growth_keeps_format(tiny_cfg, rng):
+    g = Generator(tiny_cfg, 64).to(memory_format=torch.channels_last).eval()
+    g.grow()
+    w = g.encoder["128"].conv1.conv.weight
+    assert w.is_contiguous(memory_format=torch.channels_last) and not g.encoder["128"].training
+    x = (torch.rand(2, 3, 128, 128, generator=rng) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    kp = random_keypoints(2, 128, rng)
+    ref = g(x, kp)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = g(x, kp)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 128, 128)
+    torch.testing.assert_close(y.float(), ref, rtol=0.1, atol=0.1)

@@ -74,7 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = ModelConfig(width=args.width)
     rows = stage_table(cfg, args.resolution)
-    print(f"Generator, model.width={args.width:g} (FLOPs: 2*Cin*Cout*k*k*Hout*Wout per conv, per image forward)")
+    print(f"Generator, model.width={args.width:g}. GFLOP: conv layers only, 2*Cin*Cout*k*k*Hout*Wout per conv, "
+          "one image forward. new params: the stage's encoder/decoder blocks and its from/to-RGB "
+          "(total drops the previous stage's from/to-RGB).")
     print(f"{'resolution':>10} {'channels':>9} {'new params':>14} {'total params':>14} {'GFLOP/img':>11}")
     for r in rows:
         print(f"{r['resolution']:>10} {r['channels']:>9} {r['new_params']:>14,} {r['params']:>14,} {r['gflop']:>11.2f}")

@@ -31,6 +31,7 @@ import torch.nn as nn
 
 log = logging.getLogger(__name__)
 
+_WARNED: set = set()
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -246,8 +247,9 @@ def resolve_ds_config(ds_cfg: dict, micro_batch: int, world_size: int, grad_clip
         if cfg.get("fp16", {}).get("enabled"):
             raise ValueError(f"{source}: fp16 needs a CUDA GPU; on CPU use a bf16 config (run as torch_autocast) or fp32")
         if cfg.get("bf16", {}).get("enabled"):
-            log.warning("%s: bf16 on CPU breaks BatchNorm under DeepSpeed's bf16 mode; "
+            (log.warning if source not in _WARNED else log.debug)("%s: bf16 on CPU breaks BatchNorm under DeepSpeed's bf16 mode; "
                         "running it as torch_autocast bf16 instead (fp32 weights, bf16 compute)", source)
+            _WARNED.add(source)
             cfg["bf16"] = {"enabled": False}
             cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return cfg

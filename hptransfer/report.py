@@ -96,8 +96,9 @@ class Reporter:
         self._handler = logging.FileHandler(self.out_dir / "train.log")
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         logging.getLogger("hptransfer").addHandler(self._handler)
+        self._level = logging.getLogger("hptransfer").level
         if logging.getLogger("hptransfer").getEffectiveLevel() > logging.INFO:
-            logging.getLogger("hptransfer").setLevel(logging.INFO)
+            logging.getLogger("hptransfer").setLevel(logging.INFO)  # the log file gets INFO lines
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -178,5 +179,6 @@ class Reporter:
             self.tb.close()
         if self._handler is not None:
             logging.getLogger("hptransfer").removeHandler(self._handler)
+            logging.getLogger("hptransfer").setLevel(self._level)
             self._handler.close()
         return table

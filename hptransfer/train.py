@@ -297,9 +297,9 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
             log_now = state["step"] % max(cfg.train.log_every, 1) == 0 or last or step == 0
             values = None
             if log_now or callback is not None:
-                values = {k: float(v) for k, v in terms.items()}
+                values = {k: float(v.detach()) for k, v in terms.items()}
                 if d_loss is not None:
-                    values["d"] = float(d_loss)
+                    values["d"] = float(d_loss.detach())
                 values = {"criterion": criterion, **values}
             reporter.step(stage_idx, state["step"], state["global_step"], st.batch_size * backend.world_size,
                           values or {}, skipped, log_now)

@@ -146,7 +146,10 @@ class _Batches:
             if self.it is None:
                 if hasattr(self.dataset, "set_epoch"):
                     self.dataset.set_epoch(self.epoch)
-                self.it = iter(self.make(self.epoch, self.consumed))
+                # A DataLoader iterator without its own generator draws its base seed from the global
+                # RNG; fork so that where the iterator is made (fresh vs resumed) never shifts the RNG.
+                with torch.random.fork_rng(devices=[]):
+                    self.it = iter(self.make(self.epoch, self.consumed))
             try:
                 batch = next(self.it)
                 self.consumed += 1
@@ -177,7 +180,8 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
     "generator_state" (fp32 CPU state dict of the final generator)}.
 
     ``callback(info)`` runs after every iteration on every rank (info: stage, resolution,
-    step_in_stage, global_step, criterion, disc_active, skipped, terms as floats). ``loss_hook(terms,
+    step_in_stage, global_step, criterion, disc_active, skipped, terms as floats, generator: the
+    training module). ``loss_hook(terms,
     info) -> terms`` may replace the generator's loss terms before the finite check (a debug hook:
     the tests force a NaN through it).
     """
@@ -257,6 +261,8 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
             step = state["step"]
             criterion = losses.criterion_for_step(step, st.iterations)
             reference, target, kp_ref, kp_tgt = _to_device(batches.next(), backend)
+            # BatchNorm running stats change in forward: kept to restore them if this step is skipped.
+            saved_buffers = [b.detach().clone() for b in generator.buffers()]
             fake = g_engine(reference, kp_tgt)
 
             d_loss = None
@@ -283,9 +289,12 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
             skipped = backend.any_true(not _finite(terms["total"]))  # same answer on every rank
             if skipped:
                 g_engine.skip()
+                with torch.no_grad():
+                    for b, saved in zip(generator.buffers(), saved_buffers):
+                        b.copy_(saved)
                 state["skipped"] += 1
                 log.warning("stage %d step %d: non-finite loss (%s), step skipped (%d so far)", stage_idx, step,
-                            {k: float(v) for k, v in terms.items()}, state["skipped"])
+                            {k: float(v.detach()) for k, v in terms.items()}, state["skipped"])
             else:
                 g_engine.backward(terms["total"])
                 g_engine.step()
@@ -304,7 +313,7 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
             reporter.step(stage_idx, state["step"], state["global_step"], st.batch_size * backend.world_size,
                           values or {}, skipped, log_now)
             if callback is not None:
-                callback({**info, "skipped": skipped, "terms": values})
+                callback({**info, "skipped": skipped, "terms": values, "generator": generator})
 
             stop = stop_at_step is not None and state["global_step"] >= stop_at_step
             if cfg.train.sample_every > 0 and state["step"] % cfg.train.sample_every == 0 and not last:

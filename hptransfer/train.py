@@ -22,7 +22,6 @@ if __name__ == "__main__" and sys.path and sys.path[0].rstrip("/").endswith("hpt
 
 import argparse
 import logging
-import math
 import os
 import random
 import time
@@ -231,8 +230,11 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
         generator = backend.prepare(generator)
         g_engine = backend.engine("generator", generator, _make_optimizer(cfg, generator.parameters(), cfg.train.lr),
                                   st.batch_size)
-        if cfg.train.compile and hasattr(g_engine, "forward_fn"):
-            g_engine.forward_fn = torch.compile(generator)
+        if cfg.train.compile:  # optional; the first steps of every stage pay the compilation
+            if hasattr(g_engine, "forward_fn"):
+                g_engine.forward_fn = torch.compile(generator)
+            elif hasattr(getattr(g_engine, "engine", None), "compile"):
+                g_engine.engine.compile()
         disc_active = R == cfg.loss.disc_at_resolution and cfg.loss.adv_weight > 0
         engines = {"generator": g_engine}
         d_engine = None

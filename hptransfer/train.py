@@ -180,9 +180,8 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
 
     ``callback(info)`` runs after every iteration on every rank (info: stage, resolution,
     step_in_stage, global_step, criterion, disc_active, skipped, terms as floats, generator: the
-    training module). ``loss_hook(terms,
-    info) -> terms`` may replace the generator's loss terms before the finite check (a debug hook:
-    the tests force a NaN through it).
+    training module). ``loss_hook(terms, info) -> terms`` may replace the generator's loss terms
+    before the finite check (a debug hook: the tests force a NaN through it).
     """
     from hptransfer.models import LocalDiscriminator
 
@@ -235,7 +234,8 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
                 g_engine.forward_fn = torch.compile(generator)
             elif hasattr(getattr(g_engine, "engine", None), "compile"):
                 g_engine.engine.compile()
-        disc_active = R == cfg.loss.disc_at_resolution and cfg.loss.adv_weight > 0
+        # From loss.disc_at_resolution on (the paper: the top stage only), as losses.active_terms says.
+        disc_active = losses.active_terms(cfg.loss, R)["adv"]
         engines = {"generator": g_engine}
         d_engine = None
         if disc_active:

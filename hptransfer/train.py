@@ -61,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"train.out_dir={args.out}")
     cfg = load_config(args.config, overrides)
     result = train(cfg, ds_config=args.deepspeed_config, resume=args.resume, stop_at_step=args.stop_at_step)
-    if result["is_main"]:
-        print(result["summary"])
-        print(f"export: {result['export']}  samples: {Path(cfg.train.out_dir) / 'samples'}")
+    if result["is_main"]:  # the summary table is in the log already
+        print(f"export: {result['export']}  samples: {Path(cfg.train.out_dir) / 'samples'}  "
+              f"log: {Path(cfg.train.out_dir) / 'train.log'}")
     return 0
 
 

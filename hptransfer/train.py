@@ -125,18 +125,19 @@ def _build_vgg(cfg: Config, backend: Backend):
 def _dataset(cfg: Config, split: str, resolution: int, flip: bool):
     from hptransfer.data import PairDataset
 
-    return PairDataset(cfg.data.root, split, resolution, flip=flip, fit=cfg.data.fit, skip_bad=cfg.data.skip_bad)
+    return PairDataset(cfg.data.root, split, resolution, flip=flip, fit=cfg.data.fit, skip_bad=cfg.data.skip_bad,
+                       seed=cfg.train.seed)
 
 
 class _Batches:
     """Endless batches of a stage with an exact position: (epoch, batches consumed in the epoch)."""
 
     def __init__(self, cfg: Config, dataset, batch_size: int, seed: int, backend: Backend, epoch: int, consumed: int):
-        from hptransfer.data import make_loader
+        from hptransfer.data.dali import make_loader_for_config  # data.loader: torch DataLoader or DALI
 
-        self.make = lambda e, skip: make_loader(dataset, batch_size, workers=cfg.data.workers, seed=seed,
-                                                rank=backend.rank, world_size=backend.world_size, shuffle=True,
-                                                drop_last=True, epoch=e, skip_batches=skip)
+        self.make = lambda e, skip: make_loader_for_config(cfg.data, dataset, batch_size, device=backend.device,
+                                                           seed=seed, rank=backend.rank,
+                                                           world_size=backend.world_size, epoch=e, skip_batches=skip)
         self.dataset, self.epoch, self.consumed = dataset, epoch, consumed
         self.it = None
 

@@ -100,7 +100,6 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stop_at", [2, 4])  # inside stage 64; inside stage 128 after the growth
 def test_exact_resume(full_run, data_root, tmp_path, stop_at):
     _, full, _ = full_run

@@ -1,0 +1,172 @@
+"""``hptransfer data check DIR``: validate a dataset and print a summary; ``hptransfer data show``:
+draw skeletons on images in a grid PNG for a person to look at."""
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from hptransfer.data.formats import (DataFormatError, atomic_write_bytes, read_annotations, read_pairs)
+
+log = logging.getLogger(__name__)
+
+JOINT_NAMES = ("nose", "neck", "r_sho", "r_elb", "r_wri", "l_sho", "l_elb", "l_wri", "r_hip", "r_kne", "r_ank",
+               "l_hip", "l_kne", "l_ank", "r_eye", "l_eye", "r_ear", "l_ear")
+# OpenPose's limb colours (as its demo draws them), one per pose.LIMB_PAIRS entry.
+LIMB_COLOURS = ((255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0), (0, 255, 0),
+                (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255), (0, 0, 255), (85, 0, 255),
+                (170, 0, 255), (255, 0, 255), (255, 0, 170))
+
+
+def splits_in(root: Path) -> list[str]:
+    """Split names that have an annotations-<split>.csv file."""
+    return sorted(p.name[len("annotations-"):-len(".csv")] for p in root.glob("annotations-*.csv"))
+
+
+def check_dataset(root, decode: bool = True) -> dict:
+    """Validate every split of ``root``; returns {split: stats} with a "problems" list in each.
+
+    ``decode``: fully decode each image (finds truncated files; header-only otherwise).
+    """
+    from PIL import Image
+
+    root = Path(root)
+    report = {}
+    for split in splits_in(root):
+        problems: list[str] = []
+        stats = {"images": 0, "pairs": 0, "visible": np.zeros(18, np.int64), "sizes": Counter(), "problems": problems}
+        try:
+            ann = read_annotations(root / f"annotations-{split}.csv", image_dir=root / "images", skip_bad=True)
+        except (DataFormatError, FileNotFoundError) as e:
+            problems.append(str(e))
+            report[split] = stats
+            continue
+        problems += ann.problems
+        stats["images"] = len(ann)
+        for name, kp in ann.items():
+            stats["visible"] += (kp >= 0).all(axis=1)
+            stats["sizes"][ann.sizes.get(name)] += 1
+            if decode:
+                try:
+                    with Image.open(root / "images" / name) as im:
+                        im.load()
+                except (OSError, ValueError, SyntaxError) as e:
+                    problems.append(f"{root / 'images' / name}: image does not decode ({e})")
+        pairs_path = root / f"pairs-{split}.csv"
+        try:
+            pairs = read_pairs(pairs_path, known_names=ann.keys(), skip_bad=True)
+            problems += pairs.problems
+            stats["pairs"] = len(pairs)
+        except (DataFormatError, FileNotFoundError) as e:
+            problems.append(str(e))
+        report[split] = stats
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The summary table of :func:`check_dataset`'s result."""
+    splits = list(report)
+    lines = [f"{'':14s}" + "".join(f"{s:>10s}" for s in splits)]
+    lines.append(f"{'images':14s}" + "".join(f"{report[s]['images']:>10d}" for s in splits))
+    lines.append(f"{'pairs':14s}" + "".join(f"{report[s]['pairs']:>10d}" for s in splits))
+    lines.append("visible per joint:")
+    for j, name in enumerate(JOINT_NAMES):
+        lines.append(f"  {j:2d} {name:9s}" + "".join(f"{int(report[s]['visible'][j]):>10d}" for s in splits))
+    for s in splits:
+        sizes = ", ".join(f"{'?' if hw is None else f'{hw[0]}x{hw[1]}'} ({n})"
+                          for hw, n in report[s]["sizes"].most_common(5))
+        lines.append(f"image sizes ({s}): {sizes or '-'}")
+    n = sum(len(report[s]["problems"]) for s in splits)
+    lines.append(f"problems found: {n}")
+    for s in splits:
+        for p in report[s]["problems"][:20]:
+            lines.append(f"  {p}")
+        if len(report[s]["problems"]) > 20:
+            lines.append(f"  ... and {len(report[s]['problems']) - 20} more in {s}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("root", help="dataset folder (images/, annotations-*.csv, pairs-*.csv)")
+    parser.add_argument("--no-decode", action="store_true", help="read image headers only (faster)")
+
+
+def run(args) -> int:
+    root = Path(args.root)
+    report = check_dataset(root, decode=not args.no_decode)
+    if not report:
+        print(f"{root}: no annotations-<split>.csv found")
+        return 1
+    print(format_report(report))
+    return 1 if any(r["problems"] for r in report.values()) else 0
+
+
+# ---------------------------------------------------------------- show
+
+def draw_skeleton(img, kp: np.ndarray):
+    """Draw (18, 2) (y, x) keypoints (-1 = missing) and OpenPose limbs on a PIL image, in place."""
+    from PIL import ImageDraw
+
+    from hptransfer.pose import LIMB_PAIRS
+
+    d = ImageDraw.Draw(img)
+    w = max(1, round(img.width / 100))
+    vis = (kp >= 0).all(axis=1)
+    for (a, b), col in zip(LIMB_PAIRS, LIMB_COLOURS):
+        if vis[a] and vis[b]:
+            d.line((kp[a, 1], kp[a, 0], kp[b, 1], kp[b, 0]), fill=col, width=w)
+    r = w + 1
+    for j in np.flatnonzero(vis):
+        y, x = kp[j]
+        d.ellipse((x - r, y - r, x + r, y + r), fill=LIMB_COLOURS[j % len(LIMB_COLOURS)], outline=(0, 0, 0))
+    return img
+
+
+def show_grid(root, out, n: int = 16, split: str = "train", seed: int = 0, cell: int = 256) -> int:
+    """Write a PNG grid of ``n`` images of ``split`` with skeletons drawn; returns the count drawn."""
+    from PIL import Image
+
+    root = Path(root)
+    ann = read_annotations(root / f"annotations-{split}.csv")
+    names = sorted(ann)
+    if not names:
+        raise DataFormatError(f"{root / f'annotations-{split}.csv'}: no images")
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(len(names), min(n, len(names)), replace=False).tolist())
+    cols = math.ceil(math.sqrt(len(pick)))
+    rows = math.ceil(len(pick) / cols)
+    grid = Image.new("RGB", (cols * cell, rows * cell), (255, 255, 255))
+    for i, idx in enumerate(pick):
+        name = names[idx]
+        with Image.open(root / "images" / name) as im:
+            img = im.convert("RGB")
+        s = cell / max(img.width, img.height)
+        kp = ann[name].copy()
+        if s != 1:
+            img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BILINEAR)
+            kp[(kp >= 0).all(axis=1)] = (kp[(kp >= 0).all(axis=1)] + 0.5) * s - 0.5
+        draw_skeleton(img, kp)
+        grid.paste(img, ((i % cols) * cell, (i // cols) * cell))
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG", optimize=True)
+    atomic_write_bytes(out, buf.getvalue())
+    return len(pick)
+
+
+def add_show_arguments(parser) -> None:
+    parser.add_argument("root", help="dataset folder")
+    parser.add_argument("--n", type=int, default=16, help="number of images")
+    parser.add_argument("--out", required=True, help="output PNG")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--seed", type=int, default=0, help="which images (random pick)")
+    parser.add_argument("--cell", type=int, default=256, help="cell size in pixels")
+
+
+def run_show(args) -> int:
+    k = show_grid(args.root, args.out, n=args.n, split=args.split, seed=args.seed, cell=args.cell)
+    print(f"wrote {args.out} ({k} images of {args.split})")
+    return 0

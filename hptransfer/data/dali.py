@@ -270,7 +270,7 @@ class DaliLoader:
                 except StopIteration:
                     return
                 except RuntimeError as e:
-                    raise _name_the_file(e, source) from None
+                    raise _name_the_file(e, source) from e
                 it += 1
                 self.skipped = source.skipped
                 yield {"reference": _tensor(outs[0]), "target": _tensor(outs[1]), "kp_reference": _tensor(outs[2]),
@@ -298,7 +298,8 @@ def _name_the_file(err: Exception, source: _PairSource) -> Exception:
 
     from hptransfer.data.formats import DataFormatError
 
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    first = next((ln for ln in lines if ln.startswith(("Failed", "Error in"))), lines[0] if lines else repr(err))
     for it in sorted(source.files):
         for path in source.files[it]:
             try:

@@ -93,6 +93,8 @@ def format_report(report: dict) -> str:
 def add_arguments(parser) -> None:
     parser.add_argument("root", help="dataset folder (images/, annotations-*.csv, pairs-*.csv)")
     parser.add_argument("--no-decode", action="store_true", help="read image headers only (faster)")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="bad rows/images are skipped and counted (exit 0 if usable data remains)")
 
 
 def run(args) -> int:
@@ -102,7 +104,11 @@ def run(args) -> int:
         print(f"{root}: no annotations-<split>.csv found")
         return 1
     print(format_report(report))
-    return 1 if any(r["problems"] for r in report.values()) else 0
+    bad = sum(len(r["problems"]) for r in report.values())
+    if args.skip_bad:
+        print(f"skipped {bad} bad rows/images (--skip-bad)")
+        return 0 if any(r["pairs"] for r in report.values()) else 1
+    return 1 if bad else 0
 
 
 # ---------------------------------------------------------------- show

@@ -1,0 +1,125 @@
+"""Synthetic people: determinism, split, garment consistency across poses, keypoints on the body."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hptransfer.data import read_annotations, read_pairs
+from hptransfer.data.synth import render_identity, synthesize
+
+
+def _digest(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    synthesize(root, identities=5, poses=3, size=64, seed=0, workers=1)
+    return root
+
+
+def test_layout_and_format(small):
+    for split in ("train", "test"):
+        lines = (small / f"annotations-{split}.csv").read_text().splitlines()
+        assert lines[0] == "name:keypoints_y:keypoints_x"
+        assert all(l.count(":") == 2 and "[" in l for l in lines[1:])
+        assert (small / f"pairs-{split}.csv").read_text().splitlines()[0] == "from,to"
+        ann = read_annotations(small / f"annotations-{split}.csv", image_dir=small / "images")
+        pairs = read_pairs(small / f"pairs-{split}.csv", known_names=ann)
+        assert all(hw == (64, 64) for hw in ann.sizes.values())
+        # all ordered pairs of different poses of one identity
+        ids = {n.split("_")[0] for n in ann}
+        assert len(pairs) == len(ids) * 3 * 2
+        assert all(a != b and a.split("_")[0] == b.split("_")[0] for a, b in pairs)
+
+
+def test_train_test_identities_disjoint(small):
+    ids = {s: {n.split("_")[0] for n in read_annotations(small / f"annotations-{s}.csv")} for s in ("train", "test")}
+    assert ids["train"] and ids["test"] and not ids["train"] & ids["test"]
+    assert len(ids["train"] | ids["test"]) == 5
+
+
+def test_deterministic_bytes(small, tmp_path):
+    synthesize(tmp_path / "a", identities=5, poses=3, size=64, seed=0, workers=2)  # other worker count
+    assert _digest(tmp_path / "a") == _digest(small)
+    synthesize(tmp_path / "b", identities=5, poses=3, size=64, seed=1, workers=1)
+    a, b = _digest(small), _digest(tmp_path / "b")
+    assert all(a[k] != b[k] for k in a if k.startswith("images/"))
+
+
+def _torso_hist(img: np.ndarray, kp: np.ndarray, bins: int = 4) -> np.ndarray:
+    """Colour histogram of a band from the neck to the hips' midpoint (kp (y, x))."""
+    neck, hips = kp[1], (kp[8] + kp[11]) / 2
+    t = np.linspace(0.15, 0.85, 15)[:, None]
+    centre = neck + t * (hips - neck)
+    offsets = np.array([(0, dx) for dx in range(-2, 3)])
+    pts = np.rint((centre[:, None, :] + offsets[None]).reshape(-1, 2)).astype(int)
+    pts = np.clip(pts, 0, np.array(img.shape[:2]) - 1)
+    q = (img[pts[:, 0], pts[:, 1]] // (256 // bins)).astype(int)
+    h = np.bincount(q[:, 0] * bins * bins + q[:, 1] * bins + q[:, 2], minlength=bins ** 3)
+    return h / h.sum()
+
+
+def test_same_garment_in_different_poses():
+    people = [render_identity(seed=0, identity=i, poses=4, size=128) for i in range(6)]
+    hists = [[_torso_hist(np.asarray(img), kp) for _, img, kp, _ in p] for p in people]
+    same, other = [], []
+    for i in range(len(people)):
+        for a in range(4):
+            for b in range(a + 1, 4):
+                same.append(np.abs(hists[i][a] - hists[i][b]).sum())
+            other.append(np.abs(hists[i][a] - hists[(i + 1) % len(people)][a]).sum())
+    assert np.mean(same) < 0.5 * np.mean(other), (np.mean(same), np.mean(other))
+    # while the poses clearly differ
+    for p in people:
+        kps = [kp for _, _, kp, _ in p]
+        for a in range(4):
+            for b in range(a + 1, 4):
+                both = (kps[a] >= 0).all(1) & (kps[b] >= 0).all(1)
+                assert np.abs(kps[a][both] - kps[b][both]).mean() > 4
+
+
+def test_keypoints_land_on_the_body():
+    for i in range(4):
+        for name, img, kp, mask in render_identity(seed=3, identity=i, poses=4, size=96, with_mask=True):
+            vis = (kp >= 0).all(1)
+            assert vis[:2].all(), name  # nose and neck are in the image in these renders
+            yx = np.rint(kp[vis]).astype(int)
+            assert mask[yx[:, 0], yx[:, 1]].all(), name
+            assert 0.03 < mask.mean() < 0.6, name  # a figure, not an empty or filled frame
+            # and the drawn body differs from the background there (the mask is not just bookkeeping)
+            a = np.asarray(img).astype(int)
+            assert np.abs(a[mask].mean(0) - a[~mask].mean(0)).sum() > 10 or a[mask].std() > 20
+
+
+def test_views_and_occlusion_vary():
+    names = [n for i in range(2) for n, *_ in render_identity(seed=0, identity=i, poses=6, size=64)]
+    views = {n.split("_")[-1][:-4] for n in names}
+    assert {"front", "side", "back", "three-quarter"} <= views
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="size"):
+        synthesize(tmp_path, identities=2, poses=2, size=32)
+    with pytest.raises(ValueError, match="poses"):
+        synthesize(tmp_path, identities=2, poses=1, size=64)
+
+
+def test_cli_synth_then_check(tmp_path, capsys):
+    from hptransfer.cli import main
+
+    out = tmp_path / "s"
+    assert main(["data", "synth", "--out", str(out), "--identities", "3", "--poses", "2", "--size", "64",
+                 "--seed", "5", "--test-fraction", "0.34"]) == 0
+    assert main(["data", "check", str(out)]) == 0
+    assert "problems found: 0" in capsys.readouterr().out
+    assert main(["data", "show", str(out), "--n", "4", "--out", str(tmp_path / "g.png"), "--cell", "64"]) == 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "g.png") as g:
+        assert g.size == (128, 128)

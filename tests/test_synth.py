@@ -103,6 +103,16 @@ def test_views_and_occlusion_vary():
     assert {"front", "side", "back", "three-quarter"} <= views
 
 
+def test_left_right_follow_the_view():
+    """Facing the camera, the person's right shoulder/hip is on the image's left; from the back, on the right."""
+    for i in range(4):
+        for name, _, kp, _ in render_identity(seed=1, identity=i, poses=4, size=96):
+            view = name.split("_")[-1][:-4]
+            if view in ("front", "back") and (kp[[2, 5, 8, 11]] >= 0).all():
+                sign = 1 if view == "front" else -1
+                assert sign * (kp[5, 1] - kp[2, 1]) > 0 and sign * (kp[11, 1] - kp[8, 1]) > 0, name
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="size"):
         synthesize(tmp_path, identities=2, poses=2, size=32)

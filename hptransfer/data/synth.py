@@ -450,7 +450,8 @@ def render(ident: dict, pose: dict, size: int, rng: np.random.Generator, with_ma
         parts += [
             (z[f"{side}_shoulder"] / 2 + z[f"{side}_elbow"] / 2, 10, upper_arm),
             (z[f"{side}_elbow"] / 2 + z[f"{side}_wrist"] / 2 + 0.005, 11, forearm),
-            (z[f"{side}_hip"] / 2 + z[f"{side}_knee"] / 2 - 0.04, 3, thigh),
+            # thighs stay under the shirt's hem: always behind the torso
+            (min(z[f"{side}_hip"] / 2 + z[f"{side}_knee"] / 2, z["pelvis"] - 0.04) - 0.04, 3, thigh),
             (z[f"{side}_knee"] / 2 + z[f"{side}_ankle"] / 2 - 0.04, 4, shin),
         ]
 

@@ -257,3 +257,23 @@ def test_loader_choice_for_config(data_root):
     dali_loader = make_loader_for_config(DataConfig(loader="dali", workers=1), ds, 4, device="cpu", seed=0,
                                          skip_batches=1)
     assert len(dali_loader) == len(torch_loader) - 1
+
+
+# nvJPEG (GPU decode) may upsample chroma and round its IDCT differently from libjpeg-turbo, so the
+# GPU path gets looser bounds than the CPU path: still far below what a wrong filter/offset gives.
+GPU_MAX_ABS_UNITS = 12
+GPU_MEAN_ABS_UNITS = 1.5
+
+
+@pytest.mark.cuda
+def test_gpu_decode_matches_torch_loader(data_root):
+    ds = PairDataset(data_root, "train", R, flip=True, seed=1)
+    dali = _all(make_dali_loader_from_dataset(ds, 4, seed=1, epoch=0, device="gpu", num_threads=2))
+    ref = _all(make_loader(ds, 4, workers=0, seed=1, epoch=0, pin_memory=False))
+    assert len(dali) == len(ref) > 0
+    for d, t in zip(dali, ref):
+        assert d["reference"].is_cuda and d["target"].is_cuda and not d["kp_reference"].is_cuda
+        assert torch.equal(d["index"], t["index"]) and torch.equal(d["kp_target"], t["kp_target"])
+        for k in ("reference", "target"):
+            diff = (d[k].cpu() - t[k]).abs() * 127.5
+            assert diff.max() <= GPU_MAX_ABS_UNITS and diff.mean() <= GPU_MEAN_ABS_UNITS, (k, diff.max(), diff.mean())

@@ -167,6 +167,19 @@ def test_no_augmentation_equals_torch_without_shuffle(data_root):
     assert torch.all(first[:, :, 0] == 1.0)
 
 
+@pytest.mark.parametrize("resolution,fit", [(32, "pad"), (128, "pad"), (48, "resize")])
+def test_other_stages_and_fits_match_torch(data_root, resolution, fit):
+    """A grown stage (down- and upscaling) and the anisotropic fit give PairDataset's batches too."""
+    ds = PairDataset(data_root, "train", resolution, fit=fit, flip=True, seed=2)
+    dali = _all(make_dali_loader_from_dataset(ds, 6, seed=2, epoch=3, device="cpu", num_threads=2))
+    ref = _all(make_loader(ds, 6, workers=0, seed=2, epoch=3, pin_memory=False))
+    assert len(dali) == len(ref) == N_PAIRS // 6
+    for d, t in zip(dali, ref):
+        assert d["reference"].shape == (6, 3, resolution, resolution)
+        assert torch.equal(d["index"], t["index"]) and torch.equal(d["kp_reference"], t["kp_reference"])
+        _check_close(d, t, f"{resolution} px {fit}: ")
+
+
 def test_sharding_two_ranks_covers_split_once(data_root):
     seen = []
     for rank in range(2):

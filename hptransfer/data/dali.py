@@ -7,15 +7,25 @@ all taken from the ``PairDataset`` itself so the two loaders cannot drift. DALI 
 expensive work: decoding (``device="mixed"`` = nvJPEG on a GPU, ``"cpu"`` in CPU-only mode with
 ``device_id=None``), the resize, the pad, the mirror and the normalisation to [-1, 1] NCHW.
 
+The source runs in batch mode in the main process (``parallel=False``): per image it reads the
+file, checks its markers and parses the header (tens of microseconds), so worker processes that
+would have to pickle the dataset are not worth it; the decode and resize run on DALI's threads
+(CPU) or the GPU. Use ``make_loader_for_config`` from the trainer (``data.loader``: auto = DALI on
+CUDA, torch on CPU), or ``make_dali_loader`` / ``make_dali_loader_from_dataset`` directly.
+
 Differences from the torch loader, by design:
 - Images come back on the GPU when ``device="gpu"`` (keypoints and index stay on the CPU, as the
   torch loader's do); the trainer's ``.to(device)`` is then a no-op.
-- Pixels differ by decoder and resize rounding only: DALI's antialiased resize filters are the
-  same kernels as PIL's (triangle for BILINEAR, Keys cubic for BICUBIC, Lanczos-3 for LANCZOS),
-  but DALI computes in float with its own window truncation and the JPEG decoders (nvJPEG /
-  libjpeg-turbo via nvImageCodec vs PIL's libjpeg-turbo) may round chroma upsampling differently.
-  ``tests/test_dali.py`` bounds the difference.
-- Keypoints, order, flips and index are identical (same host code).
+- Pixels differ by rounding only. ``PairDataset`` resizes with PIL ``BILINEAR`` and
+  ``reducing_gap=None``; DALI's ``INTERP_LINEAR`` with ``antialias=True`` is the same triangle
+  filter, widened by the scale factor when shrinking. PIL uses fixed-point weights and an 8-bit
+  intermediate between its horizontal and vertical passes; DALI uses float weights and rounds
+  once. On the CPU both decode with libjpeg-turbo: measured max 2 uint8 units, mean ~0.1
+  (``tests/test_dali.py`` bounds 3 and 0.35). nvJPEG on the GPU may round IDCT / chroma
+  upsampling differently (the cuda test allows 12 and 1.5 units).
+- A JPEG with a broken entropy-coded body (valid markers, garbage data) decodes with a libjpeg
+  warning in both loaders (PIL does the same); only structural damage is an error.
+- Keypoints, order, flips, index and skip_bad replacements are identical (the same host code).
 """
 from __future__ import annotations
 
@@ -206,8 +216,11 @@ def _build_pipeline(source: _PairSource, *, batch_size: int, resolution: int, de
     R = resolution
     interp_type = getattr(types, _INTERP[interp])
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=(torch.cuda.current_device() if gpu else None),
-                  seed=seed, prefetch_queue_depth=prefetch, exec_dynamic=True)
+    # device_id=None: DALI's CPU-only mode (no CUDA context); on a GPU the rank's current device.
+    device_id = torch.cuda.current_device() if gpu else None
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                  prefetch_queue_depth=prefetch, exec_dynamic=True)
     def pipe():
         (ref, tgt, size_ref, size_tgt, anchor_ref, anchor_tgt, flip, kp_ref, kp_tgt, index) = fn.external_source(
             source=source, num_outputs=10, batch=True, batch_info=True, parallel=False,

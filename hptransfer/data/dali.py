@@ -320,8 +320,8 @@ def _name_the_file(err: Exception, source: _PairSource) -> Exception:
                     im.load()
             except Exception as e:  # noqa: BLE001 - any PIL failure is the answer
                 return DataFormatError(f"image file {path} is unreadable: {e} (DALI: {first})")
-    return RuntimeError(f"DALI pipeline failed (files in flight: {[str(p) for v in source.files.values() for p in v]}): "
-                        f"{err}")
+    in_flight = [str(p) for v in source.files.values() for p in v]
+    return RuntimeError(f"DALI pipeline failed (files in flight: {in_flight}): {err}")
 
 
 # ----------------------------------------------------------------------------- factories

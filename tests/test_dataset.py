@@ -138,6 +138,11 @@ def test_loader_deterministic_and_exact_resume(tmp_path):
     assert full != _order(make_loader(ds, 3, workers=0, seed=7, epoch=3))
     assert full != _order(make_loader(ds, 3, workers=0, seed=8, epoch=2))
     assert len(full) == 6 and len({i for b in full for i in b}) == 18  # drop_last, no repeats
+    flips = lambda s: [ds._flip_for(i) for i in range(len(ds))]  # noqa: E731
+    make_loader(ds, 3, workers=0, seed=7, epoch=2)
+    f7 = flips(7)
+    make_loader(ds, 3, workers=0, seed=8, epoch=2)
+    assert flips(8) != f7  # the loader's seed also seeds the flips
     resumed = list(make_loader(ds, 3, workers=0, seed=7, epoch=2, skip_batches=4))
     assert [b["index"].tolist() for b in resumed] == full[4:]
     ref = list(make_loader(ds, 3, workers=0, seed=7, epoch=2))[4:]

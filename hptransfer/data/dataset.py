@@ -119,9 +119,12 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Flips of epoch ``epoch`` (call before making the epoch's loader)."""
+    def set_epoch(self, epoch: int, seed: Optional[int] = None) -> None:
+        """Flips of epoch ``epoch`` (and of run seed ``seed`` when given); call before making the
+        epoch's loader (:func:`make_loader` does)."""
         self.epoch = int(epoch)
+        if seed is not None:
+            self.seed = int(seed)
 
     def _flip_for(self, index: int) -> bool:
         if not self.flip:
@@ -187,9 +190,12 @@ def make_loader(dataset, batch_size: int, *, workers: int, seed: int, rank: int 
     The permutation of epoch ``epoch`` is DistributedSampler's (torch.randperm seeded with
     seed + epoch; rank r takes every world_size-th index, the last shard padded by repetition);
     ``skip_batches`` drops this rank's first batches so a resumed run continues exactly.
-    Calls ``dataset.set_epoch(epoch)`` when the dataset has it (flips are seeded per epoch).
+    Sets the epoch (and for a :class:`PairDataset` the seed) of the dataset's flips, so they are a
+    function of (seed, epoch, index) too.
     """
-    if hasattr(dataset, "set_epoch"):
+    if isinstance(dataset, PairDataset):
+        dataset.set_epoch(epoch, seed=seed)
+    elif hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
                                  drop_last=False)

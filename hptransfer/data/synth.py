@@ -165,8 +165,8 @@ def _draw_logo(img: Image.Image, rng, base, n: int, ppu: float) -> None:
     else:
         r = 0.6 * h
         d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=col)
-        pts = [(cx + 0.8 * r * math.cos(math.radians(90 + 144 * k)), cy - 0.8 * r * math.sin(math.radians(90 + 144 * k)))
-               for k in range(5)]
+        angles = [math.radians(90 + 144 * k) for k in range(5)]  # a five-pointed star
+        pts = [(cx + 0.8 * r * math.cos(a), cy - 0.8 * r * math.sin(a)) for a in angles]
         d.polygon(pts, fill=tuple(255 - c for c in col))
 
 
@@ -408,7 +408,8 @@ def render(ident: dict, pose: dict, size: int, rng: np.random.Generator, with_ma
         n = np.array([-a[1], a[0]])
         quad = [tuple(pel + a * S * 0.05 + n * w), tuple(pel + n * w - a * S * 0.04),
                 tuple(pel - n * w - a * S * 0.04), tuple(pel + a * S * 0.05 - n * w)]
-        c.shapes([("polygon", quad)], trousers, (ident["trouser_tex"], _affine(pel, -up, (n_tex / 2, 0.3 * n_tex), k, k)))
+        tex = (ident["trouser_tex"], _affine(pel, -up, (n_tex / 2, 0.3 * n_tex), k, k))
+        c.shapes([("polygon", quad)], trousers, tex)
 
     def neck_part():
         top = P["head"] + (P["neck"] - P["head"]) * 0.3
@@ -444,7 +445,8 @@ def render(ident: dict, pose: dict, size: int, rng: np.random.Generator, with_ma
             if ident["shorts"]:
                 c.shapes(shapes, skin)
             else:
-                c.shapes(shapes, trousers, (ident["trouser_tex"], _affine(p0, p1 - p0, (0.7 * n_tex, 0.1 * n_tex), k, k)))
+                tex = (ident["trouser_tex"], _affine(p0, p1 - p0, (0.7 * n_tex, 0.1 * n_tex), k, k))
+                c.shapes(shapes, trousers, tex)
             c.shapes(_capsule(P[f"{side}_ankle"], P[f"{side}_toe"], S * 0.024, S * 0.02), ident["shoes"])
 
         parts += [
@@ -460,7 +462,8 @@ def render(ident: dict, pose: dict, size: int, rng: np.random.Generator, with_ma
     def long_hair():
         h = P["head"]
         rx, ry = S * HEAD_RX * 1.15, S * HEAD_RY
-        quad = [(h[0] - rx, h[1]), (h[0] + rx, h[1]), (h[0] + rx * 1.1, h[1] + ry * 2.2), (h[0] - rx * 1.1, h[1] + ry * 2.2)]
+        quad = [(h[0] - rx, h[1]), (h[0] + rx, h[1]), (h[0] + rx * 1.1, h[1] + ry * 2.2),
+                (h[0] - rx * 1.1, h[1] + ry * 2.2)]
         c.shapes([("polygon", quad)], ident["hair"])
 
     if ident["long_hair"]:
@@ -570,7 +573,9 @@ def synthesize(root, identities: int, poses: int, size: int, seed: int = 0, test
             kps[i] = res
     rng = np.random.default_rng([seed, 1 << 20])
     order = rng.permutation(identities)
-    n_test = 0 if test_fraction == 0 or identities < 2 else min(identities - 1, max(1, round(identities * test_fraction)))
+    n_test = 0
+    if test_fraction > 0 and identities >= 2:
+        n_test = min(identities - 1, max(1, round(identities * test_fraction)))
     split_of = {int(i): ("test" if r < n_test else "train") for r, i in enumerate(order)}
     counts = {}
     for split in ("train", "test"):

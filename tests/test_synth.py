@@ -133,3 +133,20 @@ def test_cli_synth_then_check(tmp_path, capsys):
 
     with Image.open(tmp_path / "g.png") as g:
         assert g.size == (128, 128)
+
+
+def test_depth_order_hides_an_arm_behind_the_torso():
+    """The same front-view pose with the right arm swung forward vs back: the right wrist shows
+    skin when the arm is in front and is covered (torso/trousers drawn over it) when it is behind."""
+    from hptransfer.data.synth import make_identity, render, sample_pose
+
+    ident = make_identity(np.random.default_rng(0), 128)
+    ident["long_sleeves"] = False  # forearm in skin colour, which no garment uses
+    pose = sample_pose(np.random.default_rng(1), "front")
+    pose.update(yaw=0.0, lean_fwd=0.0, lean_side=0.0, r_shoulder_abd=0.0, r_elbow=0.0, r_forearm_twist=0.0)
+    seen = {}
+    for flex in (40.0, -40.0):
+        img, kp, _ = render(ident, dict(pose, r_shoulder_flex=flex), 128, np.random.default_rng(2))
+        y, x = np.rint(kp[4]).astype(int)
+        seen[flex] = tuple(np.asarray(img)[y, x]) == tuple(ident["skin"])
+    assert seen == {40.0: True, -40.0: False}

@@ -113,6 +113,18 @@ def test_left_right_follow_the_view():
                 assert sign * (kp[5, 1] - kp[2, 1]) > 0 and sign * (kp[11, 1] - kp[8, 1]) > 0, name
 
 
+def test_capped_pairs(tmp_path):
+    synthesize(tmp_path, identities=3, poses=4, size=64, seed=0, test_fraction=0.0, max_pairs_per_identity=5,
+               workers=1)
+    pairs = read_pairs(tmp_path / "pairs-train.csv")
+    per_id = {}
+    for a, b in pairs:
+        assert a != b and a.split("_")[0] == b.split("_")[0]
+        per_id.setdefault(a.split("_")[0], set()).add((a, b))
+    assert len(per_id) == 3 and all(len(v) == 5 for v in per_id.values())  # 5 distinct of the 12
+    assert read_pairs(tmp_path / "pairs-test.csv") == []
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="size"):
         synthesize(tmp_path, identities=2, poses=2, size=32)

@@ -338,7 +338,7 @@ def make_dali_loader_from_dataset(dataset, batch_size: int, *, seed: int, rank: 
     images on the current CUDA device) or "cpu" (DALI CPU-only mode, ``device_id=None``).
     """
     if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(epoch)
+        dataset.set_epoch(epoch, seed=seed)  # flips seeded by the run seed, as make_loader does
     order = epoch_order(dataset, seed=seed, epoch=epoch, rank=rank, world_size=world_size, shuffle=shuffle)
     return DaliLoader(dataset, order, batch_size, skip_batches=skip_batches, device=device,
                       num_threads=num_threads or _default_threads(), seed=seed)

@@ -50,6 +50,10 @@ def fit_keypoints(kp: np.ndarray, height: int, width: int, resolution: int, fit:
     out = np.empty_like(kp)
     out[:, 0] = (kp[:, 0] + 0.5) * (nh / height) - 0.5 + oy
     out[:, 1] = (kp[:, 1] + 0.5) * (nw / width) - 0.5 + ox
+    # Pixel-centre mapping can put a visible edge joint at -0.1 when downscaling; clamp so it
+    # stays visible (a negative coordinate means "missing").
+    out[:, 0] = np.clip(out[:, 0], 0, resolution - 1)
+    out[:, 1] = np.clip(out[:, 1], 0, resolution - 1)
     out[(kp < 0).any(axis=1)] = -1
     return out
 

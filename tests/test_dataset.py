@@ -41,8 +41,9 @@ def test_item_shapes_and_pad_fit(tmp_path):
     a, _ = ds.pairs[0]
     src = ann[a]
     vis = (src >= 0).all(1)
-    exp_y = (src[vis, 0] + 0.5) * 0.5 - 0.5
-    exp_x = (src[vis, 1] + 0.5) * 0.5 - 0.5 + 4
+    # Pixel-centre mapping, clamped into the image (a negative coordinate would read as missing).
+    exp_y = np.clip((src[vis, 0] + 0.5) * 0.5 - 0.5, 0, 23)
+    exp_x = np.clip((src[vis, 1] + 0.5) * 0.5 - 0.5 + 4, 0, 23)
     np.testing.assert_allclose(it["kp_reference"][vis, 0], exp_y, atol=1e-5)
     np.testing.assert_allclose(it["kp_reference"][vis, 1], exp_x, atol=1e-5)
     assert (it["kp_reference"][~vis] == -1).all()

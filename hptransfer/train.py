@@ -352,13 +352,14 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
 
 
 def _sample_batch(cfg: Config, resolution: int, n: int = 4) -> dict:
-    """A fixed batch of up to ``n`` test pairs (train pairs if there is no test split), unflipped."""
+    """A fixed batch of up to ``n`` test pairs spread over the split (train if no test split), unflipped."""
     for split in (cfg.data.test_split, cfg.data.train_split):
         try:
             ds = _dataset(cfg, split, resolution, flip=False)
         except (FileNotFoundError, OSError, ValueError):
             continue
-        items = [ds[i] for i in range(min(n, len(ds)))]
+        picks = sorted({round(i * (len(ds) - 1) / max(n - 1, 1)) for i in range(n)}) if len(ds) else []
+        items = [ds[i] for i in picks]  # spread over the split: different people, not one person's pairs
         if items:
             return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in
                     ("reference", "target", "kp_reference", "kp_target")}

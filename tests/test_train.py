@@ -199,3 +199,18 @@ def test_ds_config_translation_on_cpu():
         assert gpu["bf16"]["enabled"] and "torch_autocast" not in gpu and "gradient_clipping" not in gpu
     with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
         resolve_ds_config(load_ds_config(root / "zero2_fp16.json"), 4, 1, 0.0, on_cuda=False)
+
+
+def test_shipped_configs_load():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    paper = {"deepfashion_256": 256, "deepfashion_512": 512, "h36m_1024": 1024, "youtube_1024": 1024}
+    for name, top in paper.items():
+        cfg = load_config(root / f"{name}.yaml")
+        assert cfg.model.width == 1.0 and cfg.train.lr == 2e-4 and cfg.train.weight_decay == 5e-4
+        assert cfg.stages[0].resolution == 64 and cfg.stages[-1].resolution == top
+        assert all(s.iterations == 700_000 for s in cfg.stages)
+    demo = load_config(root / "synth_demo.yaml")
+    assert [s.resolution for s in demo.stages] == [64, 128] and demo.loss.disc_at_resolution == 128
+    for path in sorted((root / "ds").glob("*.json")):
+        assert json.loads(path.read_text())["zero_optimization"]["stage"] in (1, 2, 3)
+    assert len(list((root / "ds").glob("zero*_*.json"))) == 6

@@ -1,70 +1,239 @@
-"""Export a trained generator: ``model.safetensors`` + ``config.json``, loadable without training code.
+"""Export a trained generator, and the ``hptransfer export`` command.
 
-Minimal version written by the trainer's developer (CONTRACTS.md: export_generator, load_generator,
-generate); the export developer's fuller module (ONNX, TorchScript, the ``hptransfer export``
-command) replaces it.
+- ``export_generator`` writes ``model.safetensors`` + ``config.json`` (architecture, resolution,
+  keypoint convention); ``load_generator`` rebuilds it with no training code and no unpickling.
+- ``hptransfer export --format onnx|torchscript|safetensors`` writes a fixed-resolution file.
+  ONNX and TorchScript take ``(reference (B,3,R,R) in [-1,1], kp (B,18,2) (y,x) pixels)``; the
+  heatmaps are made inside with the dense torch formula (``impl="reference"``), which traces to
+  plain tensor ops (no Triton kernel in the graph).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
+KEYPOINT_CONVENTION = "openpose18 (y, x) pixels; missing = (-1, -1)"
 
 
 def export_generator(generator, out_dir: str | Path, extra: Optional[dict] = None) -> Path:
-    """Write ``generator`` (a :class:`hptransfer.models.Generator`) to ``out_dir`` atomically:
-    ``model.safetensors`` (fp32 weights and BatchNorm buffers) and ``config.json`` (architecture,
-    resolution, keypoint convention, ``extra``). Returns ``out_dir``."""
+    """Write ``generator`` (a :class:`hptransfer.models.Generator`) to ``out_dir``.
+
+    ``model.safetensors`` holds the state dict (fp32 weights and BatchNorm buffers); ``config.json``
+    holds ``generator.arch()``, the resolution, the keypoint convention, the image range [-1, 1],
+    the hptransfer version and ``extra``. Both are written into a temporary sibling directory that
+    then replaces ``out_dir``; if anything fails the previous export stays in place. Returns ``out_dir``.
+    """
     from safetensors.torch import save_file
+
+    import hptransfer
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp.", dir=out_dir.parent))
+    old = None
     try:
-        state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
+        state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
                  for k, v in generator.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"))
-        meta = {"format_version": FORMAT_VERSION, "arch": generator.arch(), "resolution": generator.resolution,
-                "keypoints": "openpose-coco18 (y, x) pixels; missing = (-1, -1)", "image_range": [-1, 1],
-                "extra": extra or {}}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        meta = {"format_version": FORMAT_VERSION, "arch": generator.arch(), "resolution": int(generator.resolution),
+                "keypoints": KEYPOINT_CONVENTION, "image_range": [-1, 1],
+                "hptransfer_version": hptransfer.__version__, "extra": extra or {}}
         (tmp / "config.json").write_text(json.dumps(meta, indent=1))
-        old = out_dir.with_name(f".{out_dir.name}.old")
         if out_dir.exists():
-            shutil.rmtree(old, ignore_errors=True)
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.rmdir(old)
             os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if old is not None:  # put the previous export back
+                os.replace(old, out_dir)
+                old = None
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 
-def load_generator(path: str | Path, device: str = "cpu"):
-    """Load an export directory into a Generator in eval mode (no pickle: safetensors + JSON)."""
+def read_export_config(path: str | Path) -> dict:
+    """The ``config.json`` of an export directory, with a clear error when it is not one."""
+    path = Path(path)
+    for name in ("config.json", "model.safetensors"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path}: not an hptransfer export (missing {name})")
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / 'config.json'}: not valid JSON: {e}") from None
+    if "arch" not in meta:
+        raise ValueError(f"{path / 'config.json'}: no 'arch' entry; not an hptransfer export")
+    return meta
+
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu"):
+    """Load an export directory into a Generator in eval mode on ``device``.
+
+    Only safetensors and JSON are read (nothing is unpickled). Raises FileNotFoundError naming
+    the missing file, ValueError when weights and architecture disagree.
+    """
     from safetensors.torch import load_file
 
     from hptransfer.models import Generator
 
     path = Path(path)
-    for name in ("config.json", "model.safetensors"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path}: not an hptransfer export (missing {name})")
-    meta = json.loads((path / "config.json").read_text())
+    meta = read_export_config(path)
     g = Generator.from_arch(meta["arch"])
-    g.load_state_dict(load_file(str(path / "model.safetensors")))
+    try:
+        g.load_state_dict(load_file(str(path / "model.safetensors")))
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not match the architecture in config.json: {e}") from None
     return g.to(device).eval()
 
 
 @torch.no_grad()
 def generate(generator, reference: torch.Tensor, kp: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """``reference`` (B, 3, R, R) in [-1, 1], ``kp`` (B, 18, 2) (y, x) target pose -> (B, 3, R, R) in [-1, 1]."""
+    """``reference`` (B, 3, R, R) float in [-1, 1], ``kp`` (B, 18, 2) (y, x) pixels of the R x R target
+    -> (B, 3, R, R) float in [-1, 1] on the generator's device. ``impl`` picks the heatmap path."""
     generator.kernels = impl
     p = next(generator.parameters())
     return generator(reference.to(p.device, p.dtype), kp.to(p.device).float())
+
+
+class _Traceable(torch.nn.Module):
+    """The generator with reference heatmaps, so tracing records plain tensor ops."""
+
+    def __init__(self, generator):
+        super().__init__()
+        self.generator = generator.eval()
+        self.generator.kernels = "reference"
+        # eval here too: exporters restore the wrapper's mode afterwards, and a wrapper left in
+        # train mode would flip the generator's BatchNorm to batch statistics
+        self.eval()
+
+    def forward(self, reference: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
+        return self.generator(reference, kp)
+
+
+def example_inputs(resolution: int, batch: int = 1, seed: int = 0):
+    """A random reference (B,3,R,R) in [-1,1] and plausible keypoints (B,18,2), one missing."""
+    gen = torch.Generator().manual_seed(seed)
+    ref = torch.rand(batch, 3, resolution, resolution, generator=gen) * 2 - 1
+    kp = torch.rand(batch, 18, 2, generator=gen) * (resolution - 1)
+    kp[:, 17] = -1
+    return ref, kp
+
+
+def _atomic_target(out: Path):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def export_onnx(generator, out: str | Path, batch: int = 1, opset: int = 17, dynamic_batch: bool = True) -> Path:
+    """Write an ONNX graph of ``generator`` at its resolution; inputs ``reference``, ``keypoints``, output ``image``."""
+    out = Path(out)
+    module = _Traceable(generator).cpu()
+    ref, kp = example_inputs(generator.resolution, batch)
+    tmp = _atomic_target(out)
+    try:
+        axes = {"reference": {0: "batch"}, "keypoints": {0: "batch"}, "image": {0: "batch"}} if dynamic_batch else None
+        torch.onnx.export(module, (ref, kp), str(tmp), input_names=["reference", "keypoints"], output_names=["image"],
+                          opset_version=opset, dynamic_axes=axes, dynamo=False)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def export_torchscript(generator, out: str | Path, batch: int = 1) -> Path:
+    """Write a traced TorchScript module (loadable with ``torch.jit.load`` alone)."""
+    out = Path(out)
+    module = _Traceable(generator).cpu()
+    ref, kp = example_inputs(generator.resolution, batch)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # jit.trace deprecation; still the portable format
+        traced = torch.jit.trace(module, (ref, kp), check_trace=False)
+    tmp = _atomic_target(out)
+    try:
+        traced.save(str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def onnx_max_abs_diff(generator, onnx_path: str | Path, batch: int = 2, seed: int = 1) -> float:
+    """Run the ONNX file in onnxruntime and the generator in PyTorch on the same inputs; max |diff|."""
+    import onnxruntime as ort
+
+    ref, kp = example_inputs(generator.resolution, batch, seed)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = sess.run(["image"], {"reference": ref.numpy(), "keypoints": kp.numpy()})[0]
+    want = generate(generator.cpu(), ref, kp, impl="reference").numpy()
+    return float(abs(got - want).max())
+
+
+def load_any(path: str | Path, device="cpu"):
+    """An export directory, or a training checkpoint directory (via hptransfer.checkpoint when it can)."""
+    path = Path(path)
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return load_generator(path, device)
+    from hptransfer import checkpoint as ckpt
+
+    loader = getattr(ckpt, "load_generator", None)
+    if loader is None:
+        raise FileNotFoundError(f"{path}: not an export directory (config.json + model.safetensors); "
+                                "point --checkpoint at a run's export/ folder")
+    return loader(path, device=device)
+
+
+# ---------------------------------------------------------------- CLI
+
+def add_arguments(p) -> None:
+    p.add_argument("--checkpoint", required=True, help="export directory (model.safetensors + config.json)")
+    p.add_argument("--format", required=True, choices=["safetensors", "onnx", "torchscript"])
+    p.add_argument("--resolution", type=int, default=None,
+                   help="check the model's resolution (exports are fixed-resolution; a model is not resized)")
+    p.add_argument("--out", required=True, help="output file (.onnx / .pt) or directory (safetensors)")
+    p.add_argument("--batch", type=int, default=1, help="example batch used for tracing")
+    p.add_argument("--opset", type=int, default=17)
+
+
+def run(args) -> int:
+    g = load_any(args.checkpoint)
+    if args.resolution is not None and args.resolution != g.resolution:
+        print(f"error: {args.checkpoint} holds a {g.resolution}-px generator; --resolution {args.resolution} "
+              "would need a generator trained to that stage")
+        return 2
+    if args.format == "safetensors":
+        out = export_generator(g, args.out, extra={"exported_from": str(args.checkpoint)})
+        load_generator(out)
+        print(f"wrote {out} (loads with hptransfer.load_generator)")
+    elif args.format == "onnx":
+        out = export_onnx(g, args.out, args.batch, args.opset)
+        diff = onnx_max_abs_diff(g, out)
+        print(f"wrote {out}; onnxruntime vs PyTorch max abs difference: {diff:.3g}")
+    else:
+        out = export_torchscript(g, args.out, args.batch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            m = torch.jit.load(str(out))
+        ref, kp = example_inputs(g.resolution, 2, 1)
+        with torch.no_grad():
+            diff = float((m(ref, kp) - generate(g, ref, kp, impl="reference")).abs().max())
+        print(f"wrote {out}; torch.jit.load round trip max abs difference: {diff:.3g}")
+    return 0

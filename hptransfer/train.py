@@ -34,7 +34,7 @@ import torch
 from hptransfer import checkpoint as ckpt
 from hptransfer import losses, pose
 from hptransfer.backend import Backend, Engine, make_backend
-from hptransfer.config import Config, load_config, save_config
+from hptransfer.config import Config, ConfigError, load_config, save_config
 from hptransfer.report import Reporter, save_sample_grid
 
 log = logging.getLogger("hptransfer.train")
@@ -59,7 +59,11 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides or [])
     if args.out:
         overrides.append(f"train.out_dir={args.out}")
-    cfg = load_config(args.config, overrides)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:  # a user error: the message names the file and key, no traceback
+        print(f"hptransfer train: {e}", file=sys.stderr)
+        return 2
     result = train(cfg, ds_config=args.deepspeed_config, resume=args.resume, stop_at_step=args.stop_at_step)
     if result["is_main"]:  # the summary table is in the log already
         print(f"export: {result['export']}  samples: {Path(cfg.train.out_dir) / 'samples'}  "

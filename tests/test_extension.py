@@ -1,0 +1,219 @@
+"""hptransfer._C ops against plain torch: perceptual_distance (forward, backward, gradcheck, masking,
+bf16 accumulation, channels_last, threads, argument checks) and the CPU gather_crops op against
+gather_crops_reference. CUDA cases are marked ``cuda``."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hptransfer import ops
+from hptransfer.ops.gather_crops import gather_crops_reference
+
+# fp32: the kernel sums in a different order than torch's mean; 1e-5 relative covers K up to ~1e5.
+# bf16 inputs: compared with an fp64 sum of the same bf16 values, so only fp32 accumulation error remains.
+TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-5, 1e-6)}
+SHAPES = [(6, 4, 5, 5), (3, 7, 3, 1), (5, 16, 8, 8)]  # odd sizes hit the scalar tails; 16*8*8 the vector path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ext():
+    ext = ops.extension()
+    assert ext is not None, f"hptransfer._C did not load: {ops.backend_status()['extension']}"
+    return ext
+
+
+def dist(f, r, mask, p):
+    return torch.ops.hptransfer.perceptual_distance(f, r, mask, p)
+
+
+def dist_ref(f, r, mask, p):
+    d = (f.double() - r.double()).abs() ** p
+    return d.flatten(1).mean(dim=1) * mask.double()
+
+
+def _inputs(shape, dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    r = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    mask = (torch.rand(shape[0], generator=g) > 0.3).float().to(device)
+    mask[0] = 1.0
+    return f, r, mask
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_distance_forward_and_masking(shape, p):
+    f, r, mask = _inputs(shape)
+    got = dist(f, r, mask, p)
+    assert got.dtype == torch.float32 and got.shape == (shape[0],)
+    torch.testing.assert_close(got.double(), dist_ref(f, r, mask, p), rtol=1e-5, atol=1e-6)
+    assert (got[mask == 0] == 0).all(), "masked crops must give exactly 0"
+    assert (got[mask == 1] > 0).all()
+    # bool mask reads as 0/1
+    torch.testing.assert_close(dist(f, r, mask.bool(), p), got)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_distance_backward_matches_autograd(shape, p):
+    f, r, mask = _inputs(shape, seed=1)
+    g = torch.randn(shape[0], generator=torch.Generator().manual_seed(2))
+    f1, r1 = f.clone().requires_grad_(), r.clone().requires_grad_()
+    (dist(f1, r1, mask, p) * g).sum().backward()
+    f2, r2 = f.clone().requires_grad_(), r.clone().requires_grad_()
+    (dist_ref(f2, r2, mask, p) * g.double()).sum().backward()
+    torch.testing.assert_close(f1.grad, f2.grad, rtol=1e-5, atol=1e-8, msg=lambda m: f"grad fake: {m}")
+    torch.testing.assert_close(r1.grad, r2.grad, rtol=1e-5, atol=1e-8, msg=lambda m: f"grad real: {m}")
+    assert (f1.grad[mask == 0] == 0).all()
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_distance_gradcheck_float64(p):
+    f, r, mask = _inputs((3, 2, 3, 3), dtype=torch.float64, seed=3)
+    f.requires_grad_()
+    r.requires_grad_()
+    mask = torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64)  # a fractional weight too
+    assert torch.autograd.gradcheck(lambda a, b: dist(a, b, mask, p), (f, r), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_distance_bf16_accumulates_in_fp32(p):
+    f, r, mask = _inputs((4, 64, 16, 16), dtype=torch.bfloat16, seed=4)
+    got = dist(f, r, mask, p)
+    assert got.dtype == torch.float32
+    exact = dist_ref(f, r, mask, p)  # fp64 sum of the very same bf16 values
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-6)
+    # a bf16 running sum would be off by far more than that: the tolerance above is meaningful
+    naive = ((f - r).abs() ** p).flatten(1).cumsum(1, dtype=torch.bfloat16)[:, -1].double() / f[0].numel() * mask.double()
+    assert (naive - exact).abs().max() > 1e-3
+    f.requires_grad_()
+    dist(f, r, mask, p).sum().backward()
+    assert f.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("layouts", [("cl", "cl"), ("cl", "c"), ("c", "cl")])
+def test_distance_channels_last(layouts, p):
+    f, r, mask = _inputs((4, 6, 5, 3), seed=5)
+    fmt = {"cl": torch.channels_last, "c": torch.contiguous_format}
+    fl = f.clone().contiguous(memory_format=fmt[layouts[0]]).requires_grad_()
+    rl = r.contiguous(memory_format=fmt[layouts[1]])
+    got = dist(fl, rl, mask, p)
+    torch.testing.assert_close(got.double(), dist_ref(f, r, mask, p), rtol=1e-5, atol=1e-6)
+    g = torch.randn(4, generator=torch.Generator().manual_seed(6))
+    (got * g).sum().backward()
+    f2 = f.double().requires_grad_()
+    (dist_ref(f2, r, mask, p) * g.double()).sum().backward()
+    torch.testing.assert_close(fl.grad.double(), f2.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_distance_non_contiguous_input():
+    f, r, mask = _inputs((4, 6, 10, 5), seed=7)
+    fs, rs = f[:, :, ::2], r[:, :, ::2]  # strided views
+    torch.testing.assert_close(dist(fs, rs, mask, 2).double(), dist_ref(fs, rs, mask, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_distance_argument_errors():
+    f, r, mask = _inputs((3, 2, 4, 4))
+    with pytest.raises(RuntimeError, match="p must be 1"):
+        dist(f, r, mask, 3)
+    with pytest.raises(RuntimeError, match="must have the shape of fake"):
+        dist(f, r[:, :1], mask, 2)
+    with pytest.raises(RuntimeError, match="differs from fake dtype"):
+        dist(f, r.double(), mask, 2)
+    with pytest.raises(RuntimeError, match="mask must be"):
+        dist(f, r, mask[:2], 2)
+    with pytest.raises(RuntimeError, match="must be float32"):
+        dist(f.int(), r.int(), mask, 2)
+    with pytest.raises(RuntimeError, match=r"\(M, C, h, w\)"):
+        dist(f[0], r[0], mask, 2)
+
+
+def _threads(n, fn):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_cpu_ops_same_with_one_and_two_threads():
+    f, r, mask = _inputs((37, 8, 6, 6), seed=8)
+    images = torch.rand(3, 3, 40, 40, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    centers = torch.rand(3, 9, 2, generator=torch.Generator().manual_seed(10)) * 48 - 4
+    grad = torch.randn(27, 3, 10, 10, generator=torch.Generator().manual_seed(11))
+
+    def run():
+        fr = f.clone().requires_grad_()
+        d = dist(fr, r, mask, 2)
+        d.sum().backward()
+        im = images.clone().requires_grad_()
+        crops = torch.ops.hptransfer.gather_crops(im, centers, 10, True)
+        (crops * grad).sum().backward()
+        return d, fr.grad, crops, im.grad
+
+    for a, b in zip(_threads(1, run), _threads(2, run)):
+        assert torch.equal(a, b)
+
+
+def _gather_case(seed=12):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(2, 3, 21, 17, generator=g) * 2 - 1
+    centers = torch.rand(2, 7, 2, generator=g) * 26 - 3  # some crops leave the image, some overlap
+    centers[0, 2] = torch.tensor([-1.0, -1.0])  # missing descriptor
+    centers[1, 4] = torch.tensor([5.0, -1.0])  # one coordinate missing is missing too
+    centers[1, 5] = torch.tensor([10.5, 3.5])  # round half up
+    return images, centers
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("size", [6, 5])
+def test_gather_cpu_op_matches_reference(size, normalize):
+    images, centers = _gather_case()
+    a = images.clone().requires_grad_()
+    got = torch.ops.hptransfer.gather_crops(a, centers, size, normalize)
+    b = images.clone().requires_grad_()
+    want = gather_crops_reference(b, centers, size, normalize=normalize)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    grad = torch.randn_like(want)
+    (got * grad).sum().backward()
+    (want * grad).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    assert a.grad.abs().sum() > 0
+
+
+def test_gather_cpu_op_gradcheck_float64():
+    images, centers = _gather_case(13)
+    images = images[:, :, :9, :8].double().contiguous().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: torch.ops.hptransfer.gather_crops(x, centers, 4, True), (images,))
+
+
+def test_gather_cpu_op_errors():
+    images, centers = _gather_case()
+    with pytest.raises(RuntimeError, match=r"centers must be \(B, N, 2\)"):
+        torch.ops.hptransfer.gather_crops(images, centers[:1], 4, False)
+    with pytest.raises(RuntimeError, match="crop size must be >= 1"):
+        torch.ops.hptransfer.gather_crops(images, centers, 0, False)
+    with pytest.raises(RuntimeError, match="3-channel"):
+        torch.ops.hptransfer.gather_crops(images[:, :2], centers, 4, True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES + [(3, 3, 7, 7)])
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_distance_cuda_matches_cpu(dtype, shape, p, layout):
+    assert ops.backend_status()["extension_cuda"], "hptransfer._C was built without CUDA"
+    f, r, mask = _inputs(shape, dtype=dtype, seed=14)
+    fc = f.cuda().contiguous(memory_format=layout).requires_grad_()
+    rc = r.cuda().contiguous(memory_format=layout)
+    got = dist(fc, rc, mask.cuda(), p)
+    torch.testing.assert_close(got.double().cpu(), dist_ref(f, r, mask, p), rtol=1e-5, atol=1e-6)
+    g = torch.randn(shape[0], generator=torch.Generator().manual_seed(15))
+    (got * g.cuda()).sum().backward()
+    fr = f.clone().requires_grad_()
+    (dist(fr, r, mask, p) * g).sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-6)
+    torch.testing.assert_close(fc.grad.cpu(), fr.grad, **tol)

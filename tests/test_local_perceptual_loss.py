@@ -1,0 +1,163 @@
+"""Local perceptual loss: the fast path (batched crops, fused criterion of hptransfer._C) against the
+reference loop, its fallback when the extension is missing, and its errors. CUDA cases are marked ``cuda``."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import random_keypoints
+from hptransfer import ops
+from hptransfer.models import VGG16Features
+from hptransfer.ops import _dispatch
+from hptransfer.ops._dispatch import FastPathUnavailable
+from hptransfer.ops.gather_crops import IMAGENET_MEAN, IMAGENET_STD
+
+
+class SmallFeatures(nn.Module):
+    """A width-reduced VGG-like stand-in with VGG16Features' call signature: 3 ReLU taps, 2 poolings."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 12, 3, padding=1), nn.Conv2d(12, 16, 3, padding=1)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+
+    def forward(self, x, input_normalized=False):
+        if not input_normalized:
+            x = ((x + 1) * 0.5 - self.mean) / self.std
+        a = torch.relu(self.c1(x))
+        b = torch.relu(self.c2(nn.functional.max_pool2d(a, 2)))
+        c = torch.relu(self.c3(nn.functional.max_pool2d(b, 2)))
+        return [a, b, c]
+
+
+def _case(B, R, seed, missing=2):
+    g = torch.Generator().manual_seed(seed)
+    fake = torch.rand(B, 3, R, R, generator=g) * 2 - 1
+    real = torch.rand(B, 3, R, R, generator=g) * 2 - 1
+    kp = random_keypoints(B, R, g, missing=missing)
+    kp[0, 4] = torch.tensor([1.0, R - 2.0])  # a wrist at the corner: its crops leave the image
+    return fake, real, kp
+
+
+def _both(fake, real, kp, vgg, criterion, **kw):
+    out = []
+    for impl in ("reference", "fast"):
+        x = fake.clone().requires_grad_()
+        loss = ops.local_perceptual_loss(x, real, kp, vgg, criterion, impl=impl, **kw)
+        loss.backward()
+        out.append((loss.detach(), x.grad))
+    return out
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2"])
+def test_fast_equals_reference_64px_vgg16(criterion):
+    """18 descriptors, 8 px crops upsampled to 32, the real VGG-16 architecture with random weights."""
+    vgg = VGG16Features("random")
+    fake, real, kp = _case(1, 64, seed=0)
+    (lr, gr), (lf, gf) = _both(fake, real, kp, vgg, criterion)
+    assert lr > 0
+    torch.testing.assert_close(lf, lr, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(gf, gr, rtol=1e-3, atol=1e-5 * float(gr.abs().max()))
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2"])
+def test_fast_equals_reference_256px(criterion):
+    """31 descriptors of 32 px, batch 2, with layer weights and missing keypoints (width-reduced stand-in)."""
+    vgg = SmallFeatures()
+    fake, real, kp = _case(2, 256, seed=1, missing=3)
+    (lr, gr), (lf, gf) = _both(fake, real, kp, vgg, criterion, layer_weights=[0.5, 1.0, 2.0])
+    torch.testing.assert_close(lf, lr, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gf, gr, rtol=1e-4, atol=1e-6 * float(gr.abs().max()))
+    # invalid descriptors contribute nothing: dropping their keypoints changes nothing in their absence
+    assert gf.abs().sum() > 0
+
+
+def test_fast_without_autograd_and_count():
+    vgg = SmallFeatures(1)
+    fake, real, kp = _case(2, 128, seed=2)
+    with torch.no_grad():
+        ref = ops.local_perceptual_loss(fake, real, kp, vgg, "l2", impl="reference", count=18, min_crop=16)
+        fast = ops.local_perceptual_loss(fake, real, kp, vgg, "l2", impl="fast", count=18, min_crop=16)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_all_descriptors_missing_gives_zero():
+    vgg = SmallFeatures()
+    fake, real, _ = _case(1, 64, seed=3)
+    kp = torch.full((1, 18, 2), -1.0)
+    x = fake.clone().requires_grad_()
+    loss = ops.local_perceptual_loss(x, real, kp, vgg, "l1", impl="fast")
+    loss.backward()
+    assert loss.item() == 0.0 and x.grad.abs().sum() == 0
+
+
+def test_fast_errors():
+    vgg = SmallFeatures()
+    fake, real, kp = _case(1, 64, seed=4)
+    with pytest.raises(ValueError, match="criterion"):
+        ops.local_perceptual_loss(fake, real, kp, vgg, "l3", impl="fast")
+    with pytest.raises(ValueError, match="layer weights"):
+        ops.local_perceptual_loss(fake, real, kp, vgg, "l1", impl="fast", layer_weights=[1.0])
+    with pytest.raises(ValueError, match="same shape"):
+        ops.local_perceptual_loss(fake, real[..., :32, :32], kp, vgg, "l1", impl="fast")
+
+
+@pytest.fixture
+def broken_extension(monkeypatch):
+    """Simulate an extension that failed to build/load, with a fresh warn-once memory."""
+    monkeypatch.setattr(_dispatch, "_load_extension", lambda: (None, "ImportError: simulated build failure"))
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    monkeypatch.delenv("HPTRANSFER_STRICT", raising=False)
+
+
+def test_auto_falls_back_with_one_warning(broken_extension):
+    vgg = SmallFeatures()
+    fake, real, kp = _case(1, 64, seed=5)
+    want = ops.local_perceptual_loss(fake, real, kp, vgg, "l2", impl="reference")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = [ops.local_perceptual_loss(fake, real, kp, vgg, "l2", impl="auto") for _ in range(3)]
+    ours = [w for w in caught if "local_perceptual_loss" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    assert "simulated build failure" in str(ours[0].message) and issubclass(ours[0].category, RuntimeWarning)
+    for g in got:
+        torch.testing.assert_close(g, want, rtol=0, atol=0)
+
+
+def test_fast_raises_when_extension_missing(broken_extension):
+    vgg = SmallFeatures()
+    fake, real, kp = _case(1, 64, seed=6)
+    with pytest.raises(FastPathUnavailable, match="impl='fast' cannot run here.*simulated build failure"):
+        ops.local_perceptual_loss(fake, real, kp, vgg, "l2", impl="fast")
+
+
+def test_strict_turns_fallback_into_error(broken_extension, monkeypatch):
+    monkeypatch.setenv("HPTRANSFER_STRICT", "1")
+    fake, real, kp = _case(1, 64, seed=7)
+    with pytest.raises(FastPathUnavailable, match="HPTRANSFER_STRICT"):
+        ops.local_perceptual_loss(fake, real, kp, SmallFeatures(), "l2", impl="auto")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("criterion", ["l1", "l2"])
+@pytest.mark.parametrize("R,B", [(64, 2), (256, 2)])
+def test_fast_cuda_matches_cpu_reference(R, B, criterion):
+    """bf16 + channels_last on the GPU against the fp32 CPU reference: bf16 precision (~1e-2 relative)."""
+    vgg = VGG16Features("random")
+    fake, real, kp = _case(B, R, seed=8)
+    x = fake.clone().requires_grad_()
+    ref = ops.local_perceptual_loss(x, real, kp, vgg, criterion, impl="reference")
+    ref.backward()
+    vc = vgg.cuda()
+    xc = fake.cuda().requires_grad_()
+    got = ops.local_perceptual_loss(xc, real.cuda(), kp.cuda(), vc, criterion, impl="fast")
+    got.backward()
+    torch.testing.assert_close(got.cpu(), ref.detach(), rtol=3e-2, atol=1e-6)
+    cos = torch.nn.functional.cosine_similarity(xc.grad.cpu().flatten(), x.grad.flatten(), dim=0)
+    assert cos > 0.98, f"gradient direction differs: cosine {cos:.4f}"

@@ -2,6 +2,7 @@
 
 Conventions shared by the reference and the fast path:
 - descriptors from ``hptransfer.pose.local_descriptors(kp, resolution)``; crop side resolution / 8;
+- crops are ImageNet-normalised as gathered, so pixels outside the image are 0 after normalisation;
 - crops smaller than ``min_crop`` are upsampled (bilinear) to ``min_crop`` before VGG;
 - C is the mean over (channels, h, w) of the squared ("l2") or absolute ("l1") difference, per crop;
 - per image, the sum over valid descriptors and layers (weighted by ``layer_weights``);
@@ -49,14 +50,16 @@ def local_perceptual_loss_reference(fake: torch.Tensor, real: torch.Tensor, kp: 
     B, N = valid.shape
     total = fake.new_zeros(B, dtype=torch.float32)
     for d in range(N):
-        cf = gather_crops_reference(fake, centers[:, d:d + 1], size)
-        cr = gather_crops_reference(real, centers[:, d:d + 1], size)
+        # normalised in the gather: out-of-image pixels are 0 after normalisation (the ImageNet mean colour),
+        # the convention of gather_crops(normalize=True) that the fast path fuses
+        cf = gather_crops_reference(fake, centers[:, d:d + 1], size, normalize=True)
+        cr = gather_crops_reference(real, centers[:, d:d + 1], size, normalize=True)
         if out_size != size:
             cf = F.interpolate(cf, size=(out_size, out_size), mode="bilinear", align_corners=False)
             cr = F.interpolate(cr, size=(out_size, out_size), mode="bilinear", align_corners=False)
-        feats_fake = vgg(cf)
+        feats_fake = vgg(cf, input_normalized=True)
         with torch.no_grad():
-            feats_real = vgg(cr)
+            feats_real = vgg(cr, input_normalized=True)
         weights = layer_weights or [1.0] * len(feats_fake)
         per = sum(w * criterion_per_sample(a, b, criterion) for w, a, b in zip(weights, feats_fake, feats_real))
         total = total + per * valid[:, d].to(per.dtype)

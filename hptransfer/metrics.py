@@ -163,7 +163,7 @@ def local_ssim(pred: torch.Tensor, gt: torch.Tensor, kp_gt: torch.Tensor, count:
     from hptransfer.pose import local_descriptors
 
     x, y = _prep(pred, gt)
-    R = x.shape[-1]
+    R = max(x.shape[-2:])  # 256 for DeepFashion's 256x176 images
     side = max(R // 8, 1)
     if side < 3:
         raise ValueError(f"local-SSIM needs images of at least 24 px (crops of R/8 >= 3), got {R}")

@@ -127,3 +127,62 @@ def test_frechet_distance():
     b = rng.normal(size=(200000, 4)) * 2 + 1
     c = rng.normal(size=(200000, 4))
     assert metrics.frechet_distance(b, c) == pytest.approx(4 + 4, rel=0.02)
+
+
+# ---------------------------------------------------------------- hptransfer eval
+
+def _write_folder(tmp_path, n=3, size=(64, 60)):
+    from PIL import Image
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    truth = []
+    for i in range(n):
+        a, b = _pair((1, 3) + size, 10 + i)
+        Image.fromarray(a[0].permute(1, 2, 0).numpy()).save(gt / f"img{i}.jpg" if i == 0 else gt / f"img{i}.png")
+        Image.fromarray(b[0].permute(1, 2, 0).numpy()).save(pred / f"img{i}.png")
+        truth.append((b[0], a[0]))
+    # jpg ground truth is lossy: read back what was written
+    gt0 = torch.from_numpy(np.asarray(Image.open(gt / "img0.jpg").convert("RGB")).copy()).permute(2, 0, 1)
+    truth[0] = (truth[0][0], gt0)
+    return pred, gt, truth
+
+
+@pytest.mark.parametrize("protocol", metrics.PROTOCOLS)
+def test_eval_pred_gt_reproduces_skimage(tmp_path, protocol, capsys):
+    import json
+    from hptransfer.cli import main
+    pred, gt, truth = _write_folder(tmp_path)
+    out = tmp_path / "m.json"
+    rc = main(["eval", "--pred", str(pred), "--gt", str(gt), "--protocol", protocol, "--metrics", "ssim",
+               "--batch-size", "2", "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    got = json.loads(out.read_text())["metrics"][f"ssim_{protocol}"]
+    want = np.mean([_sk(b, a, protocol) for b, a in truth])
+    assert got["n"] == 3 and abs(got["value"] - want) < 1e-4
+    assert f"ssim_{protocol}" in capsys.readouterr().out
+
+
+def test_eval_reports_unavailable_instead_of_crashing(tmp_path, monkeypatch, capsys):
+    import json
+    from hptransfer.cli import main
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    for v in ("HPTRANSFER_ALEXNET", "HPTRANSFER_INCEPTION"):
+        monkeypatch.delenv(v, raising=False)
+    pred, gt, _ = _write_folder(tmp_path)
+    out = tmp_path / "m.json"
+    assert main(["eval", "--pred", str(pred), "--gt", str(gt), "--crop", "5:55", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    m = json.loads(out.read_text())["metrics"]
+    assert "unavailable" in m["lpips"] and "unavailable" in m["fid"] and "unavailable" in m["local_ssim"]
+    assert "unavailable" in m["ms_ssim"]  # 64 px is too small for 5 scales
+    assert 0 < m["ssim_gaussian"]["value"] < 1
+    assert "unavailable (" in capsys.readouterr().out
+    # explicitly requested: an error, not a silent gap
+    assert main(["eval", "--pred", str(pred), "--gt", str(gt), "--metrics", "lpips", "--device", "cpu"]) == 1
+    # a 40-px-wide crop cannot hold the 51-px window: reported, not crashed
+    assert main(["eval", "--pred", str(pred), "--gt", str(gt), "--crop", "10:50", "--device", "cpu",
+                 "--metrics", "ssim", "--protocol", "gaussian", "--out", str(out)]) == 0
+    assert main(["eval", "--pred", str(pred), "--gt", str(gt), "--crop", "10:50", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    assert "unavailable" in json.loads(out.read_text())["metrics"]["ssim_uniform51"]

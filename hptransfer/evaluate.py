@@ -1,0 +1,258 @@
+"""``hptransfer eval``: generate a test split with an exported generator and score it, or score
+existing images (``--pred DIR --gt DIR``, matched by file name) so other methods' outputs are
+compared under the same protocol.
+
+Metrics: SSIM under the "gaussian" and/or "uniform51" protocols (see :mod:`hptransfer.metrics`),
+MS-SSIM, local-SSIM (needs keypoints: generated splits, or ``--data`` with the ground truth's
+annotations), LPIPS and FID (need ImageNet weights on disk). A metric whose weights or inputs are
+missing is reported as "unavailable (reason)" unless it was requested with ``--metrics``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from hptransfer import metrics as M
+
+log = logging.getLogger(__name__)
+
+ALL_METRICS = ("ssim", "ms_ssim", "local_ssim", "lpips", "fid")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--checkpoint", help="export directory: generate the split and score it")
+    p.add_argument("--data", help="dataset root (benchmark format); with --pred/--gt: annotations for local-SSIM")
+    p.add_argument("--split", default="test")
+    p.add_argument("--resolution", type=int, default=None, help="check the generator's resolution")
+    p.add_argument("--pred", help="folder of generated images (scored against --gt by file name)")
+    p.add_argument("--gt", help="folder of ground-truth images")
+    p.add_argument("--protocol", default="both", choices=["gaussian", "uniform51", "both"])
+    p.add_argument("--crop", default=None, help="x0:x1 columns kept for SSIM/MS-SSIM (e.g. 40:216)")
+    p.add_argument("--metrics", default=None, help=f"comma list from {','.join(ALL_METRICS)}; "
+                   "listed metrics must run (missing weights = error); default: all that can")
+    p.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"])
+    p.add_argument("--lpips-weights", default=None, help="torchvision backbone file (else env var / hub cache)")
+    p.add_argument("--inception-weights", default=None, help="torchvision inception_v3 file for FID")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None, help="score only the first N images/pairs")
+    p.add_argument("--save-dir", default=None, help="with --checkpoint: also save generated images here")
+    p.add_argument("--device", default=None, help="default: cuda when present")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+# ---------------------------------------------------------------- inputs
+
+def _load_uint8(path: Path) -> torch.Tensor:
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            a = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read image: {e}") from None
+    return torch.from_numpy(a.copy()).permute(2, 0, 1)
+
+
+def match_folders(pred_dir: Path, gt_dir: Path) -> list[tuple[Path, Path]]:
+    """(pred, gt) paths matched by file name (then by stem, so .png outputs match .jpg ground truth)."""
+    def listing(d: Path):
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: no such folder")
+        return sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    gts = listing(gt_dir)
+    by_name = {p.relative_to(gt_dir).as_posix(): p for p in gts}
+    by_stem = {p.relative_to(gt_dir).with_suffix("").as_posix(): p for p in gts}
+    pairs, unmatched = [], []
+    for p in listing(pred_dir):
+        rel = p.relative_to(pred_dir)
+        g = by_name.get(rel.as_posix()) or by_stem.get(rel.with_suffix("").as_posix())
+        (pairs.append((p, g)) if g is not None else unmatched.append(rel.as_posix()))
+    if unmatched:
+        log.warning("%d predicted images have no ground truth of the same name (first: %s)", len(unmatched), unmatched[0])
+    if not pairs:
+        raise ValueError(f"no image in {pred_dir} has a same-named ground truth in {gt_dir}")
+    return pairs
+
+
+def _folder_batches(pairs, gt_dir: Path, annotations, batch_size: int):
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        preds, gts, kps = [], [], []
+        for p, g in chunk:
+            a, b = _load_uint8(p), _load_uint8(g)
+            if a.shape != b.shape:
+                raise ValueError(f"{p}: size {tuple(a.shape[1:])} differs from ground truth {g} {tuple(b.shape[1:])}")
+            preds.append(a)
+            gts.append(b)
+            if annotations is not None:
+                rel = g.relative_to(gt_dir).as_posix()
+                kp = annotations.get(rel)
+                if kp is None:
+                    kp = annotations.get(g.name)
+                kps.append(torch.as_tensor(kp) if kp is not None else torch.full((18, 2), -1.0))
+        if len({t.shape for t in gts}) > 1:  # mixed sizes: score one at a time
+            for j in range(len(chunk)):
+                yield preds[j][None], gts[j][None], (kps[j][None] if kps else None)
+        else:
+            yield torch.stack(preds), torch.stack(gts), (torch.stack(kps) if kps else None)
+
+
+def _generated_batches(args, device):
+    from hptransfer.data import PairDataset
+    from hptransfer.export import generate, load_generator
+    from PIL import Image
+
+    g = load_generator(args.checkpoint, device=device)
+    if args.resolution is not None and args.resolution != g.resolution:
+        raise ValueError(f"{args.checkpoint} holds a {g.resolution}-px generator, not {args.resolution}")
+    ds = PairDataset(args.data, args.split, g.resolution)
+    n = len(ds) if args.limit is None else min(args.limit, len(ds))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=args.batch_size,
+                                         shuffle=False, num_workers=0)
+    save = Path(args.save_dir) if args.save_dir else None
+    if save:
+        save.mkdir(parents=True, exist_ok=True)
+    for batch in loader:
+        fake = generate(g, batch["reference"], batch["kp_target"])
+        fake8 = M.to_uint8(fake.cpu())
+        if save:
+            for j, idx in enumerate(batch["index"].tolist()):
+                a, b = ds.pairs[idx]
+                name = f"{Path(a).stem}___{Path(b).stem}.png"
+                Image.fromarray(fake8[j].permute(1, 2, 0).numpy()).save(save / name)
+        yield fake8, M.to_uint8(batch["target"]), batch["kp_target"]
+
+
+# ---------------------------------------------------------------- scoring
+
+def evaluate(batches, protocols, crop, wanted, explicit: bool, device, lpips_net="alex",
+             lpips_weights=None, inception_weights=None, total=None) -> dict:
+    """Score (pred uint8, gt uint8, kp or None) batches. Returns {metric: {"value", "n"} | {"unavailable"}}."""
+    from tqdm import tqdm
+
+    results: dict = {}
+    per: dict[str, list] = {}
+    protocols = list(protocols)
+    models: dict = {}
+
+    def unavailable(name, reason):
+        if explicit and name in wanted:
+            raise RuntimeError(f"{name}: {reason}")
+        results[name] = {"unavailable": reason}
+        wanted.discard(name)
+        log.info("%s unavailable: %s", name, reason)
+
+    if "lpips" in wanted:
+        try:
+            models["lpips"] = M.LPIPSMetric(lpips_net, lpips_weights, device=device)
+        except (M.WeightsUnavailable, ImportError) as e:
+            unavailable("lpips", str(e))
+    if "fid" in wanted:
+        try:
+            models["fid"] = M.InceptionFeatures(inception_weights, device=device)
+        except (M.WeightsUnavailable, ImportError, ValueError) as e:
+            unavailable("fid", str(e))
+    feats = {"pred": [], "gt": []}
+    for pred, gt, kp in tqdm(batches, total=total, desc="eval", unit="batch", leave=False):
+        x, y = pred.to(device), gt.to(device)
+        if "ssim" in wanted:
+            for p in list(protocols):
+                try:
+                    v = M.ssim(x, y, p, crop).cpu()
+                    per.setdefault(f"ssim_{p}", []).append(v)
+                except ValueError as e:  # e.g. a 51-px window on smaller images
+                    if explicit:
+                        raise RuntimeError(f"ssim_{p}: {e}") from None
+                    protocols.remove(p)
+                    per.pop(f"ssim_{p}", None)
+                    results[f"ssim_{p}"] = {"unavailable": str(e)}
+        if "ms_ssim" in wanted:
+            try:
+                v = M.ms_ssim(x, y, crop).cpu()
+                per.setdefault("ms_ssim", []).append(v)
+            except ValueError as e:
+                unavailable("ms_ssim", str(e))
+        if "local_ssim" in wanted:
+            if kp is None:
+                unavailable("local_ssim", "no keypoints (pass --data with the ground truth's annotations)")
+            else:
+                per.setdefault("local_ssim", []).append(M.local_ssim(x, y, kp.to(device)).cpu())
+        if "lpips" in wanted:
+            per.setdefault(f"lpips_{lpips_net}", []).append(models["lpips"](x, y))
+        if "fid" in wanted:
+            feats["pred"].append(models["fid"](x))
+            feats["gt"].append(models["fid"](y))
+    for name, vals in per.items():
+        if name in results:  # became unavailable part-way
+            continue
+        v = torch.cat(vals).numpy()
+        ok = v[~np.isnan(v)]
+        results[name] = {"value": float(ok.mean()) if len(ok) else float("nan"), "n": int(len(ok))}
+    if "fid" in wanted:
+        a, b = torch.cat(feats["pred"]).numpy(), torch.cat(feats["gt"]).numpy()
+        try:
+            results["fid"] = {"value": M.frechet_distance(a, b), "n": int(len(a))}
+        except ValueError as e:
+            unavailable("fid", str(e))
+    return results
+
+
+def format_table(results: dict) -> str:
+    rows = [("metric", "value", "n")]
+    for name, r in results.items():
+        if "unavailable" in r:
+            rows.append((name, f"unavailable ({r['unavailable']})", ""))
+        else:
+            rows.append((name, f"{r['value']:.4f}", str(r["n"])))
+    w0 = max(len(r[0]) for r in rows)
+    w2 = max(len(r[2]) for r in rows)
+    return "\n".join(f"{a:<{w0}}  {c:>{w2}}  {b}" for a, b, c in rows)
+
+
+def run(args) -> int:
+    from hptransfer.checkpoint import atomic_write_text
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    protocols = list(M.PROTOCOLS) if args.protocol == "both" else [args.protocol]
+    crop = M.parse_crop(args.crop)
+    explicit = args.metrics is not None
+    wanted = set(ALL_METRICS) if not explicit else {m.strip() for m in args.metrics.split(",") if m.strip()}
+    bad = wanted - set(ALL_METRICS)
+    if bad:
+        print(f"error: unknown metrics {sorted(bad)}; choose from {', '.join(ALL_METRICS)}")
+        return 2
+    if args.checkpoint:
+        if not args.data:
+            print("error: --checkpoint needs --data (the dataset to generate from)")
+            return 2
+        batches, total, source = _generated_batches(args, device), None, {"checkpoint": args.checkpoint}
+    elif args.pred and args.gt:
+        pairs = match_folders(Path(args.pred), Path(args.gt))[: args.limit]
+        annotations = None
+        if args.data:
+            from hptransfer.data import read_annotations
+            annotations = read_annotations(Path(args.data) / f"annotations-{args.split}.csv")
+        batches = _folder_batches(pairs, Path(args.gt), annotations, args.batch_size)
+        total = math.ceil(len(pairs) / args.batch_size)
+        source = {"pred": args.pred, "gt": args.gt}
+    else:
+        print("error: give --checkpoint EXPORT --data DIR, or --pred DIR --gt DIR")
+        return 2
+    try:
+        results = evaluate(batches, protocols, crop, wanted, explicit, device, args.lpips_net,
+                           args.lpips_weights, args.inception_weights, total)
+    except RuntimeError as e:
+        print(f"error: {e}")
+        return 1
+    print(format_table(results))
+    if args.out:
+        doc = {"source": source, "split": args.split, "protocols": protocols, "crop": args.crop, "metrics": results}
+        atomic_write_text(args.out, json.dumps(doc, indent=1))
+        print(f"wrote {args.out}")
+    return 0

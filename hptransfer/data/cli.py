@@ -12,6 +12,9 @@ SUBCOMMANDS = {
     "synth": ("hptransfer.data.synth", "render a synthetic people dataset in the benchmark format"),
     "check": ("hptransfer.data.check", "validate a dataset and print a summary (non-zero exit on problems)"),
     "show": ("hptransfer.data.check:show", "draw skeletons on images in a grid PNG"),
+    "deepfashion": ("hptransfer.data.prepare_deepfashion", "DeepFashion In-shop + benchmark CSVs -> dataset"),
+    "h36m": ("hptransfer.data.prepare_h36m", "Human3.6M videos/frames + 2D poses + masks -> dataset"),
+    "video": ("hptransfer.data.prepare_video", "videos (+ OpenPose JSON or mediapipe) -> dataset"),
 }
 
 

@@ -263,3 +263,42 @@ def read_coco17_json(path: str | Path, person: int = 0, min_confidence: float = 
     if len(flat) != 51:
         raise ValueError(f"{path}: 'keypoints' has {len(flat)} numbers; COCO-17 has 51")
     return from_coco17(np.asarray(flat, dtype=np.float32).reshape(17, 3), min_confidence)
+
+
+# MediaPipe Pose (33 landmarks) index -> OpenPose-18 index; the neck is the shoulders' midpoint.
+MEDIAPIPE33_TO_OPENPOSE18 = {0: 0, 12: 2, 14: 3, 16: 4, 11: 5, 13: 6, 15: 7, 24: 8, 26: 9, 28: 10,
+                             23: 11, 25: 12, 27: 13, 5: 14, 2: 15, 8: 16, 7: 17}
+# MediaPipe's hip landmarks sit lower than OpenPose's (about 20 px on a 256 px full-body image, roughly
+# a quarter of the shoulder-hip distance): each hip moves this fraction of the way to its shoulder.
+MEDIAPIPE_HIP_SHIFT = 0.25
+
+
+def from_mediapipe33(landmarks, image_size: Sequence[int], min_visibility: float = 0.5,
+                     hip_shift: float = MEDIAPIPE_HIP_SHIFT) -> np.ndarray:
+    """MediaPipe Pose landmarks -> OpenPose-18 (18, 2) float32 (y, x) pixels; -1 = missing.
+
+    ``landmarks``: (33, >=2) array of normalised (x, y[, z[, visibility]]) in [0, 1], or
+    mediapipe's landmark list (objects with ``.x .y .visibility``). ``image_size``: (H, W).
+    A landmark with visibility < ``min_visibility`` or outside the image is missing. Hips are
+    corrected toward the shoulders by ``hip_shift`` of the shoulder-hip vector (see above).
+    """
+    if hasattr(landmarks, "landmark"):
+        landmarks = landmarks.landmark
+    if len(landmarks) and hasattr(landmarks[0], "x"):
+        landmarks = [(p.x, p.y, getattr(p, "z", 0.0), getattr(p, "visibility", 1.0)) for p in landmarks]
+    lm = np.asarray(landmarks, dtype=np.float32)
+    if lm.ndim != 2 or lm.shape[0] != 33 or lm.shape[1] < 2:
+        raise ValueError(f"expected 33 MediaPipe landmarks (33, >=2), got shape {lm.shape}")
+    h, w = image_size
+    vis = lm[:, 3] if lm.shape[1] > 3 else np.ones(33, np.float32)
+    out = _empty()
+    for m, o in MEDIAPIPE33_TO_OPENPOSE18.items():
+        y, x = lm[m, 1] * h, lm[m, 0] * w
+        if vis[m] >= min_visibility and 0 <= y <= h - 1 and 0 <= x <= w - 1:
+            out[o] = (y, x)
+    for hip, shoulder in ((8, 2), (11, 5)):
+        if (out[hip] >= 0).all() and (out[shoulder] >= 0).all():
+            out[hip] = out[hip] + hip_shift * (out[shoulder] - out[hip])
+    if (out[2] >= 0).all() and (out[5] >= 0).all():
+        out[1] = (out[2] + out[5]) / 2
+    return out

@@ -144,3 +144,94 @@ def test_deepfashion_resume_missing_and_cli(tmp_path):
     (bad / "fasion-resize-pairs-train.csv").write_text("from,to\n")
     with pytest.raises(PrepareError, match="row 2"):
         prepare(img, bad, tmp_path / "o2")
+
+
+# ---------------------------------------------------------------- video
+
+def _dot_pos(t):
+    return 20 + 2 * t, 16 + t  # (y, x) of the dot in source frame t
+
+
+def _make_video(path, n=24, fps=12, h=80, w=64):
+    import imageio_ffmpeg
+
+    gen = imageio_ffmpeg.write_frames(str(path), (w, h), fps=fps, quality=9, macro_block_size=16)
+    gen.send(None)
+    for t in range(n):
+        y, x = _dot_pos(t)
+        gen.send(np.asarray(_dot_image(h, w, y, x, r=4)).tobytes())
+    gen.close()
+
+
+def _openpose_jsons(folder, n):
+    folder.mkdir(parents=True)
+    for t in range(n):
+        y, x = _dot_pos(t)
+        kp = np.zeros((18, 3))
+        kp[0] = (x, y, 0.9)
+        kp[1] = (x, y - 10, 0.9)
+        kp[2] = (x - 5, y - 10, 0.9)
+        kp[5] = (x + 5, y - 10, 0.9)
+        kp[10] = (x, 200, 0.9)  # outside the 80 px frame: written as missing
+        (folder / f"frame_{t:012d}_keypoints.json").write_text(
+            json.dumps({"version": 1.3, "people": [{"pose_keypoints_2d": kp.ravel().tolist()}]}))
+
+
+def test_video_frames_keypoints_split_resume(tmp_path):
+    from hptransfer.data.dataset import PairDataset
+    from hptransfer.data.prepare_video import prepare
+
+    vids = []
+    for k in ("a", "b", "c"):
+        _make_video(tmp_path / f"{k}.mp4")
+        _openpose_jsons(tmp_path / "json" / k, 24)
+        vids.append(tmp_path / f"{k}.mp4")
+    out = tmp_path / "out"
+    s = prepare(vids, out, fps=3, openpose_json=tmp_path / "json", test_videos=1)
+    assert s["problems"] == 0 and s["written"] == 18 and s["test"] == ["c"]
+    ann = read_annotations(out / "annotations-train.csv")
+    assert sorted(ann) == [f"{k}/f{i:06d}.jpg" for k in "ab" for i in (0, 4, 8, 12, 16, 20)]
+    for name in ("a/f000008.jpg", "b/f000020.jpg"):
+        dy, dx = _find_dot(out / "images" / name)
+        assert abs(ann[name][0, 0] - dy) <= 1.5 and abs(ann[name][0, 1] - dx) <= 1.5
+        assert (ann[name][10] == -1).all()
+    pairs = read_pairs(out / "pairs-train.csv")
+    assert len(pairs) == 2 * 6 * 5 and all(a.split("/")[0] == b.split("/")[0] for a, b in pairs)
+    assert len(read_pairs(out / "pairs-test.csv")) == 30
+    assert prepare(vids, out, fps=3, openpose_json=tmp_path / "json", test_videos=1)["written"] == 0
+    assert len(PairDataset(out, "test", 64)) == 30
+
+
+def test_video_errors(tmp_path):
+    from hptransfer.data import prepare_video
+
+    _make_video(tmp_path / "a.mp4")
+    _openpose_jsons(tmp_path / "json", 10)
+    with pytest.raises(PrepareError, match="10 OpenPose JSON files but .*a.mp4 has 24 frames"):
+        prepare_video.prepare([tmp_path / "a.mp4"], tmp_path / "o", openpose_json=tmp_path / "json")
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    with pytest.raises(PrepareError, match="bad.mp4: cannot read video"):
+        prepare_video.prepare([tmp_path / "bad.mp4"], tmp_path / "o", openpose_json=tmp_path / "json")
+    try:
+        import mediapipe  # noqa: F401
+    except ImportError:
+        with pytest.raises(PrepareError, match=r'pip install "hptransfer\[mediapipe\]"'):
+            prepare_video.prepare([tmp_path / "a.mp4"], tmp_path / "o")
+
+
+def test_from_mediapipe33_mapping_and_hip_correction():
+    from hptransfer.pose import MEDIAPIPE_HIP_SHIFT, from_mediapipe33
+
+    lm = np.zeros((33, 4), np.float32)
+    lm[:, 3] = 1.0
+    lm[:, :2] = 0.5
+    lm[11, :2] = (0.6, 0.3)   # left shoulder (x, y)
+    lm[12, :2] = (0.4, 0.3)   # right shoulder
+    lm[23, :2] = (0.58, 0.6)  # left hip
+    lm[24, :2] = (0.42, 0.6)  # right hip
+    lm[15, 3] = 0.1           # left wrist not visible
+    kp = from_mediapipe33(lm, (200, 100))
+    assert np.allclose(kp[5], (60, 60)) and np.allclose(kp[2], (60, 40))
+    assert np.allclose(kp[1], (60, 50))
+    assert np.allclose(kp[11], (120 + MEDIAPIPE_HIP_SHIFT * (60 - 120), 58 + MEDIAPIPE_HIP_SHIFT * (60 - 58)))
+    assert (kp[7] == -1).all()

@@ -163,6 +163,14 @@ def crop_resize(image, kp: np.ndarray, box, size: tuple[int, int]):
     return out, new
 
 
+def inside_only(kp: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(18, 2) (y, x) with keypoints outside a ``height`` x ``width`` image set to -1 (missing)."""
+    kp = np.array(kp, dtype=np.float32)
+    out = (kp[:, 0] < 0) | (kp[:, 1] < 0) | (kp[:, 0] > height - 1) | (kp[:, 1] > width - 1)
+    kp[out] = -1
+    return kp
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'256x176' -> (256, 176) as (H, W)."""
     try:

@@ -156,3 +156,38 @@ def test_video_frame_count_and_size(exported, tmp_path, side_by_side):
     reader.close()
     assert len(frames) == 5
     assert frames[0].shape[:2] == (64, 128 if side_by_side else 64)
+
+
+def test_pose_sequence_from_csv_and_driving_video(tmp_path, monkeypatch):
+    import imageio.v2 as imageio
+    from hptransfer.data import write_annotations
+    kps = {f"f{t}.jpg": np.where(PERSON < 0, -1, PERSON + t) for t in range(3)}
+    write_annotations(tmp_path / "seq.csv", kps)
+    poses, size = video.read_pose_sequence(tmp_path / "seq.csv")
+    assert size is None and len(poses) == 3
+    np.testing.assert_allclose(poses[1], np.where(PERSON < 0, -1, PERSON + 1))
+    # driving video: one estimate per frame (estimator stubbed: MediaPipe is an optional extra)
+    frames = [np.full((48, 32, 3), 20 * t, np.uint8) for t in range(4)]
+    vid = tmp_path / "drive.mp4"
+    assert video.write_video(iter(frames), vid, fps=5) == 4
+    seen = []
+    monkeypatch.setattr(infer, "estimate_pose", lambda img: (seen.append(img.shape), PERSON)[1])
+    poses, size = video.read_pose_sequence(vid)
+    assert len(poses) == 4 and size == (48, 32) and seen[0] == (48, 32, 3)
+
+
+def test_eval_generates_a_split(exported, tmp_path):
+    import json
+    from hptransfer.cli import main
+    from hptransfer.data import synth
+    _, path = exported
+    root = tmp_path / "data"
+    synth.synthesize(root, identities=2, poses=2, size=64, seed=0)
+    out = tmp_path / "m.json"
+    assert main(["eval", "--checkpoint", str(path), "--data", str(root), "--split", "test", "--device", "cpu",
+                 "--metrics", "ssim,local_ssim", "--protocol", "gaussian", "--save-dir", str(tmp_path / "gen"),
+                 "--out", str(out)]) == 0
+    m = json.loads(out.read_text())["metrics"]
+    n = m["ssim_gaussian"]["n"]
+    assert n > 0 and m["local_ssim"]["n"] == n and 0 < m["local_ssim"]["value"] <= 1
+    assert len(list((tmp_path / "gen").glob("*.png"))) == n

@@ -1,4 +1,4 @@
-// Shared declarations and argument checks for the local-loss ops (local_loss.cpp, local_loss.cu).
+// Shared declarations and argument checks for the local-loss ops (local_loss.cpp, local_loss_cuda.cu).
 #pragma once
 #include <ATen/ATen.h>
 #include <torch/library.h>

@@ -10,6 +10,8 @@ Same conventions as the reference (see ``local_perceptual_loss.py``); what diffe
   cannot drop the real half of a single batch, so one call would back-propagate through the real
   crops too (a third more conv work per step) and keep their activations alive. Without autograd
   (eval, or ``fake`` not requiring grad) the concatenation does go through VGG in one call;
+- on the CPU, crops of missing descriptors are dropped before VGG (fewer convolutions when keypoints
+  are missing); on CUDA the batch keeps its static shape and the validity mask zeroes them;
 - per layer, ``torch.ops.hptransfer.perceptual_distance`` (C++/CUDA, fp32 accumulation, masked by
   descriptor validity, with its own backward) gives the (B*N,) per-crop criterion.
 On CUDA the VGG pass runs under bf16 autocast (``GPU_DTYPE``) unless autocast is already on; the result
@@ -66,6 +68,17 @@ def local_perceptual_loss_fast(fake: torch.Tensor, real: torch.Tensor, kp: torch
     if out_size != size:
         crops = F.interpolate(crops, size=(out_size, out_size), mode="bilinear", align_corners=False)
 
+    mask = valid.reshape(M).to(device=fake.device, dtype=torch.float32)
+    if not fake.is_cuda and not bool(valid.all()):
+        # CPU: missing descriptors skip VGG altogether (on CUDA the batch keeps its shape: no host sync,
+        # graph-capturable; the mask zeroes them in the criterion instead)
+        keep = valid.reshape(M).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            return (fake.sum() * 0.0).float()
+        crops = torch.cat([crops[:M].index_select(0, keep), crops[M:].index_select(0, keep)])
+        M = keep.numel()
+        mask = mask.new_ones(M)
+
     with _vgg_context(fake.device):
         if torch.is_grad_enabled() and fake.requires_grad:
             feats_fake = vgg(crops[:M], input_normalized=True)
@@ -79,9 +92,8 @@ def local_perceptual_loss_fast(fake: torch.Tensor, real: torch.Tensor, kp: torch
     weights = list(layer_weights) if layer_weights is not None else [1.0] * len(feats_fake)
     if len(weights) != len(feats_fake):
         raise ValueError(f"{len(weights)} layer weights for {len(feats_fake)} VGG layers")
-    mask = valid.reshape(M).to(device=fake.device, dtype=torch.float32)
     total = None
     for w, a, b in zip(weights, feats_fake, feats_real):
         d = w * torch.ops.hptransfer.perceptual_distance(a, b.to(a.dtype), mask, p)  # (M,), 0 where invalid
         total = d if total is None else total + d
-    return total.view(B, N).sum(dim=1).mean().float()
+    return (total.sum() / B).float()  # = mean over the batch of each image's sum over descriptors

@@ -26,40 +26,14 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
-# MediaPipe Pose's 33 landmarks -> OpenPose-18 (MediaPipe "left" is the person's left, as in OpenPose).
-MEDIAPIPE_TO_OPENPOSE18 = {0: 0, 12: 2, 14: 3, 16: 4, 11: 5, 13: 6, 15: 7, 24: 8, 26: 9, 28: 10,
-                           23: 11, 25: 12, 27: 13, 5: 14, 2: 15, 8: 16, 7: 17}
-# MediaPipe's hip landmarks sit lower than OpenPose's (~20 px at 256 px, about a fifth of the
-# shoulder-to-hip distance of a standing person): move them this fraction of the torso toward
-# the shoulder midpoint so poses match what the model was trained on.
-MEDIAPIPE_HIP_SHIFT = 0.2
-MEDIAPIPE_MIN_VISIBILITY = 0.5
 
+def mediapipe_to_openpose18(landmarks, height: int, width: int, **kw) -> np.ndarray:
+    """(33, 3|4) MediaPipe landmarks of an H x W image -> (18, 2) (y, x): the shared mapping
+    :func:`hptransfer.pose.from_mediapipe33` (neck = shoulder midpoint, hips moved toward the
+    shoulders by ``pose.MEDIAPIPE_HIP_SHIFT``), the same one the video-dataset preparation uses."""
+    from hptransfer.pose import from_mediapipe33
 
-def mediapipe_to_openpose18(landmarks: np.ndarray, height: int, width: int,
-                            min_visibility: float = MEDIAPIPE_MIN_VISIBILITY,
-                            hip_shift: float = MEDIAPIPE_HIP_SHIFT) -> np.ndarray:
-    """(33, 3|4) MediaPipe landmarks (x, y normalised to [0, 1], z, [visibility]) of an H x W image
-    -> (18, 2) float32 (y, x) pixels; neck = shoulder midpoint; hips moved up by ``hip_shift`` of the torso."""
-    lm = np.asarray(landmarks, dtype=np.float32)
-    if lm.shape[0] != 33:
-        raise ValueError(f"expected 33 MediaPipe landmarks, got {lm.shape[0]}")
-    vis = lm[:, 3] if lm.shape[1] > 3 else np.ones(33, np.float32)
-    out = np.full((18, 2), -1, np.float32)
-    for m, o in MEDIAPIPE_TO_OPENPOSE18.items():
-        x, y = lm[m, 0] * width, lm[m, 1] * height
-        if vis[m] >= min_visibility and 0 <= x < width and 0 <= y < height:
-            out[o] = (y, x)
-    sh = [i for i in (2, 5) if (out[i] >= 0).all()]
-    if len(sh) == 2:
-        out[1] = (out[2] + out[5]) / 2
-        hips = [i for i in (8, 11) if (out[i] >= 0).all()]
-        if hips:
-            hip_mid = np.mean([out[i] for i in hips], axis=0)
-            shift = hip_shift * (out[1] - hip_mid)
-            for i in hips:
-                out[i] = out[i] + shift
-    return out
+    return from_mediapipe33(landmarks, (height, width), **kw)
 
 
 def estimate_pose(image: np.ndarray) -> np.ndarray:

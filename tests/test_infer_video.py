@@ -77,9 +77,9 @@ def test_mediapipe_mapping():
     np.testing.assert_allclose(kp[2], (50, 40), atol=1e-4)   # right shoulder = MediaPipe 12
     np.testing.assert_allclose(kp[5], (50, 60), atol=1e-4)
     np.testing.assert_allclose(kp[1], (50, 50), atol=1e-4)   # neck = shoulder midpoint
-    # hips move a quarter of the torso (80 px) toward the shoulders
-    np.testing.assert_allclose(kp[8], (110, 42), atol=1e-4)
-    np.testing.assert_allclose(kp[11], (110, 58), atol=1e-4)
+    # each hip moves a quarter of the way toward its shoulder (80 px above it)
+    np.testing.assert_allclose(kp[8], (130 - 20, 42 - 0.5), atol=1e-4)
+    np.testing.assert_allclose(kp[11], (130 - 20, 58 + 0.5), atol=1e-4)
     np.testing.assert_allclose(kp[14], (17, 47), atol=1e-4)  # right eye = MediaPipe 5
     assert (kp[10] == -1).all() and (kp[13] == -1).all()
 

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -74,7 +73,8 @@ def match_folders(pred_dir: Path, gt_dir: Path) -> list[tuple[Path, Path]]:
         g = by_name.get(rel.as_posix()) or by_stem.get(rel.with_suffix("").as_posix())
         (pairs.append((p, g)) if g is not None else unmatched.append(rel.as_posix()))
     if unmatched:
-        log.warning("%d predicted images have no ground truth of the same name (first: %s)", len(unmatched), unmatched[0])
+        log.warning("%d predicted images have no ground truth of the same name (first: %s)",
+                    len(unmatched), unmatched[0])
     if not pairs:
         raise ValueError(f"no image in {pred_dir} has a same-named ground truth in {gt_dir}")
     return pairs

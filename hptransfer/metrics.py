@@ -17,10 +17,9 @@ LPIPS and FID need ImageNet backbone weights, which are never downloaded: see :f
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch

@@ -129,8 +129,8 @@ def test_infer_cli_fits_like_training(exported, tmp_path):
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
     # --pose-size changes the mapping (coordinates taken as pixels of a 160x120 image)
     out2 = tmp_path / "out2.png"
-    assert main(["infer", "--checkpoint", str(path), "--reference", str(ref), "--pose", f"{tmp_path / 'poses.csv'}:person.jpg",
-                 "--pose-size", "160x120", "--out", str(out2), "--device", "cpu"]) == 0
+    assert main(["infer", "--checkpoint", str(path), "--reference", str(ref), "--pose",
+                 f"{tmp_path / 'poses.csv'}:person.jpg", "--pose-size", "160x120", "--out", str(out2), "--device", "cpu"]) == 0
     assert not np.array_equal(np.asarray(Image.open(out2)), got)
 
 

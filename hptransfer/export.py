@@ -188,23 +188,39 @@ def onnx_max_abs_diff(generator, onnx_path: str | Path, batch: int = 2, seed: in
 
 
 def load_any(path: str | Path, device="cpu"):
-    """An export directory, or a training checkpoint directory (via hptransfer.checkpoint when it can)."""
+    """An export directory, or a single-process training checkpoint (a ``step_*`` directory, or a
+    checkpoint root whose ``latest`` names one): its ``meta.json`` architecture and the generator's
+    weights from ``generator.pt`` (read with ``weights_only=True``: tensors only, no code)."""
     path = Path(path)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return load_generator(path, device)
     from hptransfer import checkpoint as ckpt
+    from hptransfer.models import Generator
 
-    loader = getattr(ckpt, "load_generator", None)
-    if loader is None:
-        raise FileNotFoundError(f"{path}: not an export directory (config.json + model.safetensors); "
-                                "point --checkpoint at a run's export/ folder")
-    return loader(path, device=device)
+    if not (path / "meta.json").is_file():
+        latest = ckpt.read_latest(path) if path.is_dir() else None
+        if latest is None:
+            raise FileNotFoundError(f"{path}: neither an export (config.json + model.safetensors) nor a training "
+                                    "checkpoint (meta.json, or a root with 'latest')")
+        path = Path(latest)
+    meta = ckpt.read_meta(path)
+    if "arch" not in meta:
+        raise ValueError(f"{path / 'meta.json'}: no 'arch' entry")
+    weights = path / "generator.pt"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path}: no generator.pt (a DeepSpeed checkpoint? export it from the run's "
+                                "export/ folder, which training writes at every stage end)")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    g = Generator.from_arch(meta["arch"])
+    g.load_state_dict(state["model"] if "model" in state else state)
+    return g.to(device).eval()
 
 
 # ---------------------------------------------------------------- CLI
 
 def add_arguments(p) -> None:
-    p.add_argument("--checkpoint", required=True, help="export directory (model.safetensors + config.json)")
+    p.add_argument("--checkpoint", required=True,
+                   help="export directory, or a single-process training checkpoint (step_* dir or its root)")
     p.add_argument("--format", required=True, choices=["safetensors", "onnx", "torchscript"])
     p.add_argument("--resolution", type=int, default=None,
                    help="check the model's resolution (exports are fixed-resolution; a model is not resized)")

@@ -235,3 +235,97 @@ def test_from_mediapipe33_mapping_and_hip_correction():
     assert np.allclose(kp[1], (60, 50))
     assert np.allclose(kp[11], (120 + MEDIAPIPE_HIP_SHIFT * (60 - 120), 58 + MEDIAPIPE_HIP_SHIFT * (60 - 58)))
     assert (kp[7] == -1).all()
+
+
+# ---------------------------------------------------------------- h36m
+
+_H36M_Y = np.array([60, 60, 80, 100, 60, 80, 100, 45, 35, 28, 20, 35, 45, 55, 35, 45, 55], np.float32)
+_H36M_X = np.array([50, 42, 42, 42, 58, 58, 58, 50, 50, 50, 50, 60, 64, 66, 40, 36, 34], np.float32)
+
+
+def _h36m_pose(t):
+    return np.stack([_H36M_X + 0.2 * t, _H36M_Y], axis=1)  # (17, 2) (x, y)
+
+
+def _h36m_frame(t, h=120, w=100):
+    arr = np.full((h, w, 3), 128, np.uint8)           # grey background
+    arr[15:106, 25:76] = (0, 0, 200)                  # the "person"
+    x, y = _h36m_pose(t)[9]
+    arr[int(y) - 3:int(y) + 4, int(round(x)) - 3:int(round(x)) + 4] = (255, 0, 0)
+    return arr
+
+
+def _h36m_tree(tmp_path, n=50):
+    import imageio_ffmpeg
+
+    root = tmp_path / "h36m"
+    poses = {}
+    for seq in ("Posing.54138969", "Directions 1.54138969", "Eating.54138969"):
+        d = root / "S1" / "Frames" / seq
+        d.mkdir(parents=True)
+        for t in range(n):
+            Image.fromarray(_h36m_frame(t)).save(d / f"{t:05d}.png")
+        poses[seq.split(".")[0]] = [np.stack([_h36m_pose(t) for t in range(n)])] * 4
+    m = root / "S1" / "Masks" / "Posing.54138969"
+    m.mkdir(parents=True)
+    mask = np.zeros((120, 100), np.uint8)
+    mask[15:106, 25:76] = 255
+    for t in range(n):
+        Image.fromarray(mask).save(m / f"{t:05d}.png")
+    (root / "S1" / "Videos").mkdir()
+    gen = imageio_ffmpeg.write_frames(str(root / "S1" / "Videos" / "Greeting.55011271.mp4"), (112, 128), fps=50,
+                                      quality=9, macro_block_size=16)
+    gen.send(None)
+    for t in range(n):
+        gen.send(np.ascontiguousarray(np.pad(_h36m_frame(t), ((0, 8), (0, 12), (0, 0)), constant_values=128)).tobytes())
+    gen.close()
+    poses["Greeting"] = [np.stack([_h36m_pose(t) for t in range(n)])] * 4
+    positions = np.empty((), dtype=object)
+    positions[()] = {"S1": poses}
+    np.savez(root / "data_2d_h36m_gt.npz", positions_2d=positions)
+    return root
+
+
+def test_h36m_sampling_masks_keypoints_split(tmp_path, caplog):
+    from hptransfer.data.dataset import PairDataset
+    from hptransfer.data.prepare_h36m import prepare
+
+    root = _h36m_tree(tmp_path)
+    out = tmp_path / "out"
+    caplog.set_level("INFO")
+    s = prepare(root, out, size=96)
+    assert s["problems"] == 0 and s["sequences"] == 3 and s["written"] == 9
+    assert "Greeting.55011271: no masks" in caplog.text
+    train = read_annotations(out / "annotations-train.csv")
+    test = read_annotations(out / "annotations-test.csv")
+    assert sorted(test) == [f"S1/Directions_1.54138969/f{i:06d}.jpg" for i in (0, 17, 33)]
+    assert len(train) == 6 and not any("Eating" in n for n in train)
+    pairs = read_pairs(out / "pairs-train.csv")
+    # within subject and camera: Posing (cam 54138969) and Greeting (cam 55011271) never pair
+    assert len(pairs) == 2 * 3 * 2 and all(a.split(".")[1][:8] == b.split(".")[1][:8] for a, b in pairs)
+    for name, kp in train.items():
+        assert Image.open(out / "images" / name).size == (96, 96)
+        assert (kp[14:] == -1).all() and (kp[:14] >= 0).all()
+        dy, dx = _find_dot(out / "images" / name)
+        assert abs(kp[0, 0] - dy) <= 2 and abs(kp[0, 1] - dx) <= 2, (name, kp[0], dy, dx)
+    # masked sequence: background whitened; unmasked one keeps its grey
+    corner = lambda n: np.asarray(Image.open(out / "images" / n).convert("RGB"))[2, 2]  # noqa: E731
+    assert corner("S1/Posing.54138969/f000017.jpg").min() > 240
+    assert abs(int(corner("S1/Greeting.55011271/f000017.jpg")[0]) - 128) < 20
+    assert prepare(root, out, size=96)["written"] == 0
+    assert len(PairDataset(out, "train", 64)) == 12
+
+
+def test_h36m_conversion_and_errors(tmp_path):
+    from hptransfer.data.prepare_h36m import from_h36m17, prepare
+
+    kp = from_h36m17(_h36m_pose(0))
+    assert tuple(kp[1]) == (35, 50) and tuple(kp[4]) == (55, 34) and tuple(kp[13]) == (100, 58)
+    root = _h36m_tree(tmp_path, n=20)
+    for p in sorted((root / "S1" / "Masks" / "Posing.54138969").iterdir())[:3]:
+        p.unlink()
+    with pytest.raises(PrepareError, match="17 mask PNGs but 20 frames"):
+        prepare(root, tmp_path / "o", size=64)
+    (root / "data_2d_h36m_gt.npz").unlink()
+    with pytest.raises(PrepareError, match="cdflib|no 2D poses"):
+        prepare(root, tmp_path / "o", size=64)

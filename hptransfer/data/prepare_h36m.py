@@ -1,0 +1,263 @@
+"""``hptransfer data h36m``: Human3.6M -> a pose-transfer dataset (paper section 4.1).
+
+Layout read under ``--root`` (per subject ``S1``, ``S5``, ...; a sequence is ``<Action>.<camera>``,
+e.g. ``Posing.54138969`` or ``Walking 1.55011271``):
+
+- frames: ``S1/Videos/<seq>.mp4`` (decoded with imageio-ffmpeg), or extracted frames
+  ``S1/Frames/<seq>/*.jpg|png`` (sorted; one per source frame at ``--frames-fps``, 50 by default);
+- 2D poses: VideoPose3D's ``data_2d_h36m_gt.npz`` (``--poses FILE``, or found in ``--root``):
+  ``positions_2d[subject][action][camera index]`` arrays (T, 17, 2) of (x, y) pixels, cameras in
+  the order of :data:`CAMERAS`; or the original ``S1/MyPoseFeatures/D2_Positions/<seq>.cdf``
+  (needs the ``cdflib`` package, not a dependency of hptransfer);
+- masks (optional): ``S1/Masks/<seq>/*.png`` (one per source frame, sorted; nonzero = person) or the
+  original ``S1/MySegmentsMat/ground_truth_bs/<seq>.mat`` (scipy.io; v7.3 files need h5py).
+
+Frames are sampled at ``--fps`` (3, from 50), the background is whitened with the masks (without
+masks: the frame is only cropped, and the log says so), and a square box around the pose (margin
+``--margin`` of the body height) is resized to ``--size``. Actions split as in the paper: Posing,
+Greeting, Walking -> train; Directions -> test (``--train-actions`` / ``--test-actions``). Pairs
+are all ordered pairs within one subject and camera (and split), capped by ``--max-pairs``.
+
+Joints: H36M-17 in VideoPose3D order -> OpenPose-18 by :data:`H36M17_TO_OPENPOSE18`. Approximated:
+OpenPose's neck is H36M's thorax (8), OpenPose's nose is H36M's neck/nose joint (9); the eyes and
+ears have no H36M counterpart and are missing (-1). H36M's head top (10) and spine (7) are unused.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from hptransfer.data.prepare_common import (Manifest, PrepareError, all_pairs, bbox_crop_box, crop_resize,
+                                            final_check, mask_background, progress, write_split)
+from hptransfer.data.prepare_video import count_frames, read_video, sample_indices
+
+log = logging.getLogger(__name__)
+
+CAMERAS = ("54138969", "55011271", "58860488", "60457274")  # VideoPose3D's camera order
+# H36M-17 (VideoPose3D order) index -> OpenPose-18 index.
+H36M17_TO_OPENPOSE18 = {9: 0, 8: 1, 14: 2, 15: 3, 16: 4, 11: 5, 12: 6, 13: 7,
+                        1: 8, 2: 9, 3: 10, 4: 11, 5: 12, 6: 13}
+# The 17 of H36M's 32 D2_Positions joints that VideoPose3D keeps, in its order.
+H36M32_KEEP = (0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 15, 17, 18, 19, 25, 26, 27)
+TRAIN_ACTIONS = ("Posing", "Greeting", "Walking")
+TEST_ACTIONS = ("Directions",)
+FRAME_EXTS = (".jpg", ".jpeg", ".png")
+
+
+def from_h36m17(xy: np.ndarray) -> np.ndarray:
+    """H36M-17 (17, 2) (x, y) pixels -> OpenPose-18 (18, 2) float32 (y, x); eyes/ears -1."""
+    xy = np.asarray(xy, dtype=np.float32).reshape(17, 2)
+    out = np.full((18, 2), -1, np.float32)
+    for h, o in H36M17_TO_OPENPOSE18.items():
+        if np.isfinite(xy[h]).all() and (xy[h] >= 0).all():
+            out[o] = (xy[h, 1], xy[h, 0])
+    return out
+
+
+def base_action(action: str) -> str:
+    """'Walking 1' -> 'Walking'; 'WalkDog' stays 'WalkDog' (a different action)."""
+    return action.split(" ")[0].split("_")[0]
+
+
+class Poses:
+    """2D poses of every sequence: VideoPose3D npz, else per-sequence CDF files."""
+
+    def __init__(self, root: Path, npz: Optional[Path]):
+        self.root = root
+        self.data = None
+        if npz is None and (root / "data_2d_h36m_gt.npz").exists():
+            npz = root / "data_2d_h36m_gt.npz"
+        if npz is not None:
+            try:
+                # VideoPose3D stores a dict of dicts as a pickled object array; only open files you trust.
+                self.data = np.load(npz, allow_pickle=True)["positions_2d"].item()
+            except (OSError, KeyError, ValueError) as e:
+                raise PrepareError(f"{npz}: not a VideoPose3D 2D-pose file with 'positions_2d': {e}") from None
+            self.source = str(npz)
+            log.info("2D poses from %s", npz)
+
+    def get(self, subject: str, seq: str) -> np.ndarray:
+        """(T, 17, 2) (x, y) pixels of ``seq`` = '<Action>.<camera>' of ``subject``."""
+        action, _, cam = seq.rpartition(".")
+        if self.data is not None:
+            if subject not in self.data:
+                raise PrepareError(f"{self.source}: no subject {subject!r} (has {sorted(self.data)})")
+            acts = self.data[subject]
+            if action not in acts:
+                raise PrepareError(f"{self.source}: {subject} has no action {action!r}")
+            if cam not in CAMERAS:
+                raise PrepareError(f"{subject}/{seq}: unknown camera {cam!r} (expected one of {CAMERAS})")
+            return np.asarray(acts[action][CAMERAS.index(cam)], dtype=np.float32)
+        cdf = self.root / subject / "MyPoseFeatures" / "D2_Positions" / f"{seq}.cdf"
+        if not cdf.exists():
+            raise PrepareError(f"{cdf}: no 2D poses for {subject}/{seq} (and no data_2d_h36m_gt.npz; give --poses)")
+        try:
+            import cdflib
+        except ImportError:
+            raise PrepareError(f"{cdf}: reading H36M .cdf files needs the cdflib package (pip install cdflib), "
+                               "or give VideoPose3D's data_2d_h36m_gt.npz with --poses") from None
+        pose = np.asarray(cdflib.CDF(str(cdf)).varget("Pose"), dtype=np.float32).reshape(-1, 32, 2)
+        return pose[:, list(H36M32_KEEP)]
+
+
+def load_masks(subject_dir: Path, seq: str, n_frames: int):
+    """A function frame index -> (H, W) bool person mask, or None when the sequence has no masks."""
+    folder = subject_dir / "Masks" / seq
+    if folder.is_dir():
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png")
+        if len(files) != n_frames:
+            raise PrepareError(f"{folder}: {len(files)} mask PNGs but {n_frames} frames; expected one per frame")
+
+        def png(i):
+            from PIL import Image
+            with Image.open(files[i]) as m:
+                return np.asarray(m.convert("L")) > 0
+        return png
+    mat = subject_dir / "MySegmentsMat" / "ground_truth_bs" / f"{seq}.mat"
+    if not mat.exists():
+        return None
+    try:
+        import scipy.io
+        masks = scipy.io.loadmat(str(mat))["Masks"].ravel()
+        return lambda i: np.asarray(masks[i]) > 0
+    except NotImplementedError:  # MATLAB v7.3 = HDF5
+        try:
+            import h5py
+        except ImportError:
+            log.warning("%s: MATLAB v7.3 file needs h5py; no background removal for %s", mat, seq)
+            return None
+        f = h5py.File(str(mat), "r")
+        refs = f["Masks"]
+        return lambda i: np.asarray(f[refs[i, 0] if refs.shape[1] == 1 else refs[0, i]]).T > 0
+    except (ImportError, KeyError, ValueError, OSError) as e:
+        log.warning("%s: cannot read masks (%s); no background removal for %s", mat, e, seq)
+        return None
+
+
+def sequences(subject_dir: Path) -> dict[str, tuple[str, Path]]:
+    """seq -> ("video", file) or ("frames", folder)."""
+    out = {}
+    for p in sorted((subject_dir / "Videos").glob("*.mp4")):
+        out[p.stem] = ("video", p)
+    for p in sorted((subject_dir / "Frames").glob("*")):
+        if p.is_dir():
+            out[p.name] = ("frames", p)
+    return out
+
+
+def prepare(root, out, poses_npz=None, fps: float = 3.0, frames_fps: float = 50.0, size: int = 512,
+            margin: float = 0.15, train_actions=TRAIN_ACTIONS, test_actions=TEST_ACTIONS,
+            max_pairs: Optional[int] = 2000, max_mismatch: int = 5) -> dict:
+    """Build the dataset in ``out``; returns {"written", "sequences", "no_masks", "problems"}."""
+    from PIL import Image
+
+    root, out = Path(root), Path(out)
+    subjects = sorted(p for p in root.glob("S*") if p.is_dir())
+    if not subjects:
+        raise PrepareError(f"{root}: no subject folders S1, S5, ...")
+    poses = Poses(root, Path(poses_npz) if poses_npz else None)
+    manifest = Manifest(out, {"tool": "h36m", "fps": fps, "size": size, "margin": margin})
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    ann: dict[str, dict] = {"train": {}, "test": {}}
+    summary = {"sequences": 0, "no_masks": []}
+    try:
+        for sdir in subjects:
+            for seq, (kind, src) in sequences(sdir).items():
+                action, _, cam = seq.rpartition(".")
+                base = base_action(action)
+                split = "train" if base in train_actions else "test" if base in test_actions else None
+                if split is None:
+                    continue
+                pose = poses.get(sdir.name, seq)
+                if kind == "video":
+                    n, fps_in = count_frames(src)
+                else:
+                    frames = sorted(p for p in src.iterdir() if p.suffix.lower() in FRAME_EXTS)
+                    n, fps_in = len(frames), frames_fps
+                if n == 0:
+                    raise PrepareError(f"{src}: no frames")
+                if abs(len(pose) - n) > max_mismatch:
+                    raise PrepareError(f"{sdir.name}/{seq}: {len(pose)} poses but {n} frames in {src}")
+                if len(pose) != n:
+                    log.warning("%s/%s: %d poses for %d frames; using the first %d", sdir.name, seq,
+                                len(pose), n, min(n, len(pose)))
+                n_use = min(n, len(pose))
+                masks = load_masks(sdir, seq, n)
+                if masks is None:
+                    summary["no_masks"].append(f"{sdir.name}/{seq}")
+                    log.warning("%s/%s: no masks; background kept, bounding-box crop around the pose only",
+                                sdir.name, seq)
+                wanted = [i for i in sample_indices(n, fps_in, fps) if i < n_use]
+                if kind == "video":
+                    it = ((i, f) for i, f, _, _ in read_video(src, fps) if i < n_use)
+                else:
+                    it = ((i, None) for i in wanted)
+                safe = seq.replace(" ", "_")
+                key = (sdir.name, cam, split)
+                for i, frame in progress(it, total=len(wanted), desc=f"{sdir.name} {seq}"):
+                    name = f"{sdir.name}/{safe}/f{i:06d}.jpg"
+                    if not manifest.is_done(name):
+                        if frame is None:
+                            try:
+                                with Image.open(frames[i]) as im:
+                                    img = im.convert("RGB")
+                            except OSError as e:
+                                raise PrepareError(f"{frames[i]}: cannot read frame {i}: {e}") from None
+                        else:
+                            img = Image.fromarray(frame)
+                        kp = from_h36m17(pose[i])
+                        if masks is not None:
+                            try:
+                                img = mask_background(img, masks(i))
+                            except PrepareError as e:
+                                raise PrepareError(f"{sdir.name}/{seq} frame {i}: {e}") from None
+                        box = bbox_crop_box(kp, img.width, img.height, 1.0, margin)
+                        img, kp = crop_resize(img, kp, box, (size, size))
+                        manifest.add(name, img, kp)
+                    ann[split][name] = manifest.keypoints(name)
+                    groups.setdefault(key, []).append(name)
+                summary["sequences"] += 1
+    finally:
+        manifest.save()
+    if not summary["sequences"]:
+        raise PrepareError(f"{root}: no sequence of the actions {train_actions + test_actions} found "
+                           "(S*/Videos/<Action>.<camera>.mp4 or S*/Frames/<Action>.<camera>/)")
+    for split in ("train", "test"):
+        pairs = []
+        for key, names in sorted(groups.items()):
+            if key[2] == split:
+                pairs += all_pairs(names, max_pairs)
+        write_split(out, split, ann[split], pairs)
+    summary["written"] = manifest.writes
+    summary["problems"] = final_check(out)
+    return summary
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--root", required=True, help="Human3.6M folder holding S1, S5, ...")
+    parser.add_argument("--out", required=True, help="output dataset folder")
+    parser.add_argument("--poses", help="VideoPose3D data_2d_h36m_gt.npz (default: ROOT/data_2d_h36m_gt.npz, "
+                        "else S*/MyPoseFeatures/D2_Positions/*.cdf with cdflib)")
+    parser.add_argument("--fps", type=float, default=3.0, help="frames per second to sample")
+    parser.add_argument("--frames-fps", type=float, default=50.0, help="frame rate of extracted frame folders")
+    parser.add_argument("--size", type=int, default=512, help="output side (square crops around the person)")
+    parser.add_argument("--margin", type=float, default=0.15, help="crop margin, fraction of the body height")
+    parser.add_argument("--train-actions", nargs="+", default=list(TRAIN_ACTIONS))
+    parser.add_argument("--test-actions", nargs="+", default=list(TEST_ACTIONS))
+    parser.add_argument("--max-pairs", type=int, default=2000, help="at most this many pairs per subject+camera")
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        s = prepare(args.root, args.out, args.poses, args.fps, args.frames_fps, args.size, args.margin,
+                    tuple(args.train_actions), tuple(args.test_actions), args.max_pairs)
+    except PrepareError as e:
+        print(f"error: {e}")
+        return 2
+    print(f"{args.out}: wrote {s['written']} images from {s['sequences']} sequences "
+          f"({len(s['no_masks'])} without masks); data check: {s['problems']} problems")
+    return 1 if s["problems"] else 0

@@ -33,6 +33,8 @@ def add_arguments(p) -> None:
     p.add_argument("--pred", help="folder of generated images (scored against --gt by file name)")
     p.add_argument("--gt", help="folder of ground-truth images")
     p.add_argument("--protocol", default="both", choices=["gaussian", "uniform51", "both"])
+    p.add_argument("--data-range", default="255", choices=["255", "pred"],
+                   help="SSIM data range: 255, or each prediction's max-min (PATN/GFLA Gaussian SSIM scripts)")
     p.add_argument("--crop", default=None, help="x0:x1 columns kept for SSIM/MS-SSIM (e.g. 40:216)")
     p.add_argument("--metrics", default=None, help=f"comma list from {','.join(ALL_METRICS)}; "
                    "listed metrics must run (missing weights = error); default: all that can")
@@ -132,7 +134,7 @@ def _generated_batches(args, device):
 # ---------------------------------------------------------------- scoring
 
 def evaluate(batches, protocols, crop, wanted, explicit: bool, device, lpips_net="alex",
-             lpips_weights=None, inception_weights=None, total=None) -> dict:
+             lpips_weights=None, inception_weights=None, total=None, data_range="255") -> dict:
     """Score (pred uint8, gt uint8, kp or None) batches. Returns {metric: {"value", "n"} | {"unavailable"}}."""
     from tqdm import tqdm
 
@@ -164,7 +166,7 @@ def evaluate(batches, protocols, crop, wanted, explicit: bool, device, lpips_net
         if "ssim" in wanted:
             for p in list(protocols):
                 try:
-                    v = M.ssim(x, y, p, crop).cpu()
+                    v = M.ssim(x, y, p, crop, data_range=data_range if data_range == "pred" else 255.0).cpu()
                     per.setdefault(f"ssim_{p}", []).append(v)
                 except ValueError as e:  # e.g. a 51-px window on smaller images
                     if explicit:
@@ -246,13 +248,14 @@ def run(args) -> int:
         return 2
     try:
         results = evaluate(batches, protocols, crop, wanted, explicit, device, args.lpips_net,
-                           args.lpips_weights, args.inception_weights, total)
+                           args.lpips_weights, args.inception_weights, total, args.data_range)
     except RuntimeError as e:
         print(f"error: {e}")
         return 1
     print(format_table(results))
     if args.out:
-        doc = {"source": source, "split": args.split, "protocols": protocols, "crop": args.crop, "metrics": results}
+        doc = {"source": source, "split": args.split, "protocols": protocols, "crop": args.crop,
+               "data_range": args.data_range, "metrics": results}
         atomic_write_text(args.out, json.dumps(doc, indent=1))
         print(f"wrote {args.out}")
     return 0

@@ -8,7 +8,10 @@ All SSIM variants run in torch (batched, float64, on the images' device) on uint
 - ``"uniform51"``: 51x51 uniform window with the sample-covariance correction N/(N-1)
   (skimage defaults with ``win_size=51``, as in the GFLA / PIDM / CFLD evaluation scripts).
 
-Both use ``data_range=255``. skimage filters the whole image (reflect padding) and then drops
+Both use ``data_range=255`` by default. The original scripts differ here: GFLA's uniform-51 SSIM
+runs on images / 255 with ``data_range=1`` (the same numbers: SSIM is invariant to scaling image
+and range together), while PATN's and GFLA's Gaussian SSIM ("ssim_256") pass
+``data_range = pred.max() - pred.min()``; ``data_range="pred"`` reproduces that. skimage filters the whole image (reflect padding) and then drops
 ``(win-1)/2`` pixels at every border before averaging, so only windows fully inside the image
 count: a "valid" convolution gives exactly those values.
 
@@ -94,6 +97,8 @@ def _protocol_window(protocol: str, side: int, dtype, device):
 
 def _ssim_cs(x: torch.Tensor, y: torch.Tensor, k1d: torch.Tensor, cov_norm: float, data_range: float):
     """Per-image per-channel mean SSIM and contrast-structure term: two (N, C) tensors."""
+    if isinstance(data_range, torch.Tensor):
+        data_range = data_range.view(-1, 1, 1, 1).to(x.dtype)
     c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
     mx, my = _filter_valid(x, k1d), _filter_valid(y, k1d)
     vx = cov_norm * (_filter_valid(x * x, k1d) - mx * mx)
@@ -115,14 +120,23 @@ def _prep(pred: torch.Tensor, gt: torch.Tensor, crop=None) -> tuple[torch.Tensor
 
 # ---------------------------------------------------------------- SSIM family
 
+def _data_range(x: torch.Tensor, data_range):
+    if data_range == "pred":  # per image, over all channels (PATN / GFLA "ssim_256")
+        return x.flatten(1).amax(1) - x.flatten(1).amin(1)
+    if isinstance(data_range, str):
+        raise ValueError(f"data_range must be a number or 'pred', got {data_range!r}")
+    return float(data_range)
+
+
 def ssim(pred: torch.Tensor, gt: torch.Tensor, protocol: str = "gaussian", crop=None,
-         data_range: float = 255.0) -> torch.Tensor:
+         data_range: float | str = 255.0) -> torch.Tensor:
     """Per-image SSIM (B,) float64 of ``pred`` vs ``gt`` (B, 3, H, W): uint8 or float in [-1, 1]
     (quantised to uint8 first). ``crop`` = (x0, x1) keeps columns x0:x1. Equals skimage's
-    ``structural_similarity(..., channel_axis=-1)`` under the named ``protocol``."""
+    ``structural_similarity(..., channel_axis=-1)`` under the named ``protocol``. ``data_range``:
+    255, or "pred" for each prediction's max - min (see the module docstring)."""
     x, y = _prep(pred, gt, crop)
     k, cov_norm = _protocol_window(protocol, min(x.shape[-2:]), x.dtype, x.device)
-    s, _ = _ssim_cs(x, y, k, cov_norm, data_range)
+    s, _ = _ssim_cs(x, y, k, cov_norm, _data_range(x, data_range))
     return s.mean(dim=1)
 
 

@@ -38,6 +38,18 @@ def test_ssim_equals_skimage(protocol, shape):
     np.testing.assert_allclose(got.numpy(), want, atol=1e-4, rtol=0)  # float64 both sides: ~1e-12 seen
 
 
+def test_ssim_pred_data_range_matches_patn_script():
+    """PATN / GFLA "ssim_256": gaussian protocol with data_range = pred.max() - pred.min()."""
+    a, b = _pair((2, 3, 64, 64), 6)
+    b[0] = b[0] // 2 + 40  # a prediction with a smaller range than 255
+    got = metrics.ssim(b, a, "gaussian", data_range="pred")
+    for i in range(2):
+        p, g = b[i].permute(1, 2, 0).numpy().astype(np.float64), a[i].permute(1, 2, 0).numpy().astype(np.float64)
+        want = structural_similarity(g, p, channel_axis=-1, data_range=p.max() - p.min(), **SKIMAGE_ARGS["gaussian"])
+        assert abs(float(got[i]) - want) < 1e-4
+    assert abs(float(got[0]) - float(metrics.ssim(b, a)[0])) > 1e-3  # the range matters
+
+
 def test_ssim_crop_and_float_input():
     a, b = _pair((1, 3, 64, 64), 1)
     got = metrics.ssim(a, b, "gaussian", crop=(10, 50))

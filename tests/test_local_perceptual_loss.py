@@ -170,3 +170,29 @@ def test_fast_cuda_matches_cpu_reference(R, B, criterion):
     torch.testing.assert_close(got.cpu(), ref.detach(), rtol=3e-2, atol=1e-6)
     cos = torch.nn.functional.cosine_similarity(xc.grad.cpu().flatten(), x.grad.flatten(), dim=0)
     assert cos > 0.98, f"gradient direction differs: cosine {cos:.4f}"
+
+
+class CountingFeatures(SmallFeatures):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, input_normalized=False):
+        self.calls.append((x.shape[0], torch.is_grad_enabled(), input_normalized))
+        return super().forward(x, input_normalized)
+
+
+def test_fast_batches_vgg_calls():
+    """With autograd: one call on the B*N' fake crops, one without grad on the real crops (N' valid
+    descriptors); without autograd: one call on both halves. The reference calls VGG 2*N times."""
+    fake, real, kp = _case(2, 64, seed=9, missing=2)  # 16 valid descriptors per image
+    vgg = CountingFeatures()
+    ops.local_perceptual_loss(fake.clone().requires_grad_(), real, kp, vgg, "l2", impl="fast")
+    assert vgg.calls == [(32, True, True), (32, False, True)]
+    vgg.calls.clear()
+    with torch.no_grad():
+        ops.local_perceptual_loss(fake, real, kp, vgg, "l2", impl="fast")
+    assert vgg.calls == [(64, False, True)]
+    vgg.calls.clear()
+    ops.local_perceptual_loss(fake.clone().requires_grad_(), real, kp, vgg, "l2", impl="reference")
+    assert len(vgg.calls) == 2 * 18

@@ -198,3 +198,22 @@ def test_eval_reports_unavailable_instead_of_crashing(tmp_path, monkeypatch, cap
     assert main(["eval", "--pred", str(pred), "--gt", str(gt), "--crop", "10:50", "--device", "cpu",
                  "--out", str(out)]) == 0
     assert "unavailable" in json.loads(out.read_text())["metrics"]["ssim_uniform51"]
+
+
+def test_eval_local_ssim_from_annotations(tmp_path):
+    import json
+    from hptransfer.cli import main
+    from hptransfer.data import write_annotations
+    pred, gt, truth = _write_folder(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    kp = np.full((18, 2), -1.0)
+    kp[:5] = [[20, 20], [30, 30], [40, 25], [32, 40], [25, 45]]
+    write_annotations(data / "annotations-test.csv", {"img0.jpg": kp, "img1.png": kp, "img2.png": kp})
+    out = tmp_path / "m.json"
+    assert main(["eval", "--pred", str(pred), "--gt", str(gt), "--data", str(data), "--metrics", "local_ssim",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    got = json.loads(out.read_text())["metrics"]["local_ssim"]
+    want = np.mean([float(metrics.local_ssim(b[None], a[None], torch.tensor(kp, dtype=torch.float32)[None],
+                                             impl="reference")[0]) for b, a in truth])
+    assert got["n"] == 3 and abs(got["value"] - want) < 1e-9

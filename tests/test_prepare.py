@@ -329,3 +329,27 @@ def test_h36m_conversion_and_errors(tmp_path):
     (root / "data_2d_h36m_gt.npz").unlink()
     with pytest.raises(PrepareError, match="cdflib|no 2D poses"):
         prepare(root, tmp_path / "o", size=64)
+
+
+def test_interrupted_run_resumes_without_redoing(tmp_path, monkeypatch):
+    from hptransfer.data import prepare_common
+    from hptransfer.data.prepare_h36m import prepare
+
+    root = _h36m_tree(tmp_path)
+    out = tmp_path / "out"
+    real_add = prepare_common.Manifest.add
+    calls = []
+
+    def flaky_add(self, *a, **kw):
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # Ctrl-C after 4 images
+        calls.append(1)
+        return real_add(self, *a, **kw)
+
+    monkeypatch.setattr(prepare_common.Manifest, "add", flaky_add)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(root, out, size=64)
+    monkeypatch.setattr(prepare_common.Manifest, "add", real_add)
+    assert len(list((out / "images").rglob("*.jpg"))) == 4 and not list((out / "images").rglob("*.tmp"))
+    assert prepare(root, out, size=64)["written"] == 5  # only the remaining ones
+    assert not any(r["problems"] for r in check_dataset(out).values())

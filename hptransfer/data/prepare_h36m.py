@@ -192,7 +192,7 @@ def prepare(root, out, poses_npz=None, fps: float = 3.0, frames_fps: float = 50.
                                 sdir.name, seq)
                 wanted = [i for i in sample_indices(n, fps_in, fps) if i < n_use]
                 if kind == "video":
-                    it = ((i, f) for i, f, _, _ in read_video(src, fps) if i < n_use)
+                    it = ((i, f) for i, f in read_video(src, fps) if i < n_use)
                 else:
                     it = ((i, None) for i in wanted)
                 safe = seq.replace(" ", "_")

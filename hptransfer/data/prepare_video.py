@@ -38,8 +38,8 @@ def sample_indices(n_frames: int, fps_in: float, fps_out: float) -> list[int]:
     return out
 
 
-def read_video(path: Path, fps_out: float) -> Iterator[tuple[int, np.ndarray, float, int]]:
-    """Yield (source frame index, (H, W, 3) uint8 RGB, source fps, source frame count) at ``fps_out``."""
+def read_video(path: Path, fps_out: float) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (source frame index, (H, W, 3) uint8 RGB frame) at ``fps_out`` (frames of :func:`sample_indices`)."""
     import imageio_ffmpeg
 
     try:
@@ -51,13 +51,15 @@ def read_video(path: Path, fps_out: float) -> Iterator[tuple[int, np.ndarray, fl
     fps = float(meta.get("fps") or 0)
     if fps <= 0:
         raise PrepareError(f"{path}: video has no frame rate")
-    n = int(round(meta.get("duration", 0) * fps)) or 10 ** 9
     step = fps / fps_out
-    k = 0
-    for i, buf in enumerate(gen):
-        if fps_out >= fps or i == int(round(k * step)):
-            k += 1
-            yield i, np.frombuffer(buf, np.uint8).reshape(h, w, 3), fps, n
+    k, i = 0, -1
+    try:
+        for i, buf in enumerate(gen):
+            if fps_out >= fps or i == int(round(k * step)):
+                k += 1
+                yield i, np.frombuffer(buf, np.uint8).reshape(h, w, 3)
+    except RuntimeError as e:  # ffmpeg failed mid-stream (truncated or corrupt file)
+        raise PrepareError(f"{path}: cannot decode frame {i + 1}: {e}") from None
 
 
 def count_frames(path: Path) -> tuple[int, float]:
@@ -124,7 +126,7 @@ def prepare_one(video: Path, out: Path, manifest: Manifest, fps: float, json_dir
                                f"({len(wanted)} sampled at {fps} fps); expected one file per frame")
     names = []
     dropped = 0
-    for j, (i, frame, _, _) in enumerate(progress(read_video(video, fps), total=len(wanted), desc=video.name)):
+    for j, (i, frame) in enumerate(progress(read_video(video, fps), total=len(wanted), desc=video.name)):
         name = f"{video.stem}/f{i:06d}.jpg"
         if manifest.is_done(name):
             names.append(name)

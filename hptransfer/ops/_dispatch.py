@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 import warnings
@@ -43,12 +44,15 @@ def extension():
 
 
 @functools.lru_cache(maxsize=None)
-def _triton():
+def _triton(op: str = ""):
+    """Can Triton and the kernel module of ``op`` (``hptransfer.kernels.<op>``) be imported?"""
     if os.environ.get("HPTRANSFER_NO_TRITON", "0") not in ("", "0"):
         return False, "disabled by HPTRANSFER_NO_TRITON"
     try:
         import triton  # noqa: F401
         from hptransfer import kernels  # noqa: F401
+        if op:
+            importlib.import_module(f"hptransfer.kernels.{op}")
     except Exception as e:
         return False, f"{type(e).__name__}: {e}"
     return True, None
@@ -98,7 +102,7 @@ def use_fast(op: str, tensor: torch.Tensor, impl: str, backend: str = "triton") 
     if impl == "reference":
         return False
     if backend == "triton":
-        ok, err = _triton()
+        ok, err = _triton(op)
         # The interpreter (TRITON_INTERPRET=1) runs kernels on CPU tensors, exactly but slowly:
         # only an explicit impl="fast" uses it; "auto" keeps the reference on the CPU.
         where_ok = tensor.is_cuda or (impl == "fast" and triton_interpret())

@@ -1,0 +1,106 @@
+"""One training iteration (the body of ``hptransfer.train.train``'s loop) as a reusable function.
+
+D step on the detached fake (when a discriminator engine is given), then the generator's losses,
+backward and optimiser step; a non-finite loss skips the step on every rank (``backend.any_true``)
+and restores the generator's BatchNorm buffers. The generator terms are computed with the
+lower-level functions of :mod:`hptransfer.losses` (the same calls, in the same order, as
+``losses.generator_loss``; ``tests/test_step.py`` checks they agree) so that each gets its own
+:func:`hptransfer.profiling.phase`: generator_forward, discriminator (D step and the adversarial
+term), global_vgg, local_vgg, backward, optimizer.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+
+from hptransfer import losses, ops
+from hptransfer.profiling import phase
+
+log = logging.getLogger(__name__)
+
+PHASES = ("generator_forward", "discriminator", "global_vgg", "local_vgg", "backward", "optimizer")
+
+
+def _finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x.detach()).all().item())
+
+
+def generator_terms(fake, target, kp_target, vgg, loss_cfg, criterion, *, reference=None, kp_reference=None,
+                    disc=None, impl: str = "auto", reference_at: str = "reference") -> dict:
+    """``losses.generator_loss`` split into phases: same arguments, same result
+    ({"global", "local", "adv", "total"}, fp32 scalars)."""
+    R = fake.shape[-1]
+    weights = loss_cfg.layer_weights
+    active = losses.active_terms(loss_cfg, R)
+    zero = fake.new_zeros((), dtype=torch.float32)
+    with phase("global_vgg"):
+        out = {"global": losses.global_perceptual_loss(fake, target, vgg, criterion, weights), "local": zero,
+               "adv": zero}
+    if active["local"]:
+        with phase("local_vgg"):
+            out["local"] = ops.local_perceptual_loss(fake, target, kp_target, vgg, criterion, impl=impl,
+                                                     layer_weights=weights, min_crop=loss_cfg.local_min_crop)
+    if active["adv"]:
+        if disc is None or reference is None or kp_reference is None:
+            raise ValueError(f"the adversarial term is active at {R} px (loss.disc_at_resolution="
+                             f"{loss_cfg.disc_at_resolution}): pass disc, reference and kp_reference")
+        with phase("discriminator"):
+            pairs = losses.local_discriminator_pairs(reference, fake, kp_reference, kp_target, R, impl, reference_at)
+            valid = losses.pair_validity(kp_reference, kp_target, R, reference_at)
+            out["adv"] = losses.generator_adversarial_loss(disc, pairs, valid)
+    out["total"] = (loss_cfg.global_weight * out["global"] + loss_cfg.local_weight * out["local"]
+                    + loss_cfg.adv_weight * out["adv"])
+    return out
+
+
+def train_step(g_engine, generator, vgg, cfg, reference: torch.Tensor, target: torch.Tensor, kp_ref: torch.Tensor,
+               kp_tgt: torch.Tensor, criterion: str, impl: str, backend, *, d_engine=None,
+               loss_hook: Optional[Callable[[dict, dict], dict]] = None, info: Optional[dict] = None) -> dict:
+    """One iteration: (D step), G forward, losses, backward, optimiser step.
+
+    ``reference``, ``target`` (B, 3, R, R) on the device in ``backend.input_dtype``; ``kp_ref``,
+    ``kp_tgt`` (B, 18, 2) float32 (y, x) pixels at R. ``generator`` is the module inside ``g_engine``
+    (its buffers are restored on a skipped step). ``loss_hook(terms, info)`` may replace the terms
+    before the finite check. Returns {"terms": dict of fp32 scalars (graph freed), "d_loss": scalar or
+    None, "skipped": bool, "d_skipped": bool, "fake": (B, 3, R, R) detached}.
+    """
+    R = reference.shape[-1]
+    # BatchNorm running stats change in forward: kept to restore them if this step is skipped.
+    saved_buffers = [b.detach().clone() for b in generator.buffers()]
+    with phase("generator_forward"):
+        fake = g_engine(reference, kp_tgt)
+
+    d_loss, d_skipped = None, False
+    if d_engine is not None:  # D step first, on the detached fake
+        with phase("discriminator"):
+            with backend.loss_autocast():
+                valid = losses.pair_validity(kp_ref, kp_tgt, R)
+                real_pairs = losses.local_discriminator_pairs(reference, target, kp_ref, kp_tgt, R, impl)
+                fake_pairs = losses.local_discriminator_pairs(reference, fake.detach(), kp_ref, kp_tgt, R, impl)
+                d_loss = losses.discriminator_loss(d_engine, real_pairs, fake_pairs, valid)
+            if backend.any_true(not _finite(d_loss)):
+                d_engine.skip()
+                d_skipped = True
+            else:
+                d_engine.backward(d_loss)
+                d_engine.step()
+
+    with backend.loss_autocast():
+        terms = generator_terms(fake, target, kp_tgt, vgg, cfg.loss, criterion, reference=reference,
+                                kp_reference=kp_ref, disc=d_engine, impl=impl)
+    if loss_hook is not None:
+        terms = loss_hook(terms, info or {})
+    skipped = backend.any_true(not _finite(terms["total"]))  # same answer on every rank
+    if skipped:
+        g_engine.skip()
+        with torch.no_grad():
+            for b, saved in zip(generator.buffers(), saved_buffers):
+                b.copy_(saved)
+    else:
+        with phase("backward"):
+            g_engine.backward(terms["total"])
+        with phase("optimizer"):
+            g_engine.step()
+    return {"terms": terms, "d_loss": d_loss, "skipped": skipped, "d_skipped": d_skipped, "fake": fake.detach()}

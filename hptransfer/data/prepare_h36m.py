@@ -4,7 +4,8 @@ Layout read under ``--root`` (per subject ``S1``, ``S5``, ...; a sequence is ``<
 e.g. ``Posing.54138969`` or ``Walking 1.55011271``):
 
 - frames: ``S1/Videos/<seq>.mp4`` (decoded with imageio-ffmpeg), or extracted frames
-  ``S1/Frames/<seq>/*.jpg|png`` (or ``S1/Images/<seq>/``) (sorted; one per source frame at ``--frames-fps``, 50 by default);
+  ``S1/Frames/<seq>/*.jpg|png`` or ``S1/Images/<seq>/`` (sorted; one per source frame at ``--frames-fps``,
+  50 by default);
 - 2D poses: VideoPose3D's ``data_2d_h36m_gt.npz`` (``--poses FILE``, or found in ``--root``):
   ``positions_2d[subject][action][camera index]`` arrays (T, 17, 2) of (x, y) pixels, cameras in
   the order of :data:`CAMERAS`; or the original ``S1/MyPoseFeatures/D2_Positions/<seq>.cdf``

@@ -126,6 +126,11 @@ def prepare(images, annotations, out, size=(256, 176), coords: str = "auto") -> 
     images, annotations, out = Path(images), Path(annotations), Path(out)
     index = index_images(images)
     log.info("%s: %d In-shop images", images, len(index))
+    from PIL import Image
+    with Image.open(next(iter(index.values()))) as im:
+        if im.height < size[0]:
+            log.warning("%s: images are %dx%d, smaller than the output %dx%d: they will be upsampled "
+                        "(use img_highres/ for 512x352)", images, im.height, im.width, *size)
     manifest = Manifest(out, {"tool": "deepfashion", "size": list(size), "coords": coords})
     summary = {"written": 0, "missing_images": [], "dropped_pairs": 0}
     splits = 0

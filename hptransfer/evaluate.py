@@ -205,6 +205,31 @@ def evaluate(batches, protocols, crop, wanted, explicit: bool, device, lpips_net
     return results
 
 
+def evaluate_export(export_dir, data_root, split: str = "test", metrics=("ssim", "ms_ssim", "local_ssim"),
+                    batch_size: int = 16, device=None, baseline: bool = True) -> dict:
+    """Generate ``split`` of ``data_root`` with an export and score it; with ``baseline`` also score the
+    copy-the-reference baseline (reference image vs target), which a pose-transfer model must beat.
+
+    Returns {"model": results, "copy_reference": results} (results as :func:`evaluate` returns them).
+    """
+    from types import SimpleNamespace
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args = SimpleNamespace(checkpoint=str(export_dir), data=str(data_root), split=split, resolution=None,
+                           batch_size=batch_size, limit=None, save_dir=None)
+    out = {"model": evaluate(_generated_batches(args, device), list(M.PROTOCOLS), None, set(metrics), False, device)}
+    if baseline:
+        from hptransfer.data import PairDataset
+        from hptransfer.export import load_generator
+
+        resolution = load_generator(export_dir).resolution
+        ds = PairDataset(data_root, split, resolution)
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
+        copies = ((M.to_uint8(b["reference"]), M.to_uint8(b["target"]), b["kp_target"]) for b in loader)
+        out["copy_reference"] = evaluate(copies, list(M.PROTOCOLS), None, set(metrics), False, device)
+    return out
+
+
 def format_table(results: dict) -> str:
     rows = [("metric", "value", "n")]
     for name, r in results.items():

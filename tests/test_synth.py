@@ -162,3 +162,17 @@ def test_depth_order_hides_an_arm_behind_the_torso():
         y, x = np.rint(kp[4]).astype(int)
         seen[flex] = tuple(np.asarray(img)[y, x]) == tuple(ident["skin"])
     assert seen == {40.0: True, -40.0: False}
+
+
+def test_background_is_per_identity():
+    """An identity keeps its background across poses (the reference shows the target's backdrop)."""
+    from hptransfer.data.synth import render_identity
+
+    def corners(identity):
+        imgs = [np.asarray(img, np.float32) for _, img, _, _ in render_identity(3, identity, 3, 64)]
+        return [np.concatenate([a[:4, :4].reshape(-1, 3), a[:4, -4:].reshape(-1, 3)]).mean(0) for a in imgs]
+
+    same = corners(0)
+    other = corners(1)
+    assert max(np.abs(c - same[0]).max() for c in same[1:]) < 12  # noise only
+    assert np.abs(other[0] - same[0]).max() > 12 or np.abs(corners(2)[0] - same[0]).max() > 12

@@ -2,7 +2,7 @@
 
 Each identity is an articulated, human-like figure with its own garments (a high-frequency
 texture: stripes, checks, dots, a print or knit, and a logo or text on the chest), skin, hair and
-trouser colours. Each of its M poses comes from a 3-D kinematic skeleton with joint limits
+trouser colours, and its own background (plain, wall-and-floor or wallpaper). Each of its M poses comes from a 3-D kinematic skeleton with joint limits
 (random angles within limits per joint, a body yaw giving front, three-quarter, side and back
 views, global scale and translation, sometimes an upper-body crop), projected orthographically.
 Body parts are drawn far to near (depth order), so limbs hide and reveal each other and the torso;
@@ -88,6 +88,9 @@ def make_identity(rng: np.random.Generator, size: int) -> dict:
     """Colours, proportions and garment textures of one person (textures at ~1.2 x ``size`` px/unit)."""
     shirt = _colour(rng)
     ident = {
+        # One background per identity, as in a photo shoot: the reference then shows the target's
+        # background, which makes the task well-posed (DeepFashion's backgrounds are near constant).
+        "background_seed": int(rng.integers(2**31)),
         "skin": SKIN[rng.integers(len(SKIN))], "hair": HAIR[rng.integers(len(HAIR))],
         "long_hair": bool(rng.random() < 0.4), "long_sleeves": bool(rng.random() < 0.5),
         "shorts": bool(rng.random() < 0.2), "trousers": _colour(rng, 20, 200), "shoes": _colour(rng, 0, 90),
@@ -369,7 +372,8 @@ def render(ident: dict, pose: dict, size: int, rng: np.random.Generator, with_ma
         oy = S * hi[1] + size * float(rng.uniform(0.02, 0.08))  # head near the top, legs cut off
     else:
         oy = S * hi[1] + slack[1] * float(rng.uniform(0.2, 0.8))
-    c = _Canvas(_background(rng, size), S, np.array([ox, oy]), with_mask)
+    bg_rng = np.random.default_rng(ident["background_seed"]) if "background_seed" in ident else rng
+    c = _Canvas(_background(bg_rng, size), S, np.array([ox, oy]), with_mask)
     z = {k: float(v[2]) for k, v in j.items() if not k.startswith("_")}
     P = {k: c.px(v) for k, v in j.items() if not k.startswith("_")}
     parts = []  # (depth, order, draw function)

@@ -1,0 +1,407 @@
+"""Whole training steps, fast vs naive, data already on the device.
+
+    python bench/bench_train.py --resolution 128 --mode both            # CPU default: width 0.125, batch 2
+    python bench/bench_train.py --resolution 256 512 1024 --batch 8      # GPU: width 1.0, bf16
+    python bench/bench_train.py --resolution 256 --max-batch             # GPU only: largest batch, +/- checkpointing
+
+A step = generator forward, every loss of the stage (global perceptual; local perceptual with the
+stage's descriptor count; local discriminators with their D step at the top stage or with --disc),
+backward, optimiser steps. ``fast`` is the trainer's path (``hptransfer.step.train_step``: bf16
+autocast on GPU, Triton/extension kernels with impl="auto", channels_last on GPU; --compile and
+--checkpointing optional). ``naive`` (bench/naive.py) is the research-code way: fp32, eager, numpy
+heatmaps per sample on the CPU, one VGG call per descriptor crop. Both run in the same process,
+after warm-up; times are medians (on the CPU the two
+modes' steps alternate, so load from other processes hits both alike). VGG-16 has random weights: the cost does not depend on them.
+
+FLOPs are counted analytically for the convolutions only (2 * Cin/groups * Cout * k * k * Hout * Wout
+per conv, shapes from a meta-device forward): generator, VGG on the fake image and crops, and the
+discriminators, each forward x3 for forward + backward; VGG on the real image/crops runs without
+autograd and counts x1. MFU = achieved TFLOP/s / a large bf16 matmul's TFLOP/s measured in the same
+run (GPU only). Phase shares come from hptransfer.profiling timers (CUDA events on GPU) in separate
+timed steps. JSON: bench/results/train-<device>.json (atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "bench" / "results"
+
+from bench import naive  # noqa: E402
+from hptransfer import losses, pose, profiling  # noqa: E402
+from hptransfer.backend import SingleBackend  # noqa: E402
+from hptransfer.config import Config, StageConfig  # noqa: E402
+from hptransfer.step import PHASES, train_step  # noqa: E402
+
+log = logging.getLogger("bench_train")
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name().replace(" ", "-").lower()
+    return "cpu"
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def module_conv_flops(module: nn.Module, *inputs) -> int:
+    """FLOPs of every Conv2d of ``module`` in one forward of ``inputs``, whole batch (the formula of
+    hptransfer.models.summary.conv_flops, 2 * Cin/groups * Cout * kh * kw * Hout * Wout per image)."""
+    total = 0
+
+    def hook(m, _inp, out):
+        nonlocal total
+        kh, kw = m.kernel_size
+        total += 2 * (m.in_channels // m.groups) * m.out_channels * kh * kw * out.shape[-2] * out.shape[-1] * out.shape[0]
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            module(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def step_flops(cfg: Config, R: int, batch: int, disc: bool) -> dict:
+    """Analytic conv FLOPs of one training step (see the module docstring)."""
+    from hptransfer.models import Generator, LocalDiscriminator, VGG16Features
+    from hptransfer.models.summary import conv_flops
+
+    with torch.device("meta"):
+        g = Generator(cfg.model, R)
+        vgg = VGG16Features(weights="random", layers=tuple(cfg.loss.layers))
+    g.kernels = "reference"
+    gen = conv_flops(g, R)
+    vgg_img = module_conv_flops(vgg.features, torch.zeros(1, 3, R, R, device="meta"))
+    side = max(pose.crop_size(R), int(cfg.loss.local_min_crop or 0))
+    vgg_crop = module_conv_flops(vgg.features, torch.zeros(1, 3, side, side, device="meta"))
+    n = pose.descriptor_count(R)
+    active = losses.active_terms(cfg.loss, R)
+    out = {"generator": 3 * gen, "global_vgg": 3 * vgg_img + vgg_img,
+           "local_vgg": (3 + 1) * n * vgg_crop if active["local"] else 0, "discriminator": 0}
+    if disc:
+        with torch.device("meta"):
+            d = LocalDiscriminator(cfg.model, n, pose.crop_size(R))
+        s = pose.crop_size(R)
+        per = module_conv_flops(d, torch.zeros(1, n, 6, s, s, device="meta"))
+        out["discriminator"] = 3 * 2 * per + 3 * per  # D step on real+fake, G's adversarial pass
+    out = {k: v * batch for k, v in out.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def matmul_tflops(device: torch.device) -> float | None:
+    """Measured bf16 matmul rate (8192^2, median of 10) in TFLOP/s; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+# ----------------------------------------------------------------------------- set-up
+def make_config(R: int, batch: int, width: float, disc: bool, compile_: bool, checkpointing: bool) -> Config:
+    cfg = Config()
+    cfg.model.width = width
+    cfg.loss.vgg_weights = "random"
+    if disc:
+        cfg.loss.disc_at_resolution = min(cfg.loss.disc_at_resolution, R)
+    cfg.stages = [StageConfig(R, 1000, batch)]
+    cfg.train.compile, cfg.train.activation_checkpointing = compile_, checkpointing
+    return cfg
+
+
+def make_inputs(R: int, batch: int, device: torch.device, seed: int = 0) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    ref = torch.rand(batch, 3, R, R, generator=gen) * 2 - 1
+    tgt = torch.rand(batch, 3, R, R, generator=gen) * 2 - 1
+    # keypoints inside the image (a person roughly centred), one missing to exercise the mask
+    kp = lambda: (torch.rand(batch, 18, 2, generator=gen) * 0.6 + 0.2) * (R - 1)  # noqa: E731
+    kr, kt = kp(), kp()
+    kr[:, 17], kt[:, 16] = -1, -1
+    return ref.to(device), tgt.to(device), kr.to(device), kt.to(device)
+
+
+class Runner:
+    """Models, optimisers and a ``step()`` for one (mode, resolution, batch)."""
+
+    def __init__(self, mode: str, cfg: Config, R: int, batch: int, device: torch.device):
+        from hptransfer.models import Generator, LocalDiscriminator, VGG16Features
+
+        self.mode, self.R, self.device = mode, R, device
+        fast = mode == "fast"
+        self.cfg = cfg
+        torch.manual_seed(0)
+        precision = "bf16" if fast and device.type == "cuda" else "fp32"
+        self.backend = SingleBackend(precision, device=str(device), channels_last=fast)
+        g = Generator(cfg.model, R)
+        vgg = VGG16Features(weights="random", layers=tuple(cfg.loss.layers)).to(device).eval()
+        for p in vgg.parameters():
+            p.requires_grad_(False)
+        disc_on = losses.active_terms(cfg.loss, R)["adv"]
+        d = LocalDiscriminator(cfg.model, pose.descriptor_count(R), pose.crop_size(R)) if disc_on else None
+        opt = lambda ps, lr: torch.optim.Adam([p for p in ps if p.requires_grad], lr=lr,  # noqa: E731
+                                              weight_decay=cfg.train.weight_decay)
+        self.criterion = "l2"
+        if fast:
+            g.kernels = "auto"
+            g.set_activation_checkpointing(cfg.train.activation_checkpointing)
+            self.g = self.backend.prepare(g)
+            if device.type == "cuda":
+                vgg = vgg.to(memory_format=torch.channels_last)
+            self.g_engine = self.backend.engine("generator", self.g, opt(self.g.parameters(), cfg.train.lr), batch)
+            if cfg.train.compile:
+                self.g_engine.forward_fn = torch.compile(self.g)
+            self.d_engine = None
+            if d is not None:
+                d = self.backend.prepare(d)
+                self.d_engine = self.backend.engine("discriminator", d, opt(d.parameters(), cfg.loss.disc_lr), batch)
+        else:
+            naive.make_naive(g)
+            self.g = g.to(device)
+            self.g_opt = opt(self.g.parameters(), cfg.train.lr)
+            self.d = d.to(device) if d is not None else None
+            self.d_opt = opt(self.d.parameters(), cfg.loss.disc_lr) if d is not None else None
+        self.vgg = vgg
+        self.g.train()
+        ref, tgt, kr, kt = make_inputs(R, batch, device)
+        if fast:
+            fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+            dt = self.backend.input_dtype
+            ref, tgt = (t.to(dtype=dt, memory_format=fmt) for t in (ref, tgt))
+        self.inputs = (ref, tgt, kr, kt)
+
+    def step(self) -> None:
+        ref, tgt, kr, kt = self.inputs
+        if self.mode == "fast":
+            train_step(self.g_engine, self.g, self.vgg, self.cfg, ref, tgt, kr, kt, self.criterion, "auto",
+                       self.backend, d_engine=self.d_engine)
+        else:
+            naive.naive_step(self.g, self.g_opt, self.vgg, self.cfg, ref, tgt, kr, kt, self.criterion, self.d,
+                             self.d_opt)
+
+
+def _phases(run: "Runner", n: int) -> dict:
+    """Per-phase median seconds over ``n`` steps timed by hptransfer.profiling (kept apart from the
+    ms/step steps: CUDA events add no sync, but the CPU timer reads perf_counter at every phase)."""
+    phases: dict = {}
+    for _ in range(n):
+        with profiling.PhaseTimer(cuda=run.device.type == "cuda") as t:
+            run.step()
+        for k, v in t.totals().items():
+            phases.setdefault(k, []).append(v)
+    return {k: statistics.median(v) for k, v in phases.items()}
+
+
+def time_runners(runs: dict, steps: int, warmup: int) -> dict:
+    """{mode: {"ms" (median), "times_ms", "peak_mib" (CUDA) , "phases_s"}}.
+
+    On the CPU the modes' steps are interleaved (fast, naive, fast, ...) so that load from other
+    processes on a shared machine hits both alike; on CUDA each mode runs alone (its own peak memory).
+    """
+    dev = next(iter(runs.values())).device
+    out = {m: {"times": []} for m in runs}
+    interleave = dev.type != "cuda"
+    order = [list(runs)] * steps if interleave else [[m] * steps for m in runs]
+    for m, run in runs.items():
+        for _ in range(warmup):
+            run.step()
+    _sync(dev)
+    for group in order:
+        for m in group:
+            if not interleave and len(out[m]["times"]) == 0 and dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            runs[m].step()
+            _sync(dev)
+            out[m]["times"].append(time.perf_counter() - t0)
+            if dev.type == "cuda" and not interleave:
+                out[m]["peak_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    res = {}
+    for m, run in runs.items():
+        times = out[m]["times"]
+        res[m] = {"ms": 1e3 * statistics.median(times), "times_ms": [1e3 * x for x in times],
+                  "peak_mib": out[m].get("peak_mib"), "phases_s": _phases(run, max(1, min(steps, 3)))}
+    return res
+
+
+# ----------------------------------------------------------------------------- max batch
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e)
+
+
+def max_batch(R: int, width: float, device: torch.device, checkpointing: bool, disc: bool, limit: int = 4096) -> int:
+    """Largest fast-mode batch that trains one step: doubling, then bisection; catches CUDA OOM."""
+    def fits(b: int) -> bool:
+        run = None
+        try:
+            run = Runner("fast", make_config(R, b, width, disc, False, checkpointing), R, b, device)
+            run.step()
+            run.step()
+            _sync(device)
+            return True
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+            if not _is_oom(e):
+                raise
+            return False
+        finally:
+            del run
+            torch.cuda.empty_cache()
+
+    lo, hi = 0, 1
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    if lo == 0:
+        return 0
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+# ----------------------------------------------------------------------------- main
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def bench_resolution(args, R: int, device: torch.device, peak_tflops) -> dict:
+    modes = ["fast", "naive"] if args.mode == "both" else [args.mode]
+    cfg = make_config(R, args.batch, args.width, args.disc, args.compile, args.checkpointing)
+    disc = losses.active_terms(cfg.loss, R)["adv"]
+    flops = step_flops(cfg, R, args.batch, disc)
+    row = {"resolution": R, "batch": args.batch, "width": args.width, "descriptors": pose.descriptor_count(R),
+           "disc": disc, "flops": flops, "modes": {}}
+    if device.type == "cuda":  # one mode at a time: its own peak memory
+        timed = {}
+        for mode in modes:
+            log.info("%d px %s: building", R, mode)
+            run = Runner(mode, make_config(R, args.batch, args.width, args.disc, args.compile, args.checkpointing),
+                         R, args.batch, device)
+            timed.update(time_runners({mode: run}, args.steps, args.warmup))
+            del run
+            torch.cuda.empty_cache()
+    else:
+        runs = {m: Runner(m, make_config(R, args.batch, args.width, args.disc, args.compile, args.checkpointing),
+                          R, args.batch, device) for m in modes}
+        timed = time_runners(runs, args.steps, args.warmup)
+    for mode, res in timed.items():
+        res["images_per_s"] = args.batch / (res["ms"] / 1e3)
+        res["tflops"] = flops["total"] / (res["ms"] / 1e3) / 1e12
+        res["mfu"] = res["tflops"] / peak_tflops if peak_tflops else None
+        row["modes"][mode] = res
+    if "fast" in row["modes"] and "naive" in row["modes"]:
+        row["speedup"] = row["modes"]["naive"]["ms"] / row["modes"]["fast"]["ms"]
+    if args.max_batch:
+        if device.type != "cuda":
+            print("--max-batch: GPU only (CUDA OOM bisection); skipped on the CPU")
+        else:
+            row["max_batch"] = {"plain": max_batch(R, args.width, device, False, disc),
+                                "checkpointing": max_batch(R, args.width, device, True, disc)}
+    return row
+
+
+def print_table(rows: list, device: str, width: float, peak) -> None:
+    print(f"\nTraining step on {device}, model.width={width:g}"
+          f"{' (reduced for the CPU)' if width != 1.0 else ''}; VGG-16 random weights (cost does not depend on them); "
+          "FLOPs: convs only, fwd x3 for fwd+bwd" + (f"; bf16 matmul peak {peak:.0f} TFLOP/s" if peak else ""))
+    print(f"{'R':>5} {'B':>3} {'mode':>6} {'ms/step':>9} {'img/s':>8} {'speed-up':>8} {'peak MiB':>9} "
+          f"{'GFLOP/step':>10} {'TFLOP/s':>8} {'MFU':>6}")
+    for r in rows:
+        for mode, m in r["modes"].items():
+            sp = f"{r['speedup']:.2f}x" if mode == "fast" and "speedup" in r else ""
+            mem = f"{m['peak_mib']:.0f}" if m["peak_mib"] is not None else "-"
+            mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] else "-"
+            print(f"{r['resolution']:>5} {r['batch']:>3} {mode:>6} {m['ms']:>9.1f} {m['images_per_s']:>8.2f} {sp:>8} "
+                  f"{mem:>9} {r['flops']['total'] / 1e9:>10.1f} {m['tflops']:>8.3f} {mfu:>6}")
+        for mode, m in r["modes"].items():
+            tot = sum(m["phases_s"].values()) or 1.0
+            shares = "  ".join(f"{k} {100 * m['phases_s'][k] / tot:.0f}%" for k in PHASES if k in m["phases_s"])
+            print(f"      {mode} phases: {shares}")
+        if "max_batch" in r:
+            print(f"      max batch: {r['max_batch']['plain']} (plain), {r['max_batch']['checkpointing']} (checkpointing)")
+
+
+def main(argv=None) -> int:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--resolution", type=int, nargs="+", default=[128])
+    p.add_argument("--batch", type=int, default=None, help="default: 8 on GPU, 2 on the CPU")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 5 on the CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="default 5 on GPU (10 with --compile), 1 on the CPU")
+    p.add_argument("--mode", choices=("fast", "naive", "both"), default="both")
+    p.add_argument("--width", type=float, default=None, help="model.width (default 1.0 on GPU, 0.125 on the CPU)")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (fast mode)")
+    p.add_argument("--disc", action="store_true", help="local discriminators at every resolution benchmarked")
+    p.add_argument("--max-batch", action="store_true", help="largest batch per resolution (GPU only)")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/train-<device>.json)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.batch = args.batch or (8 if cuda else 2)
+    args.steps = args.steps or (20 if cuda else 5)
+    args.warmup = args.warmup if args.warmup is not None else ((10 if args.compile else 5) if cuda else 1)
+    args.width = args.width or (1.0 if cuda else 0.125)
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    peak = matmul_tflops(device)
+    rows = [bench_resolution(args, R, device, peak) for R in args.resolution]
+    dev = device_name()
+    print_table(rows, dev, args.width, peak)
+    payload = {"device": dev, "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "git_commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "args": vars(args), "matmul_bf16_tflops": peak,
+               "notes": "VGG-16 random weights; FLOPs = convs only, forward x3 for fwd+bwd, no-grad VGG passes x1",
+               "results": rows}
+    out = Path(args.out) if args.out else RESULTS / f"train-{dev}.json"
+    write_json(out, payload)
+    print(f"JSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""Driver for bench/profile.sh: build the fast step at a resolution, warm up, profile a few steps.
+
+PROFILE_TOOL=nsys: the steps sit between torch.cuda.profiler.start()/stop() (nsys --capture-range=cudaProfilerApi).
+PROFILE_TOOL=torch: torch.profiler; writes bench/results/profile-<device>-<R>.{trace.json,txt}.
+Sizes: env BATCH, WIDTH (defaults as bench_train.py: 8 / 1.0 on GPU, 2 / 0.125 on the CPU), STEPS (3).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench import bench_train  # noqa: E402
+from hptransfer import profiling  # noqa: E402
+
+
+def main() -> int:
+    R = int(sys.argv[1]) if len(sys.argv) > 1 else 128
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    batch = int(os.environ.get("BATCH", 8 if cuda else 2))
+    width = float(os.environ.get("WIDTH", 1.0 if cuda else 0.125))
+    steps = int(os.environ.get("STEPS", 3))
+    run = bench_train.Runner("fast", bench_train.make_config(R, batch, width, False, False, False), R, batch, device)
+    for _ in range(2):
+        run.step()
+    bench_train._sync(device)
+    base = REPO / "bench" / "results" / f"profile-{bench_train.device_name()}-{R}"
+    if os.environ.get("PROFILE_TOOL") == "nsys":
+        torch.cuda.profiler.start()
+        for _ in range(steps):
+            run.step()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+        return 0
+    profiling.enable(cuda)  # NVTX ranges show in the trace too on GPU; record_function names the phases
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=acts, record_shapes=False) as prof:
+        for i in range(steps):
+            with torch.profiler.record_function(f"step{i}"):
+                run.step()
+        bench_train._sync(device)
+    prof.export_chrome_trace(str(base) + ".trace.json")
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30)
+    header = (f"torch.profiler: {steps} fast training steps at {R} px, batch {batch}, model.width {width:g}, "
+              f"{bench_train.device_name()}, torch {torch.__version__}; sorted by {key}\n")
+    tmp = Path(str(base) + ".txt.tmp")
+    tmp.write_text(header + table + "\n")
+    os.replace(tmp, str(base) + ".txt")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

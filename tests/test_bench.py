@@ -1,0 +1,57 @@
+"""bench/bench_train.py: conv FLOP formula, step FLOPs from the summary counter, an end-to-end run, the plot."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench import bench_train, plot  # noqa: E402
+
+
+@pytest.mark.parametrize("cin,cout,k,groups,stride,hw", [(3, 8, 3, 1, 1, 17), (12, 6, 1, 3, 2, 9)])
+def test_conv_flops_formula(cin, cout, k, groups, stride, hw):
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups)
+    hout = (hw + 2 * (k // 2) - k) // stride + 1
+    expected = 2 * (cin // groups) * cout * k * k * hout * hout
+    x = torch.zeros(2, cin, hw, hw, device="meta")
+    assert bench_train.module_conv_flops(conv.to("meta"), x) == 2 * expected  # batch 2
+
+
+def test_step_flops_uses_generator_counter(tiny_cfg):
+    from hptransfer.models import Generator
+    from hptransfer.models.summary import conv_flops
+
+    cfg = bench_train.make_config(64, 3, tiny_cfg.width, disc=True, compile_=False, checkpointing=False)
+    f = bench_train.step_flops(cfg, 64, 3, disc=True)
+    with torch.device("meta"):
+        g = Generator(cfg.model, 64)
+    assert f["generator"] == 3 * 3 * conv_flops(g, 64)
+    assert f["discriminator"] > 0 and f["local_vgg"] > 0
+    assert f["total"] == sum(v for k, v in f.items() if k != "total")
+
+
+def test_bench_train_end_to_end_and_plot(tmp_path, capsys):
+    out = tmp_path / "train-cpu.json"
+    rc = bench_train.main(["--resolution", "64", "--batch", "1", "--steps", "2", "--warmup", "1", "--mode", "both",
+                           "--width", "0.03125", "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    row = data["results"][0]
+    assert set(row["modes"]) == {"fast", "naive"} and row["speedup"] > 0
+    for m in row["modes"].values():
+        assert len(m["times_ms"]) == 2 and m["ms"] > 0
+        assert {"generator_forward", "global_vgg", "local_vgg", "backward", "optimizer"} <= set(m["phases_s"])
+    assert "speed-up" in capsys.readouterr().out
+    png = tmp_path / "train.png"
+    plot.main([str(out), "--out", str(png)])
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.size[0] > 100 and im.size[1] > 100

@@ -11,7 +11,8 @@ autocast on GPU, Triton/extension kernels with impl="auto", channels_last on GPU
 --checkpointing optional). ``naive`` (bench/naive.py) is the research-code way: fp32, eager, numpy
 heatmaps per sample on the CPU, one VGG call per descriptor crop. Both run in the same process,
 after warm-up; times are medians (on the CPU the two
-modes' steps alternate, so load from other processes hits both alike). VGG-16 has random weights: the cost does not depend on them.
+modes' steps alternate, so load from other processes hits both alike). VGG-16 has random weights:
+the cost does not depend on them.
 
 FLOPs are counted analytically for the convolutions only (2 * Cin/groups * Cout * k * k * Hout * Wout
 per conv, shapes from a meta-device forward): generator, VGG on the fake image and crops, and the
@@ -77,7 +78,8 @@ def module_conv_flops(module: nn.Module, *inputs) -> int:
     def hook(m, _inp, out):
         nonlocal total
         kh, kw = m.kernel_size
-        total += 2 * (m.in_channels // m.groups) * m.out_channels * kh * kw * out.shape[-2] * out.shape[-1] * out.shape[0]
+        per_image = 2 * (m.in_channels // m.groups) * m.out_channels * kh * kw * out.shape[-2] * out.shape[-1]
+        total += per_image * out.shape[0]
 
     handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, nn.Conv2d)]
     try:
@@ -361,7 +363,8 @@ def print_table(rows: list, device: str, width: float, peak) -> None:
             shares = "  ".join(f"{k} {100 * m['phases_s'][k] / tot:.0f}%" for k in PHASES if k in m["phases_s"])
             print(f"      {mode} phases: {shares}")
         if "max_batch" in r:
-            print(f"      max batch: {r['max_batch']['plain']} (plain), {r['max_batch']['checkpointing']} (checkpointing)")
+            mb = r["max_batch"]
+            print(f"      max batch: {mb['plain']} (plain), {mb['checkpointing']} (checkpointing)")
 
 
 def main(argv=None) -> int:
@@ -391,7 +394,8 @@ def main(argv=None) -> int:
     rows = [bench_resolution(args, R, device, peak) for R in args.resolution]
     dev = device_name()
     print_table(rows, dev, args.width, peak)
-    payload = {"device": dev, "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+    payload = {"device": dev, "torch": torch.__version__, "cuda": torch.version.cuda,
+               "python": platform.python_version(),
                "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "git_commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "args": vars(args), "matmul_bf16_tflops": peak,

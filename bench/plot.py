@@ -19,7 +19,7 @@ COLORS = {"fast": (46, 125, 50), "naive": (158, 158, 158)}
 def draw(data: dict, path: Path) -> None:
     rows = data["results"]
     modes = [m for m in ("fast", "naive") if any(m in r["modes"] for r in rows)]
-    W, H, left, bottom, top = 160 + 140 * len(rows), 360, 70, 50, 60
+    W, H, left, bottom, top = max(420, 160 + 140 * len(rows)), 360, 70, 50, 60
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     vmax = max(r["modes"][m]["images_per_s"] for r in rows for m in modes if m in r["modes"]) * 1.15

@@ -36,6 +36,7 @@ from hptransfer import losses, pose
 from hptransfer.backend import Backend, Engine, make_backend
 from hptransfer.config import Config, ConfigError, load_config, save_config
 from hptransfer.report import Reporter, save_sample_grid
+from hptransfer.step import train_step
 
 log = logging.getLogger("hptransfer.train")
 
@@ -172,11 +173,8 @@ def _to_device(batch: dict, backend: Backend) -> tuple:
     return img("reference"), img("target"), kp("kp_reference"), kp("kp_target")
 
 
-def _finite(x: torch.Tensor) -> bool:
-    return bool(torch.isfinite(x.detach()).all().item())
-
-
 # ----------------------------------------------------------------------------- training
+
 def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str] = None,
           stop_at_step: Optional[int] = None, callback: Optional[Callable[[dict], None]] = None,
           loss_hook: Optional[Callable[[dict, dict], dict]] = None) -> dict:
@@ -268,43 +266,16 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
             step = state["step"]
             criterion = losses.criterion_for_step(step, st.iterations)
             reference, target, kp_ref, kp_tgt = _to_device(batches.next(), backend)
-            # BatchNorm running stats change in forward: kept to restore them if this step is skipped.
-            saved_buffers = [b.detach().clone() for b in generator.buffers()]
-            fake = g_engine(reference, kp_tgt)
-
-            d_loss = None
-            if d_engine is not None:  # D step first, on the detached fake
-                with backend.loss_autocast():
-                    valid = losses.pair_validity(kp_ref, kp_tgt, R)
-                    real_pairs = losses.local_discriminator_pairs(reference, target, kp_ref, kp_tgt, R, impl)
-                    fake_pairs = losses.local_discriminator_pairs(reference, fake.detach(), kp_ref, kp_tgt, R, impl)
-                    d_loss = losses.discriminator_loss(d_engine, real_pairs, fake_pairs, valid)
-                if backend.any_true(not _finite(d_loss)):
-                    d_engine.skip()
-                    state["d_skipped"] += 1
-                else:
-                    d_engine.backward(d_loss)
-                    d_engine.step()
-
-            with backend.loss_autocast():
-                terms = losses.generator_loss(fake, target, kp_tgt, vgg, cfg.loss, criterion, reference=reference,
-                                              kp_reference=kp_ref, disc=d_engine, impl=impl)
             info = {"stage": stage_idx, "resolution": R, "step_in_stage": step, "global_step": state["global_step"],
                     "criterion": criterion, "disc_active": d_engine is not None}
-            if loss_hook is not None:
-                terms = loss_hook(terms, info)
-            skipped = backend.any_true(not _finite(terms["total"]))  # same answer on every rank
+            out = train_step(g_engine, generator, vgg, cfg, reference, target, kp_ref, kp_tgt, criterion, impl,
+                             backend, d_engine=d_engine, loss_hook=loss_hook, info=info)
+            terms, d_loss, skipped = out["terms"], out["d_loss"], out["skipped"]
+            state["d_skipped"] += int(out["d_skipped"])
             if skipped:
-                g_engine.skip()
-                with torch.no_grad():
-                    for b, saved in zip(generator.buffers(), saved_buffers):
-                        b.copy_(saved)
                 state["skipped"] += 1
                 log.warning("stage %d step %d: non-finite loss (%s), step skipped (%d so far)", stage_idx, step,
                             {k: float(v.detach()) for k, v in terms.items()}, state["skipped"])
-            else:
-                g_engine.backward(terms["total"])
-                g_engine.step()
 
             state["step"] += 1
             state["global_step"] += 1

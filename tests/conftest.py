@@ -1,8 +1,15 @@
 """Shared fixtures (kept small) and the ``cuda`` marker policy."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's (exact, slow) interpreter; it must be chosen
+# before any kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hptransfer.config import ModelConfig
 
@@ -41,3 +48,7 @@ def random_keypoints(batch: int, resolution: int, gen: torch.Generator, missing:
     kp = torch.rand(batch, 18, 2, generator=gen) * (resolution - 1)
     kp[:, :missing] = -1
     return kp
+
+
+# Devices for fast-vs-reference kernel tests: the CPU (Triton interpreter) always, CUDA marked.
+KERNEL_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]

@@ -31,33 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results"
 
-try:  # the shared bench helpers, when they are there
-    from bench import common as _common  # type: ignore
-except Exception:  # noqa: BLE001
-    _common = None
+from bench.common import device_name, write_json  # noqa: E402
 
 log = logging.getLogger("bench_data")
-
-
-def device_name() -> str:
-    if _common is not None and hasattr(_common, "device_name"):
-        return _common.device_name()
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name().replace(" ", "-").lower()
-    return "cpu"
-
-
-def write_json(path: Path, payload: dict) -> None:
-    if _common is not None and hasattr(_common, "write_json"):
-        try:
-            _common.write_json(path, payload)
-            return
-        except TypeError:
-            pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def synthesize(root: Path, size: int, pairs: int, seed: int) -> None:

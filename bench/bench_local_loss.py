@@ -13,10 +13,7 @@ JSON goes to bench/results/local_loss-<device>.json (atomically).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
-import os
 import platform
 import statistics
 import sys
@@ -30,37 +27,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results"
 
-try:  # the shared bench helpers, when they are there
-    from bench import common as _common  # type: ignore
-except Exception:  # noqa: BLE001
-    _common = None
+from bench.common import device_name, nvtx, write_json  # noqa: E402
+from bench.common import sync as _sync  # noqa: E402
 
 log = logging.getLogger("bench_local_loss")
 COUNTS = {256: 31, 512: 31, 1024: 44}
-
-
-def device_name() -> str:
-    if _common is not None and hasattr(_common, "device_name"):
-        return _common.device_name()
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name().replace(" ", "-").lower()
-    return "cpu"
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def nvtx(name: str):
-    return torch.cuda.nvtx.range(name) if torch.cuda.is_available() else contextlib.nullcontext()
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_step(impl, fake, real, kp, vgg, repeat, device):

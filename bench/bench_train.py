@@ -24,12 +24,9 @@ timed steps. JSON: bench/results/train-<device>.json (atomically).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -43,30 +40,14 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results"
 
 from bench import naive  # noqa: E402
+from bench.common import device_name, git_commit, write_json  # noqa: E402
+from bench.common import sync as _sync  # noqa: E402
 from hptransfer import losses, pose, profiling  # noqa: E402
 from hptransfer.backend import SingleBackend  # noqa: E402
 from hptransfer.config import Config, StageConfig  # noqa: E402
 from hptransfer.step import PHASES, train_step  # noqa: E402
 
 log = logging.getLogger("bench_train")
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name().replace(" ", "-").lower()
-    return "cpu"
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -301,14 +282,6 @@ def max_batch(R: int, width: float, device: torch.device, checkpointing: bool, d
 
 
 # ----------------------------------------------------------------------------- main
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
 def bench_resolution(args, R: int, device: torch.device, peak_tflops) -> dict:
     modes = ["fast", "naive"] if args.mode == "both" else [args.mode]
     cfg = make_config(R, args.batch, args.width, args.disc, args.compile, args.checkpointing)

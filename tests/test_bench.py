@@ -55,3 +55,17 @@ def test_bench_train_end_to_end_and_plot(tmp_path, capsys):
 
     with Image.open(png) as im:
         assert im.size[0] > 100 and im.size[1] > 100
+
+
+def test_bench_kernels_quick_writes_rows(tmp_path):
+    from bench import bench_kernels
+
+    out = tmp_path / "kernels.json"
+    assert bench_kernels.main(["--quick", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    ops = {(r["op"], r["resolution"], r["batch"]) for r in doc["rows"]}
+    assert ("heatmaps", 256, 2) in ops and ("gather_bwd", 64, 1) in ops
+    assert all(r["reference_ms"] > 0 for r in doc["rows"])
+    if not torch.cuda.is_available():  # the interpreter is never timed as a kernel
+        assert all(r["kernel_ms"] is None for r in doc["rows"])
+    assert doc["device"] and doc["git_commit"]

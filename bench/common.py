@@ -1,0 +1,98 @@
+"""Helpers shared by the benchmarks: device naming, timing, NVTX ranges, result JSON.
+
+Timing: on a GPU ``triton.testing.do_bench`` (median of many runs, with cache flushes between);
+on the CPU the median of repeated ``time.perf_counter`` runs after warm-up. Results go to
+``bench/results/<name>-<device>.json`` with the device, versions, git commit and date.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+
+
+def device_name() -> str:
+    """'cpu' or the GPU's name in lower case with dashes (e.g. 'nvidia-h100-80gb-hbm3')."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name().replace(" ", "-").lower()
+    return "cpu"
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def nvtx(name: str):
+    """An NVTX range on a GPU (visible in Nsight Systems), nothing on the CPU."""
+    return torch.cuda.nvtx.range(name) if torch.cuda.is_available() else contextlib.nullcontext()
+
+
+def median_ms(fn: Callable[[], object], device, warmup: int = 3, repeat: int = 20) -> float:
+    """Median wall time of ``fn()`` in milliseconds (do_bench on CUDA)."""
+    if torch.device(device).type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:  # noqa: BLE001 - a tarball has no git
+        return "unknown"
+
+
+def environment() -> dict:
+    """Device, versions, commit and date: stored with every result file."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": device_name(), "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
+            "python": platform.python_version(), "cpu_threads": torch.get_num_threads(), "git_commit": git_commit(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write ``payload`` as JSON atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def result_path(name: str) -> Path:
+    return RESULTS / f"{name}-{device_name()}.json"
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    """A Markdown table of ``rows`` (dicts) with ``columns``; floats shown with 3 significant digits."""
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else ("-" if v is None else str(v))  # noqa: E731
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in cells)])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("nvidia.dali")
+import nvidia.dali  # noqa: E402,F401  (a pinned dependency: a missing install must fail, not skip)
 
 from hptransfer.data import PairDataset, make_loader, write_annotations, write_pairs  # noqa: E402
 from hptransfer.data.dali import (make_dali_loader, make_dali_loader_from_dataset,  # noqa: E402

@@ -214,3 +214,23 @@ def test_shipped_configs_load():
     for path in sorted((root / "ds").glob("*.json")):
         assert json.loads(path.read_text())["zero_optimization"]["stage"] in (1, 2, 3)
     assert len(list((root / "ds").glob("zero*_*.json"))) == 6
+
+
+def test_trains_with_the_dali_loader(data_root, tmp_path, monkeypatch):
+    """data.loader=dali on the CPU (DALI's CPU-only mode): the trainer runs on DALI's batches, which
+    match the torch loader's within resize rounding, so the first step's losses agree closely."""
+    from hptransfer.data import dali
+
+    built = []
+    real = dali.make_dali_loader_from_dataset
+    monkeypatch.setattr(dali, "make_dali_loader_from_dataset", lambda *a, **k: built.append(1) or real(*a, **k))
+    losses = {}
+    for loader in ("dali", "torch"):
+        seen = []
+        cfg = tiny_cfg(data_root, tmp_path / loader, f"data.loader={loader}",
+                       "stages=[{resolution: 64, iterations: 2, batch_size: 2}]")
+        result = train(cfg, callback=lambda info: seen.append(info["terms"]))
+        assert result["global_step"] == 2 and result["skipped"] == 0
+        losses[loader] = seen[0]["global"]
+    assert built, "the DALI loader was not used"
+    assert losses["dali"] == pytest.approx(losses["torch"], rel=0.05)

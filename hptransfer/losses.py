@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from hptransfer import ops, pose
 from hptransfer.config import LossConfig
 from hptransfer.ops.local_perceptual_loss import criterion_per_sample
+from hptransfer.profiling import phase
 
 
 def criterion_for_step(step: int, iterations: int) -> str:
@@ -156,17 +157,20 @@ def generator_loss(fake: torch.Tensor, target: torch.Tensor, kp_target: torch.Te
     weights = loss_cfg.layer_weights
     terms = active_terms(loss_cfg, R)
     zero = fake.new_zeros((), dtype=torch.float32)
-    out = {"global": global_perceptual_loss(fake, target, vgg, criterion, weights), "local": zero, "adv": zero}
+    with phase("global_vgg"):  # profiling phases: NVTX ranges / timers, a flag check otherwise
+        out = {"global": global_perceptual_loss(fake, target, vgg, criterion, weights), "local": zero, "adv": zero}
     if terms["local"]:
-        out["local"] = ops.local_perceptual_loss(fake, target, kp_target, vgg, criterion, impl=impl,
-                                                 layer_weights=weights, min_crop=loss_cfg.local_min_crop)
+        with phase("local_vgg"):
+            out["local"] = ops.local_perceptual_loss(fake, target, kp_target, vgg, criterion, impl=impl,
+                                                     layer_weights=weights, min_crop=loss_cfg.local_min_crop)
     if terms["adv"]:
         if disc is None or reference is None or kp_reference is None:
             raise ValueError(f"the adversarial term is active at {R} px (loss.disc_at_resolution="
                              f"{loss_cfg.disc_at_resolution}): pass disc, reference and kp_reference")
-        pairs = local_discriminator_pairs(reference, fake, kp_reference, kp_target, R, impl, reference_at)
-        valid = pair_validity(kp_reference, kp_target, R, reference_at)
-        out["adv"] = generator_adversarial_loss(disc, pairs, valid)
+        with phase("discriminator"):
+            pairs = local_discriminator_pairs(reference, fake, kp_reference, kp_target, R, impl, reference_at)
+            valid = pair_validity(kp_reference, kp_target, R, reference_at)
+            out["adv"] = generator_adversarial_loss(disc, pairs, valid)
     out["total"] = (loss_cfg.global_weight * out["global"] + loss_cfg.local_weight * out["local"]
                     + loss_cfg.adv_weight * out["adv"])
     return out

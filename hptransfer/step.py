@@ -2,11 +2,9 @@
 
 D step on the detached fake (when a discriminator engine is given), then the generator's losses,
 backward and optimiser step; a non-finite loss skips the step on every rank (``backend.any_true``)
-and restores the generator's BatchNorm buffers. The generator terms are computed with the
-lower-level functions of :mod:`hptransfer.losses` (the same calls, in the same order, as
-``losses.generator_loss``; ``tests/test_step.py`` checks they agree) so that each gets its own
-:func:`hptransfer.profiling.phase`: generator_forward, discriminator (D step and the adversarial
-term), global_vgg, local_vgg, backward, optimizer.
+and restores the generator's BatchNorm buffers. Each part runs in its own
+:func:`hptransfer.profiling.phase` (``losses.generator_loss`` marks its terms): generator_forward,
+discriminator (D step and the adversarial term), global_vgg, local_vgg, backward, optimizer.
 """
 from __future__ import annotations
 
@@ -15,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from hptransfer import losses, ops
+from hptransfer import losses
 from hptransfer.profiling import phase
 
 log = logging.getLogger(__name__)
@@ -25,34 +23,6 @@ PHASES = ("generator_forward", "discriminator", "global_vgg", "local_vgg", "back
 
 def _finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x.detach()).all().item())
-
-
-def generator_terms(fake, target, kp_target, vgg, loss_cfg, criterion, *, reference=None, kp_reference=None,
-                    disc=None, impl: str = "auto", reference_at: str = "reference") -> dict:
-    """``losses.generator_loss`` split into phases: same arguments, same result
-    ({"global", "local", "adv", "total"}, fp32 scalars)."""
-    R = fake.shape[-1]
-    weights = loss_cfg.layer_weights
-    active = losses.active_terms(loss_cfg, R)
-    zero = fake.new_zeros((), dtype=torch.float32)
-    with phase("global_vgg"):
-        out = {"global": losses.global_perceptual_loss(fake, target, vgg, criterion, weights), "local": zero,
-               "adv": zero}
-    if active["local"]:
-        with phase("local_vgg"):
-            out["local"] = ops.local_perceptual_loss(fake, target, kp_target, vgg, criterion, impl=impl,
-                                                     layer_weights=weights, min_crop=loss_cfg.local_min_crop)
-    if active["adv"]:
-        if disc is None or reference is None or kp_reference is None:
-            raise ValueError(f"the adversarial term is active at {R} px (loss.disc_at_resolution="
-                             f"{loss_cfg.disc_at_resolution}): pass disc, reference and kp_reference")
-        with phase("discriminator"):
-            pairs = losses.local_discriminator_pairs(reference, fake, kp_reference, kp_target, R, impl, reference_at)
-            valid = losses.pair_validity(kp_reference, kp_target, R, reference_at)
-            out["adv"] = losses.generator_adversarial_loss(disc, pairs, valid)
-    out["total"] = (loss_cfg.global_weight * out["global"] + loss_cfg.local_weight * out["local"]
-                    + loss_cfg.adv_weight * out["adv"])
-    return out
 
 
 def train_step(g_engine, generator, vgg, cfg, reference: torch.Tensor, target: torch.Tensor, kp_ref: torch.Tensor,
@@ -88,7 +58,7 @@ def train_step(g_engine, generator, vgg, cfg, reference: torch.Tensor, target: t
                 d_engine.step()
 
     with backend.loss_autocast():
-        terms = generator_terms(fake, target, kp_tgt, vgg, cfg.loss, criterion, reference=reference,
+        terms = losses.generator_loss(fake, target, kp_tgt, vgg, cfg.loss, criterion, reference=reference,
                                 kp_reference=kp_ref, disc=d_engine, impl=impl)
     if loss_hook is not None:
         terms = loss_hook(terms, info or {})

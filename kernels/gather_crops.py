@@ -47,27 +47,35 @@ def _channel_affine(c, NORMALIZE: tl.constexpr):
 
 
 @triton.jit
-def _gather_crops_forward_kernel(img_ptr, centers_ptr, out_ptr, N, H, W, TILES_X,
-                                 sib, sic, sih, siw, sob, soc, soh, sow,
-                                 SIZE: tl.constexpr, NORMALIZE: tl.constexpr,
-                                 BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr):
-    crop = tl.program_id(0)
-    c = tl.program_id(1)
-    tile = tl.program_id(2)
-    b = crop // N
+def _crop_tile(centers_ptr, crop, tile, H, W, TILES_X, SIZE: tl.constexpr, BLOCK_Y: tl.constexpr,
+               BLOCK_X: tl.constexpr):
+    """Crop-pixel indices (py, px) of this tile, their image pixels (iy, ix) and the masks
+    in_crop (inside the s x s crop) and inside (also inside the image, descriptor valid)."""
     cy = tl.load(centers_ptr + crop * 2)
     cx = tl.load(centers_ptr + crop * 2 + 1)
     # An invalid centre moves the crop far outside the image, so every pixel is masked off.
     valid = (cy >= 0) & (cx >= 0)
     y0 = tl.where(valid, tl.floor(cy + 0.5).to(tl.int32) - SIZE // 2, -(1 << 30))
     x0 = tl.floor(cx + 0.5).to(tl.int32) - SIZE // 2
-
     py = (tile // TILES_X) * BLOCK_Y + tl.arange(0, BLOCK_Y)[:, None]
     px = (tile % TILES_X) * BLOCK_X + tl.arange(0, BLOCK_X)[None, :]
     in_crop = (py < SIZE) & (px < SIZE)
     iy = y0 + py
     ix = x0 + px
     inside = in_crop & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+    return py, px, in_crop, iy, ix, inside
+
+
+@triton.jit
+def _gather_crops_forward_kernel(img_ptr, centers_ptr, out_ptr, N, H, W, TILES_X,
+                                 sib, sic, sih, siw, sob, soc, soh, sow,
+                                 SIZE: tl.constexpr, NORMALIZE: tl.constexpr,
+                                 BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr):
+    crop = tl.program_id(0)
+    c = tl.program_id(1)
+    b = crop // N
+    py, px, in_crop, iy, ix, inside = _crop_tile(centers_ptr, crop, tl.program_id(2), H, W, TILES_X,
+                                                 SIZE, BLOCK_Y, BLOCK_X)
     src = img_ptr + b.to(tl.int64) * sib + c * sic + iy.to(tl.int64) * sih + ix * siw
     v = tl.load(src, mask=inside, other=0.0).to(tl.float32)
     scale, shift = _channel_affine(c, NORMALIZE)
@@ -83,21 +91,9 @@ def _gather_crops_backward_kernel(grad_out_ptr, centers_ptr, grad_img_ptr, N, H,
                                   BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr):
     crop = tl.program_id(0)
     c = tl.program_id(1)
-    tile = tl.program_id(2)
     b = crop // N
-    cy = tl.load(centers_ptr + crop * 2)
-    cx = tl.load(centers_ptr + crop * 2 + 1)
-    # An invalid centre moves the crop far outside the image, so every pixel is masked off.
-    valid = (cy >= 0) & (cx >= 0)
-    y0 = tl.where(valid, tl.floor(cy + 0.5).to(tl.int32) - SIZE // 2, -(1 << 30))
-    x0 = tl.floor(cx + 0.5).to(tl.int32) - SIZE // 2
-
-    py = (tile // TILES_X) * BLOCK_Y + tl.arange(0, BLOCK_Y)[:, None]
-    px = (tile % TILES_X) * BLOCK_X + tl.arange(0, BLOCK_X)[None, :]
-    in_crop = (py < SIZE) & (px < SIZE)
-    iy = y0 + py
-    ix = x0 + px
-    inside = in_crop & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+    py, px, in_crop, iy, ix, inside = _crop_tile(centers_ptr, crop, tl.program_id(2), H, W, TILES_X,
+                                                 SIZE, BLOCK_Y, BLOCK_X)
     g = tl.load(grad_out_ptr + crop.to(tl.int64) * sgb + c * sgc + py * sgh + px * sgw, mask=inside, other=0.0)
     scale, shift = _channel_affine(c, NORMALIZE)
     g = g.to(tl.float32) * scale

@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     if result["is_main"]:  # the summary table is in the log already
         print(f"export: {result['export']}  samples: {Path(cfg.train.out_dir) / 'samples'}  "
               f"log: {Path(cfg.train.out_dir) / 'train.log'}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # communication threads must not outlive the interpreter
     return 0
 
 

@@ -58,6 +58,8 @@ def main() -> int:
                                                                          if k.startswith("encoder.")}),
             "final_files": sorted(str(f.relative_to(final)) for f in final.rglob("*") if f.is_file()),
             "export": str(second["export"])}))
+    dist.barrier()
+    dist.destroy_process_group()  # a clean shutdown: gloo's threads must not outlive the interpreter
     return 0
 
 

@@ -11,7 +11,7 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -178,9 +178,3 @@ def parse_size(text: str) -> tuple[int, int]:
     except ValueError:
         raise PrepareError(f"size {text!r} is not HxW, e.g. 256x176") from None
     return h, w
-
-
-def run_items(items: list, work: Callable, desc: str) -> None:
-    """Call ``work(item)`` for each item under a progress bar."""
-    for item in progress(items, total=len(items), desc=desc):
-        work(item)

@@ -176,3 +176,23 @@ def test_background_is_per_identity():
     other = corners(1)
     assert max(np.abs(c - same[0]).max() for c in same[1:]) < 12  # noise only
     assert np.abs(other[0] - same[0]).max() > 12 or np.abs(corners(2)[0] - same[0]).max() > 12
+
+
+def test_centred_framing_and_chosen_views():
+    """framing="centred": the pelvis (hips' midpoint) on the vertical centre line at a fixed scale, so
+    the neck-to-pelvis length varies only with lean and view; views restricted to the ones asked for."""
+    spines, names = [], []
+    for i in range(3):
+        for name, _, kp, _ in render_identity(seed=2, identity=i, poses=4, size=128, views=("front",),
+                                              framing="centred"):
+            names.append(name)
+            pelvis = (kp[8] + kp[11]) / 2
+            assert abs(pelvis[1] - 64) < 2.0, name
+            assert abs(pelvis[0] - 64) < 10.0, name
+            spines.append(np.linalg.norm(kp[1] - pelvis))
+    assert all(n.endswith("_front.jpg") for n in names)
+    assert max(spines) / min(spines) < 1.2  # fixed scale (random framing varies it by up to ~2x)
+    with pytest.raises(ValueError, match="framing"):
+        synthesize("/nonexistent", identities=2, poses=2, size=64, framing="tight")
+    with pytest.raises(ValueError, match="views"):
+        synthesize("/nonexistent", identities=2, poses=2, size=64, views=("sideways",))

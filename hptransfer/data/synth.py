@@ -54,6 +54,8 @@ LIMITS = {
 REST = {"shoulder_flex": 5, "shoulder_abd": 10, "elbow": 15, "forearm_twist": 0, "hip_flex": 5, "hip_abd": 5,
         "knee": 5, "lean_fwd": 0, "lean_side": 0, "head_yaw": 0, "head_pitch": 0}
 VIEWS = {"front": 0.0, "three-quarter": 45.0, "side": 90.0, "back": 180.0}
+VIEW_ORDER = ("front", "side", "back", "three-quarter")  # poses of an identity cycle through these
+FRAMINGS = ("random", "centred")
 
 SKIN = [(255, 224, 196), (241, 194, 160), (224, 172, 130), (198, 134, 92), (160, 102, 64), (110, 70, 45)]
 HAIR = [(20, 16, 14), (60, 40, 25), (110, 75, 40), (185, 150, 95), (160, 60, 30), (120, 120, 120)]
@@ -354,14 +356,22 @@ def _background(rng, size: int) -> Image.Image:
     return Image.fromarray(np.clip(img + noise, 0, 255).astype(np.uint8))
 
 
-def render(ident: dict, pose: dict, size: int, rng: np.random.Generator, with_mask: bool = False):
+def render(ident: dict, pose: dict, size: int, rng: np.random.Generator, with_mask: bool = False,
+           framing: str = "random"):
     """Draw one posed identity. Returns (PIL RGB image, (18, 2) float32 (y, x) keypoints with -1
-    outside the image, body mask (H, W) bool or None)."""
+    outside the image, body mask (H, W) bool or None).
+
+    ``framing``: "random" (random scale and shift, sometimes an upper-body crop) or "centred" (the
+    whole figure at a fixed scale, pelvis on the vertical centre line, as in DeepFashion's studio shots).
+    """
+    if framing not in FRAMINGS:
+        raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
     j = skeleton(ident, pose)
     # Global placement: fit the figure, then a random scale/shift; sometimes an upper-body crop.
     pts = np.array([j[k] for k in j if not k.startswith("_")])
     lo, hi = pts[:, :2].min(0) - [0.05, 0.06], pts[:, :2].max(0) + [0.05, 0.09]
     extent = hi - lo
+    # The random draws happen in both framings, so "random" output does not depend on the option.
     crop = rng.random() < 0.15
     S = size * float(rng.uniform(0.78, 0.95)) / max(extent[1], extent[0] / 0.95)
     if crop:
@@ -372,6 +382,12 @@ def render(ident: dict, pose: dict, size: int, rng: np.random.Generator, with_ma
         oy = S * hi[1] + size * float(rng.uniform(0.02, 0.08))  # head near the top, legs cut off
     else:
         oy = S * hi[1] + slack[1] * float(rng.uniform(0.2, 0.8))
+    if framing == "centred":
+        # A fixed scale from the standing height (1 unit, head top +0.46 to feet -0.52 about the
+        # pelvis), not from this pose's extent; a raised hand may leave the frame.
+        S = size * 0.8
+        ox = size / 2 - S * float(j["pelvis"][0])
+        oy = size / 2 + S * (float(j["pelvis"][1]) - 0.03)
     bg_rng = np.random.default_rng(ident["background_seed"]) if "background_seed" in ident else rng
     c = _Canvas(_background(bg_rng, size), S, np.array([ox, oy]), with_mask)
     z = {k: float(v[2]) for k, v in j.items() if not k.startswith("_")}
@@ -512,31 +528,31 @@ def render(ident: dict, pose: dict, size: int, rng: np.random.Generator, with_ma
 
 # ---------------------------------------------------------------- dataset writer
 
-def _view_for(identity: int, pose_index: int) -> str:
-    order = ("front", "side", "back", "three-quarter")
-    return order[(identity + pose_index) % len(order)]
+def _view_for(identity: int, pose_index: int, views: tuple = VIEW_ORDER) -> str:
+    return views[(identity + pose_index) % len(views)]
 
 
 def _image_name(identity: int, pose_index: int, view: str) -> str:
     return f"person{identity:05d}_{pose_index:02d}_{view}.jpg"
 
 
-def render_identity(seed: int, identity: int, poses: int, size: int, with_mask: bool = False):
+def render_identity(seed: int, identity: int, poses: int, size: int, with_mask: bool = False,
+                    views: tuple = VIEW_ORDER, framing: str = "random"):
     """All poses of one identity (a pure function of its arguments): list of (name, image, kp, mask)."""
     rng = np.random.default_rng([seed, identity])
     ident = make_identity(rng, size)
     out = []
     for p in range(poses):
-        view = _view_for(identity, p)
-        img, kp, mask = render(ident, sample_pose(rng, view), size, rng, with_mask)
+        view = _view_for(identity, p, views)
+        img, kp, mask = render(ident, sample_pose(rng, view), size, rng, with_mask, framing)
         out.append((_image_name(identity, p, view), img, kp, mask))
     return out
 
 
 def _write_identity(task):
-    seed, identity, poses, size, image_dir = task
+    seed, identity, poses, size, image_dir, views, framing = task
     result = {}
-    for name, img, kp, _ in render_identity(seed, identity, poses, size):
+    for name, img, kp, _ in render_identity(seed, identity, poses, size, views=views, framing=framing):
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=JPEG_QUALITY)
         atomic_write_bytes(Path(image_dir) / name, buf.getvalue())
@@ -545,13 +561,20 @@ def _write_identity(task):
 
 
 def synthesize(root, identities: int, poses: int, size: int, seed: int = 0, test_fraction: float = 0.2,
-               max_pairs_per_identity: Optional[int] = None, workers: Optional[int] = None) -> dict:
+               max_pairs_per_identity: Optional[int] = None, workers: Optional[int] = None,
+               views: tuple = VIEW_ORDER, framing: str = "random") -> dict:
     """Write a synthetic people dataset under ``root`` in the benchmark format; returns counts.
 
     ``identities`` are split between train and test (at least one each when there are two or
     more); pairs are all ordered pairs of different poses of an identity, or a random subset of
-    ``max_pairs_per_identity`` of them. ``workers``: processes (default: up to 2 cores).
+    ``max_pairs_per_identity`` of them. ``workers``: processes (default: up to 2 cores). The poses
+    of an identity cycle through ``views``; ``framing`` is :func:`render`'s.
     """
+    views = tuple(views)
+    if not views or any(v not in VIEWS for v in views):
+        raise ValueError(f"views must be a non-empty subset of {tuple(VIEWS)}, got {views}")
+    if framing not in FRAMINGS:
+        raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise ValueError(f"size must be in [{MIN_SIZE}, {MAX_SIZE}], got {size}")
     if identities < 1 or poses < 2:
@@ -562,7 +585,7 @@ def synthesize(root, identities: int, poses: int, size: int, seed: int = 0, test
     image_dir = root / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    tasks = [(seed, i, poses, size, str(image_dir)) for i in range(identities)]
+    tasks = [(seed, i, poses, size, str(image_dir), views, framing) for i in range(identities)]
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
     kps: dict[int, dict] = {}
@@ -614,11 +637,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--test-fraction", type=float, default=0.2, help="share of identities in the test split")
     parser.add_argument("--max-pairs", type=int, default=None, help="cap on pairs per identity (default: all)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: up to 2)")
+    parser.add_argument("--views", default=",".join(VIEW_ORDER),
+                        help=f"comma-separated views the poses cycle through (of {', '.join(VIEWS)})")
+    parser.add_argument("--framing", choices=FRAMINGS, default="random",
+                        help="random: random scale/shift and some upper-body crops; centred: whole figure, fixed scale")
 
 
 def run(args) -> int:
     res = synthesize(args.out, args.identities, args.poses, args.size, seed=args.seed,
-                     test_fraction=args.test_fraction, max_pairs_per_identity=args.max_pairs, workers=args.workers)
+                     test_fraction=args.test_fraction, max_pairs_per_identity=args.max_pairs, workers=args.workers,
+                     views=tuple(v.strip() for v in args.views.split(",") if v.strip()), framing=args.framing)
     for split, c in res["splits"].items():
         print(f"{split:5s}: {c['identities']} identities, {c['images']} images, {c['pairs']} pairs")
     n = sum(c["images"] for c in res["splits"].values())

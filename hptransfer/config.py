@@ -43,6 +43,10 @@ class ModelConfig:
     negative_slope: float = 0.2
     disc_shared: bool = False  # one discriminator shared by all descriptors instead of N grouped
     disc_channels: int = 64  # first-layer width of each local discriminator
+    # Share of each grown stage over which the encoder's old input path (the previous stage's
+    # from-RGB on the 2x-downsampled image) fades out into the new top encoder block. 0 = the paper
+    # (no fade: new blocks train from scratch). See Generator.grow.
+    input_fade: float = 0.0
 
 
 @dataclass
@@ -127,6 +131,8 @@ class Config:
             raise ConfigError(f"{source}: loss.layer_weights must have one weight per entry of loss.layers")
         if self.model.width <= 0:
             raise ConfigError(f"{source}: model.width must be > 0")
+        if not 0.0 <= self.model.input_fade <= 1.0:
+            raise ConfigError(f"{source}: model.input_fade must be in [0, 1], got {self.model.input_fade}")
         return self
 
     def to_dict(self) -> dict:

@@ -44,7 +44,7 @@ def export_generator(generator, out_dir: str | Path, extra: Optional[dict] = Non
     old = None
     try:
         state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
-                 for k, v in generator.state_dict().items()}
+                 for k, v in generator.inference_state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         meta = {"format_version": FORMAT_VERSION, "arch": generator.arch(), "resolution": int(generator.resolution),
                 "keypoints": KEYPOINT_CONVENTION, "image_range": [-1, 1],

@@ -103,15 +103,30 @@ def _make_optimizer(cfg: Config, params, lr: float) -> torch.optim.Optimizer:
                weight_decay=cfg.train.weight_decay)
 
 
-def _build_generator(cfg: Config, resolution: int, state: Optional[dict] = None):
+def _build_generator(cfg: Config, resolution: int, state: Optional[dict] = None, fading: bool = False):
+    """A generator at ``resolution``, with the input fade's from-RGB when ``fading`` or ``state`` has it."""
     from hptransfer.models import Generator
 
     g = Generator(cfg.model, resolution)
+    if fading or (state is not None and any(k.startswith(f"from_rgb.{resolution // 2}.") for k in state)):
+        g.add_input_fade()
     if state is not None:
         g.load_state_dict(state)
     g.kernels = cfg.train.kernels
     g.set_activation_checkpointing(cfg.train.activation_checkpointing)
     return g
+
+
+def _fades(cfg: Config, stage_idx: int) -> bool:
+    """Whether stage ``stage_idx`` starts with the input fade (a grown stage, model.input_fade > 0)."""
+    return stage_idx > 0 and cfg.model.input_fade > 0
+
+
+def _fade_alpha(cfg: Config, stage_idx: int, step: int, iterations: int) -> float:
+    """Weight of the new input path at 0-based ``step``: linear from 0 to 1 over input_fade * iterations."""
+    if not _fades(cfg, stage_idx):
+        return 1.0
+    return min(1.0, step / max(cfg.model.input_fade * iterations, 1.0))
 
 
 def _build_vgg(cfg: Config, backend: Backend):
@@ -220,7 +235,7 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
     vgg = _build_vgg(cfg, backend)
     impl = cfg.train.kernels
     state = dict(start)
-    generator = _build_generator(cfg, cfg.stages[start["stage"]].resolution)
+    generator = _build_generator(cfg, cfg.stages[start["stage"]].resolution, fading=_fades(cfg, start["stage"]))
     export_path = None
     g_engine: Optional[Engine] = None
     stopped = False
@@ -230,7 +245,7 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
         R = st.resolution
         # ---- build the stage: generator at R, engines (optimisers), data
         if generator.resolution != R:
-            generator.grow()
+            generator.grow(input_fade=_fades(cfg, stage_idx))
         generator = backend.prepare(generator)
         g_engine = backend.engine("generator", generator, _make_optimizer(cfg, generator.parameters(), cfg.train.lr),
                                   st.batch_size)
@@ -267,9 +282,11 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
         while state["step"] < st.iterations:
             step = state["step"]
             criterion = losses.criterion_for_step(step, st.iterations)
+            generator.fade_alpha = _fade_alpha(cfg, stage_idx, step, st.iterations)
             reference, target, kp_ref, kp_tgt = _to_device(batches.next(), backend)
             info = {"stage": stage_idx, "resolution": R, "step_in_stage": step, "global_step": state["global_step"],
-                    "criterion": criterion, "disc_active": d_engine is not None}
+                    "criterion": criterion, "disc_active": d_engine is not None,
+                    "fade_alpha": generator.fade_alpha}
             out = train_step(g_engine, generator, vgg, cfg, reference, target, kp_ref, kp_tgt, criterion, impl,
                              backend, d_engine=d_engine, loss_hook=loss_hook, info=info)
             terms, d_loss, skipped = out["terms"], out["d_loss"], out["skipped"]
@@ -348,6 +365,7 @@ def _eval_generator(cfg: Config, backend: Backend, g_engine: Engine, generator):
     if not backend.distributed:
         return generator
     g = _build_generator(cfg, generator.resolution, backend.full_state_dict(g_engine))  # collective
+    g.fade_alpha = generator.fade_alpha
     return g.to(backend.device)
 
 

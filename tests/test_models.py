@@ -157,6 +157,43 @@ def test_forward_after_growth_trains(tiny_cfg, rng):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in g.parameters())
 
 
+def test_input_fade_blends_old_and_new_input_paths(tiny_cfg, rng):
+    """grow(input_fade=True) keeps the old from-RGB: at alpha 0 the deeper blocks get exactly the
+    64-px path's input (the new top encoder reaches the output only through its skip), at alpha 1
+    the old path gets zero gradients; the inference state dict drops it and loads via from_arch."""
+    torch.manual_seed(0)
+    g = Generator(tiny_cfg, 64)
+    old_from_rgb = g.from_rgb["64"]
+    g.grow(input_fade=True)
+    assert g.fading and g.fade_alpha == 0.0 and g.from_rgb["64"] is old_from_rgb
+    x, kp = torch.rand(2, 3, 128, 128, generator=rng) * 2 - 1, random_keypoints(2, 128, rng)
+    seen = {}
+    g.encoder["64"].register_forward_hook(lambda m, inp, out: seen.__setitem__("in", inp[0].detach()))
+    g(x, kp)
+    torch.testing.assert_close(seen["in"], old_from_rgb(torch.nn.functional.avg_pool2d(x, 2)), rtol=0, atol=0)
+    for alpha, old_moves in ((0.0, True), (0.3, True), (1.0, False)):
+        g.zero_grad()
+        g.fade_alpha = alpha
+        g(x, kp).square().mean().backward()
+        grad = g.from_rgb["64"].conv.weight.grad
+        assert grad is not None and (grad.abs().sum() > 0) == old_moves, alpha
+        assert g.from_rgb["128"].conv.weight.grad.abs().sum() > 0  # the new path trains in every case
+    state = g.inference_state_dict()
+    assert not any(k.startswith("from_rgb.64.") for k in state) and "from_rgb.128.conv.weight" in state
+    h = Generator.from_arch(g.arch())
+    h.load_state_dict(state, strict=True)
+    g.eval(), h.eval()
+    assert torch.equal(g(x, kp), h(x, kp))  # alpha is 1: the old path is off
+    # a generator built at 128 takes a fading checkpoint once the fade's from-RGB is added
+    k = Generator(tiny_cfg, 128)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        k.load_state_dict(g.state_dict())
+    k.add_input_fade()
+    k.load_state_dict(g.state_dict(), strict=True)
+    g.grow()  # the next growth drops the fade's from-RGB
+    assert not g.fading and set(g.from_rgb) == {"256"}
+
+
 def test_export_roundtrip_from_arch(tiny_cfg, rng):
     g = Generator(tiny_cfg, 64)
     g.grow()

@@ -112,6 +112,30 @@ def test_exact_resume(full_run, data_root, tmp_path, stop_at):
     assert _max_diff(full["generator_state"], resumed["generator_state"]) == 0.0
 
 
+def test_input_fade_schedule_resume_and_export(full_run, data_root, tmp_path):
+    """model.input_fade: alpha 1 at the first stage, 0 -> 1 over the share of the grown stage; a run
+    stopped inside the fade resumes exactly; the export leaves the fade's from-RGB out."""
+    from hptransfer.export import load_generator
+
+    _, full, _ = full_run
+    cfg = tiny_cfg(data_root, tmp_path / "full", "model.input_fade=0.7")
+    alphas = []
+    result = train(cfg, callback=lambda info: alphas.append((info["resolution"], info["fade_alpha"])))
+    fade_steps = 0.7 * ITERS
+    assert alphas == [(64, 1.0)] * ITERS + [(128, min(1.0, s / fade_steps)) for s in range(ITERS)]
+    assert alphas[ITERS][1] == 0.0 and 0 < alphas[ITERS + 1][1] < 1
+    assert any(k.startswith("from_rgb.64.") for k in result["generator_state"])
+    # the fade changes training: not the same weights as the run without it
+    assert _max_diff({k: full["generator_state"][k] for k in full["generator_state"]},
+                     {k: result["generator_state"][k] for k in full["generator_state"]}) > 0
+    loaded = load_generator(tmp_path / "full" / "export")
+    assert loaded.resolution == 128 and not loaded.fading
+    stopped_cfg = tiny_cfg(data_root, tmp_path / "stopped", "model.input_fade=0.7")
+    assert train(stopped_cfg, stop_at_step=ITERS + 1)["stopped"]
+    resumed = train(stopped_cfg, resume="auto")
+    assert _max_diff(result["generator_state"], resumed["generator_state"]) == 0.0
+
+
 def test_nonfinite_loss_skips_step_and_weights_stay(data_root, tmp_path):
     cfg = tiny_cfg(data_root, tmp_path, "stages=[{resolution: 64, iterations: 3, batch_size: 2}]")
     snaps = {}

@@ -14,6 +14,13 @@ halving per doubling of the side)::
                        Conv3x3-BN-LReLU 2*ch(r/2) [+18] -> ch(r); Conv3x3-BN-LReLU ch(r) -> ch(r)
     to_rgb[R]        1x1 conv ch(R) -> 3, tanh (images live in [-1, 1])
 
+Input fade (``model.input_fade`` > 0, not in the paper): for the first part of a grown stage the
+input of encoder[R/2] is ``alpha * avgpool(encoder[R](from_rgb[R](x))) + (1 - alpha) *
+from_rgb[R/2](avgpool(x))``, the previous stage's from-RGB kept for the stage, alpha going 0 -> 1.
+Without it the fresh top encoder block feeds the trained deeper blocks random features at the
+growth, and the network falls back to copying the reference through the new top skip (seen in the
+CPU demo). The output side is not faded: the new decoder block trains from scratch, as in the paper.
+
 The bracketed heatmaps are the ``model.pose_at_every_scale`` option (the paper injects pose only at
 the bottleneck). The 3x3 convolutions have no bias (the following BatchNorm's shift makes it
 redundant); the 1x1 RGB projections have a bias. Conv weights use He (kaiming-normal) init for
@@ -169,6 +176,7 @@ class Generator(nn.Module):
             raise ValueError(f"resolution must be {self.base} * 2^k and <= {MAX_RESOLUTION}, got {resolution}")
         self.kernels = "auto"
         self.checkpointing = False
+        self.fade_alpha = 1.0  # weight of the new input path while fading (see grow)
         slope = model_cfg.negative_slope
         ch = self.channels
         self.encoder = nn.ModuleDict()
@@ -198,18 +206,29 @@ class Generator(nn.Module):
         self.from_rgb = nn.ModuleDict({str(r): FromRGB(self.channels(r), self.cfg.negative_slope)})
         self.to_rgb = nn.ModuleDict({str(r): ToRGB(self.channels(r))})
 
-    def grow(self) -> None:
+    @property
+    def fading(self) -> bool:
+        """True while the previous stage's from-RGB is kept for the input fade."""
+        return str(self.resolution // 2) in self.from_rgb
+
+    def grow(self, input_fade: bool = False) -> None:
         """Double the resolution: one new encoder and decoder block at 2R, new from/to-RGB.
 
-        Trained weights are kept; the old from/to-RGB are dropped. New modules get the device,
-        dtype and memory format of the existing ones. Rebuild optimisers afterwards.
+        Trained weights are kept; the old to-RGB is dropped, and so is the old from-RGB unless
+        ``input_fade`` keeps it for the fade (``fade_alpha`` then starts at 0; the trainer raises it).
+        New modules get the device, dtype and memory format of the existing ones. Rebuild
+        optimisers afterwards.
         """
         if self.resolution >= MAX_RESOLUTION:
             raise RuntimeError(f"generator is already at the top resolution {MAX_RESOLUTION}; cannot grow")
         ref = self.bottleneck.conv2.conv.weight
         old = set(dict(self.named_modules()))
+        previous_from_rgb = self.from_rgb[str(self.resolution)]
         self._add_blocks(self.resolution * 2)
         self._set_rgb(self.resolution)
+        if input_fade:
+            self.from_rgb[str(self.resolution // 2)] = previous_from_rgb
+        self.fade_alpha = 0.0 if input_fade else 1.0
         fmt = torch.channels_last if ref.dim() == 4 and ref.is_contiguous(memory_format=torch.channels_last) \
             and not ref.is_contiguous() else torch.contiguous_format
         for name, m in self.named_modules():
@@ -221,6 +240,20 @@ class Generator(nn.Module):
         self.train(self.training)
         log.debug("generator grown to %d px (%d parameters)", self.resolution,
                  sum(p.numel() for p in self.parameters()))
+
+    def add_input_fade(self) -> None:
+        """Add the fade's from-RGB at R/2 (untrained) to a generator built at R, so that a checkpoint
+        written during a fade loads into it."""
+        if self.resolution == self.base or self.fading:
+            raise RuntimeError(f"no input fade to add at {self.resolution} px (base {self.base} or already fading)")
+        ref = self.bottleneck.conv2.conv.weight
+        self.from_rgb[str(self.resolution // 2)] = FromRGB(self.channels(self.resolution // 2),
+                                                           self.cfg.negative_slope).to(ref.device, ref.dtype)
+
+    def inference_state_dict(self) -> dict:
+        """The state dict without the fade's from-RGB: what :meth:`from_arch` builds and an export holds."""
+        drop = f"from_rgb.{self.resolution // 2}."
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(drop)}
 
     def arch(self) -> dict:
         """Everything needed to rebuild this architecture: {"model": asdict(cfg), "resolution": R}."""
@@ -267,6 +300,13 @@ class Generator(nn.Module):
         maps = self.pose_maps(kp, x.dtype)
         skips = {}
         r = R
+        if self.fading:
+            # Always both paths (a zero weight still gives zero gradients: no unused parameters).
+            alpha = float(self.fade_alpha)
+            skips[R] = self._run(self.encoder[str(R)], x)
+            old = self.from_rgb[str(R // 2)](F.avg_pool2d(reference, 2))
+            x = alpha * F.avg_pool2d(skips[R], 2) + (1.0 - alpha) * old
+            r = R // 2
         while r >= self.base:
             skips[r] = self._run(self.encoder[str(r)], x)
             x = F.avg_pool2d(skips[r], 2)

@@ -15,11 +15,12 @@ halving per doubling of the side)::
     to_rgb[R]        1x1 conv ch(R) -> 3, tanh (images live in [-1, 1])
 
 Input fade (``model.input_fade`` > 0, not in the paper): for the first part of a grown stage the
-input of encoder[R/2] is ``alpha * avgpool(encoder[R](from_rgb[R](x))) + (1 - alpha) *
-from_rgb[R/2](avgpool(x))``, the previous stage's from-RGB kept for the stage, alpha going 0 -> 1.
-Without it the fresh top encoder block feeds the trained deeper blocks random features at the
-growth, and the network falls back to copying the reference through the new top skip (seen in the
-CPU demo). The output side is not faded: the new decoder block trains from scratch, as in the paper.
+new top encoder block fades in, alpha going 0 -> 1: encoder[R/2] gets ``alpha *
+avgpool(encoder[R](from_rgb[R](x))) + (1 - alpha) * from_rgb[R/2](avgpool(x))`` (the previous
+stage's from-RGB, kept for the stage) and decoder[R] gets the top skip times alpha. Without it the
+fresh top encoder feeds the trained deeper blocks random features at the growth and its skip offers
+the new decoder block a sharp copy of the reference, and the output falls back to the reference's
+pose (seen in the CPU demo). The new decoder block and to-RGB train from scratch, as in the paper.
 
 The bracketed heatmaps are the ``model.pose_at_every_scale`` option (the paper injects pose only at
 the bottleneck). The 3x3 convolutions have no bias (the following BatchNorm's shift makes it
@@ -302,10 +303,12 @@ class Generator(nn.Module):
         r = R
         if self.fading:
             # Always both paths (a zero weight still gives zero gradients: no unused parameters).
+            # The top skip fades in too: at alpha 0 the new decoder block learns from the deep path.
             alpha = float(self.fade_alpha)
             skips[R] = self._run(self.encoder[str(R)], x)
             old = self.from_rgb[str(R // 2)](F.avg_pool2d(reference, 2))
             x = alpha * F.avg_pool2d(skips[R], 2) + (1.0 - alpha) * old
+            skips[R] = alpha * skips[R]
             r = R // 2
         while r >= self.base:
             skips[r] = self._run(self.encoder[str(r)], x)

@@ -230,6 +230,46 @@ def evaluate_export(export_dir, data_root, split: str = "test", metrics=("ssim",
     return out
 
 
+def pose_following(export_dir, data_root, split: str = "test", batch_size: int = 16, device=None) -> dict:
+    """Does the output take the target pose? On a synthetic dataset (body masks from
+    ``hptransfer.data.synth.body_masks``), mean L1 (images in [0, 1]) between output and ground truth
+    over the *vacated* pixels (body in the reference, background in the target: the reference's pose
+    must disappear there) and the *new-body* pixels (body in the target only: the person must appear
+    there), for the model and for copying the reference. Lower is better; copying the reference scores
+    the full foreground/background difference on both.
+
+    Returns {"model": {"vacated_l1", "new_body_l1"}, "copy_reference": {...}, "pairs": n}.
+    """
+    import torch.nn.functional as F
+
+    from hptransfer.data import PairDataset
+    from hptransfer.data.synth import body_masks
+    from hptransfer.export import generate, load_generator
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    g = load_generator(export_dir, device=device)
+    R = g.resolution
+    ds = PairDataset(data_root, split, R)
+    masks = {k: torch.from_numpy(m)[None, None].float() for k, m in
+             body_masks(data_root, {n for pair in ds.pairs for n in pair}).items()}
+    masks = {k: (F.interpolate(m, size=(R, R), mode="nearest") if m.shape[-1] != R else m)[0, 0].bool()
+             for k, m in masks.items()}
+    sums = {who: {"vacated": [0.0, 0], "new_body": [0.0, 0]} for who in ("model", "copy_reference")}
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
+    for batch in loader:
+        fake = generate(g, batch["reference"], batch["kp_target"]).float().cpu()
+        for who, out in (("model", fake), ("copy_reference", batch["reference"])):
+            err = (out - batch["target"]).abs().mean(1) / 2  # (B, R, R), [0, 1] image range
+            for j, idx in enumerate(batch["index"].tolist()):
+                ref_body, tgt_body = (masks[n] for n in ds.pairs[idx])
+                for region, m in (("vacated", ref_body & ~tgt_body), ("new_body", tgt_body & ~ref_body)):
+                    sums[who][region][0] += float(err[j][m].sum())
+                    sums[who][region][1] += int(m.sum())
+    out = {who: {f"{region}_l1": (s / max(n, 1)) for region, (s, n) in regions.items()} for who, regions in sums.items()}
+    out["pairs"] = len(ds)
+    return out
+
+
 def format_table(results: dict) -> str:
     rows = [("metric", "value", "n")]
     for name, r in results.items():

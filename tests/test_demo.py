@@ -17,6 +17,11 @@ def test_demo_end_to_end(tmp_path, capsys):
     for who in ("model", "copy_reference"):
         assert 0.0 < metrics[f"{who}/ssim_gaussian"] <= 1.0
         assert 0.0 < metrics[f"{who}/local_ssim"] <= 1.0
+    # pose following from the body masks: copying the reference errs equally on vacated and new-body
+    # pixels (the pairs come in both orders); the model's errors are finite image-range L1s
+    copy = metrics["copy_reference/vacated_l1"], metrics["copy_reference/new_body_l1"]
+    assert copy[0] > 0.05 and copy[0] == pytest.approx(copy[1])
+    assert 0.0 < metrics["model/vacated_l1"] < 1.0 and 0.0 < metrics["model/new_body_l1"] < 1.0
     # the model and the baseline are scored on different images, so their SSIMs differ
     assert metrics["model/ssim_gaussian"] != metrics["copy_reference/ssim_gaussian"]
     assert (out / "export" / "model.safetensors").is_file() and (out / "export" / "config.json").is_file()

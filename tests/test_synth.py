@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hptransfer.data import read_annotations, read_pairs
-from hptransfer.data.synth import render_identity, synthesize
+from hptransfer.data.synth import body_masks, render_identity, synthesize
 
 
 def _digest(root: Path) -> dict:
@@ -196,3 +197,19 @@ def test_centred_framing_and_chosen_views():
         synthesize("/nonexistent", identities=2, poses=2, size=64, framing="tight")
     with pytest.raises(ValueError, match="views"):
         synthesize("/nonexistent", identities=2, poses=2, size=64, views=("sideways",))
+
+
+def test_body_masks_from_the_written_parameters(tmp_path):
+    synthesize(tmp_path, identities=3, poses=2, size=64, seed=5, workers=1, views=("front",), framing="centred")
+    params = json.loads((tmp_path / "synth.json").read_text())
+    assert params == {"seed": 5, "identities": 3, "poses": 2, "size": 64, "views": ["front"], "framing": "centred"}
+    expected = {n: m for n, _, _, m in render_identity(5, 1, 2, 64, with_mask=True, views=("front",),
+                                                       framing="centred")}
+    got = body_masks(tmp_path, list(expected))
+    assert got.keys() == expected.keys() and all(np.array_equal(got[n], expected[n]) for n in got)
+    assert all(0.03 < m.mean() < 0.6 for m in got.values())
+    with pytest.raises(ValueError, match="not the generator's output"):
+        body_masks(tmp_path, ["person00001_07_front.jpg"])
+    (tmp_path / "synth.json").unlink()
+    with pytest.raises(FileNotFoundError, match="synth.json"):
+        body_masks(tmp_path, list(expected))

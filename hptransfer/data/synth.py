@@ -22,6 +22,7 @@ subset); identities are split between train and test. The output is a function o
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import multiprocessing
@@ -33,11 +34,12 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from hptransfer.data.formats import atomic_write_bytes, write_annotations, write_pairs
+from hptransfer.data.formats import atomic_write_bytes, atomic_write_text, write_annotations, write_pairs
 
 log = logging.getLogger(__name__)
 
 JPEG_QUALITY = 95
+PARAMS_FILE = "synth.json"  # the generator's arguments, written beside the dataset (see body_masks)
 MIN_SIZE, MAX_SIZE = 64, 1024
 
 # Body proportions in units of standing height (pelvis at the origin, y up, facing +z; the
@@ -620,10 +622,35 @@ def synthesize(root, identities: int, poses: int, size: int, seed: int = 0, test
         write_annotations(root / f"annotations-{split}.csv", ann)
         write_pairs(root / f"pairs-{split}.csv", pairs)
         counts[split] = {"identities": len(ids), "images": len(ann), "pairs": len(pairs)}
+    params = {"seed": seed, "identities": identities, "poses": poses, "size": size, "views": list(views),
+              "framing": framing}
+    atomic_write_text(root / PARAMS_FILE, json.dumps(params, indent=1) + "\n")
     dt = time.perf_counter() - t0
     log.info("wrote %d images (%d px) of %d identities to %s in %.1f s (%d workers)", identities * poses, size,
              identities, root, dt, workers)
     return {"splits": counts, "seconds": dt}
+
+
+def body_masks(root, names) -> dict:
+    """{image name: (size, size) bool body mask} for images of a dataset this module wrote, rendered
+    again from its ``synth.json`` (the output is a pure function of those arguments)."""
+    root = Path(root)
+    path = root / PARAMS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: body masks exist only for datasets written by "
+                                "`hptransfer data synth` (or the demo)")
+    p = json.loads(path.read_text())
+    wanted, out = set(names), {}
+    identities = sorted({int(n[len("person"):len("person") + 5]) for n in wanted})
+    for i in identities:
+        for name, _, _, mask in render_identity(p["seed"], i, p["poses"], p["size"], with_mask=True,
+                                                views=tuple(p["views"]), framing=p["framing"]):
+            if name in wanted:
+                out[name] = mask
+    missing = wanted - out.keys()
+    if missing:
+        raise ValueError(f"{path}: these images are not the generator's output for its arguments: {sorted(missing)[:3]}")
+    return out
 
 
 # ---------------------------------------------------------------- CLI (hptransfer data synth)

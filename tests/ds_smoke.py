@@ -34,9 +34,9 @@ def main() -> int:
                         format=f"[rank {rank}] %(name)s: %(message)s")
     os.environ["HPTRANSFER_NO_BAR"] = "1"
     cfg = load_config(None, [
-        "model.width=0.03125", "model.disc_channels=4", "loss.vgg_weights=random", "loss.layers=[relu1_2,relu2_2]",
-        "loss.disc_at_resolution=128", "train.kernels=reference", "train.tensorboard=false",
-        "train.sample_every=0", "train.checkpoint_every=2", "train.log_every=1", "data.workers=0", "data.flip=false",
+        "model.width=0.03125", "model.disc_channels=4", "model.input_fade=0.5", "loss.vgg_weights=random",
+        "loss.layers=[relu1_2,relu2_2]", "loss.disc_at_resolution=128", "train.kernels=reference",
+        "train.tensorboard=false", "train.sample_every=0", "train.checkpoint_every=2", "train.log_every=1", "data.workers=0", "data.flip=false",
         f"data.root={args.data}", f"train.out_dir={args.out}",
         "stages=[{resolution: 64, iterations: 2, batch_size: 2}, {resolution: 128, iterations: 2, batch_size: 2}]"])
     first = train(cfg, ds_config=args.ds_config, stop_at_step=3)
@@ -56,6 +56,7 @@ def main() -> int:
             "latest_after_first": latest, "second_step": second["global_step"], "second_stopped": second["stopped"],
             "params_equal_across_ranks": same, "resolution_keys": sorted({k.split(".")[1] for k in params
                                                                          if k.startswith("encoder.")}),
+            "from_rgb_keys": sorted(k for k in params if k.startswith("from_rgb.")),
             "final_files": sorted(str(f.relative_to(final)) for f in final.rglob("*") if f.is_file()),
             "export": str(second["export"])}))
     dist.barrier()

@@ -1,5 +1,6 @@
 """Two CPU ranks under the ``deepspeed`` launcher (gloo), ZeRO-2: a stage growth with DeepSpeed
-re-initialised, a discriminator engine at 128 px, a checkpoint written by every rank, a resume.
+re-initialised, a discriminator engine at 128 px, a checkpoint written by every rank inside the input
+fade (model.input_fade) and a resume from it.
 
 The launched script is tests/ds_smoke.py; it writes a JSON this test checks.
 """
@@ -47,6 +48,7 @@ def test_two_ranks_zero2_growth_checkpoint_resume(tmp_path):
     assert r["second_step"] == 4 and not r["second_stopped"]
     assert r["params_equal_across_ranks"]  # ZeRO-2 kept the replicas in lockstep
     assert r["resolution_keys"] == ["128", "64"]  # grown once
+    assert r["from_rgb_keys"] == [f"from_rgb.{r}.conv.{p}" for r in (128, 64) for p in ("bias", "weight")]  # fading
     files = r["final_files"]
     assert "meta.json" in files and "rng_rank0.pt" in files and "rng_rank1.pt" in files
     for engine in ("generator", "discriminator"):  # DeepSpeed's own format, one optimiser shard per rank

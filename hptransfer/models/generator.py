@@ -19,8 +19,10 @@ new top encoder block fades in, alpha going 0 -> 1: encoder[R/2] gets ``alpha *
 avgpool(encoder[R](from_rgb[R](x))) + (1 - alpha) * from_rgb[R/2](avgpool(x))`` (the previous
 stage's from-RGB, kept for the stage) and decoder[R] gets the top skip times alpha. Without it the
 fresh top encoder feeds the trained deeper blocks random features at the growth and its skip offers
-the new decoder block a sharp copy of the reference, and the output falls back to the reference's
-pose (seen in the CPU demo). The new decoder block and to-RGB train from scratch, as in the paper.
+the new decoder block a sharp copy of the reference, which pulls the output back towards the
+reference's pose (CPU demo, 400 iterations at 128 px: L1 on the target's new body pixels 0.216 with
+the fade, 0.240 without; on vacated pixels 0.181 and 0.172). The new decoder block and to-RGB train
+from scratch, as in the paper.
 
 The bracketed heatmaps are the ``model.pose_at_every_scale`` option (the paper injects pose only at
 the bottleneck). The 3x3 convolutions have no bias (the following BatchNorm's shift makes it

@@ -44,6 +44,9 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None, help="score only the first N images/pairs")
     p.add_argument("--save-dir", default=None, help="with --checkpoint: also save generated images here")
+    p.add_argument("--pose-following", action="store_true",
+                   help="with --checkpoint on a synthetic dataset (synth.json): also the vacated / new-body L1 "
+                        "of the model and of copying the reference (see pose_following)")
     p.add_argument("--device", default=None, help="default: cuda when present")
     p.add_argument("--out", default=None, help="write the results as JSON here")
 
@@ -311,6 +314,9 @@ def run(args) -> int:
     else:
         print("error: give --checkpoint EXPORT --data DIR, or --pred DIR --gt DIR")
         return 2
+    if args.pose_following and not args.checkpoint:
+        print("error: --pose-following needs --checkpoint EXPORT --data DIR (a synthetic dataset)")
+        return 2
     try:
         results = evaluate(batches, protocols, crop, wanted, explicit, device, args.lpips_net,
                            args.lpips_weights, args.inception_weights, total, args.data_range)
@@ -318,9 +324,24 @@ def run(args) -> int:
         print(f"error: {e}")
         return 1
     print(format_table(results))
+    following = None
+    if args.pose_following:
+        from hptransfer.data.synth import PARAMS_FILE
+
+        if not (Path(args.data) / PARAMS_FILE).is_file():
+            print(f"error: --pose-following needs {Path(args.data) / PARAMS_FILE}: body masks exist only for "
+                  "datasets written by `hptransfer data synth`")
+            return 2
+        following = pose_following(args.checkpoint, args.data, args.split, args.batch_size, device)
+        print(f"pose following ({following['pairs']} pairs; L1, image range [0, 1]; lower is better)")
+        print(f"{'':16s}  {'vacated':>8s}  {'new body':>8s}")
+        for who in ("model", "copy_reference"):
+            print(f"{who:16s}  {following[who]['vacated_l1']:8.4f}  {following[who]['new_body_l1']:8.4f}")
     if args.out:
         doc = {"source": source, "split": args.split, "protocols": protocols, "crop": args.crop,
                "data_range": args.data_range, "metrics": results}
+        if following is not None:
+            doc["pose_following"] = following
         atomic_write_text(args.out, json.dumps(doc, indent=1))
         print(f"wrote {args.out}")
     return 0

@@ -191,3 +191,14 @@ def test_eval_generates_a_split(exported, tmp_path):
     n = m["ssim_gaussian"]["n"]
     assert n > 0 and m["local_ssim"]["n"] == n and 0 < m["local_ssim"]["value"] <= 1
     assert len(list((tmp_path / "gen").glob("*.png"))) == n
+    # --pose-following on the synthetic split: copying the reference errs equally both ways (pairs in
+    # both orders); without synth.json it is a clear error
+    assert main(["eval", "--checkpoint", str(path), "--data", str(root), "--device", "cpu", "--metrics", "ssim",
+                 "--pose-following", "--out", str(out)]) == 0
+    pf = json.loads(out.read_text())["pose_following"]
+    assert pf["pairs"] == n and pf["copy_reference"]["vacated_l1"] > 0.05
+    assert pf["copy_reference"]["vacated_l1"] == pytest.approx(pf["copy_reference"]["new_body_l1"])
+    assert 0 < pf["model"]["vacated_l1"] < 1 and 0 < pf["model"]["new_body_l1"] < 1
+    (root / "synth.json").unlink()
+    assert main(["eval", "--checkpoint", str(path), "--data", str(root), "--device", "cpu", "--metrics", "ssim",
+                 "--pose-following"]) == 2

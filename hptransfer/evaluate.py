@@ -257,20 +257,27 @@ def pose_following(export_dir, data_root, split: str = "test", batch_size: int =
              body_masks(data_root, {n for pair in ds.pairs for n in pair}).items()}
     masks = {k: (F.interpolate(m, size=(R, R), mode="nearest") if m.shape[-1] != R else m)[0, 0].bool()
              for k, m in masks.items()}
-    sums = {who: {"vacated": [0.0, 0], "new_body": [0.0, 0]} for who in ("model", "copy_reference")}
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
-    for batch in loader:
-        fake = generate(g, batch["reference"], batch["kp_target"]).float().cpu()
-        for who, out in (("model", fake), ("copy_reference", batch["reference"])):
+    out = region_errors(loader, ds.pairs, masks,
+                        lambda batch: generate(g, batch["reference"], batch["kp_target"]).float().cpu())
+    out["pairs"] = len(ds)
+    return out
+
+
+def region_errors(batches, pairs, masks: dict, produce) -> dict:
+    """:func:`pose_following`'s sums: ``batches`` of PairDataset items, ``pairs[index]`` = (reference
+    name, target name), ``masks[name]`` (R, R) bool, ``produce(batch)`` -> outputs (B, 3, R, R) in [-1, 1].
+    Returns {"model"|"copy_reference": {"vacated_l1", "new_body_l1"}}."""
+    sums = {who: {"vacated": [0.0, 0], "new_body": [0.0, 0]} for who in ("model", "copy_reference")}
+    for batch in batches:
+        for who, out in (("model", produce(batch)), ("copy_reference", batch["reference"])):
             err = (out - batch["target"]).abs().mean(1) / 2  # (B, R, R), [0, 1] image range
             for j, idx in enumerate(batch["index"].tolist()):
-                ref_body, tgt_body = (masks[n] for n in ds.pairs[idx])
+                ref_body, tgt_body = (masks[n] for n in pairs[idx])
                 for region, m in (("vacated", ref_body & ~tgt_body), ("new_body", tgt_body & ~ref_body)):
                     sums[who][region][0] += float(err[j][m].sum())
                     sums[who][region][1] += int(m.sum())
-    out = {who: {f"{region}_l1": (s / max(n, 1)) for region, (s, n) in regions.items()} for who, regions in sums.items()}
-    out["pairs"] = len(ds)
-    return out
+    return {who: {f"{region}_l1": s / max(n, 1) for region, (s, n) in regions.items()} for who, regions in sums.items()}
 
 
 def format_table(results: dict) -> str:
@@ -314,9 +321,16 @@ def run(args) -> int:
     else:
         print("error: give --checkpoint EXPORT --data DIR, or --pred DIR --gt DIR")
         return 2
-    if args.pose_following and not args.checkpoint:
-        print("error: --pose-following needs --checkpoint EXPORT --data DIR (a synthetic dataset)")
-        return 2
+    if args.pose_following:
+        from hptransfer.data.synth import PARAMS_FILE
+
+        if not args.checkpoint:
+            print("error: --pose-following needs --checkpoint EXPORT --data DIR (a synthetic dataset)")
+            return 2
+        if not (Path(args.data) / PARAMS_FILE).is_file():  # checked before the slow part
+            print(f"error: --pose-following needs {Path(args.data) / PARAMS_FILE}: body masks exist only for "
+                  "datasets written by `hptransfer data synth`")
+            return 2
     try:
         results = evaluate(batches, protocols, crop, wanted, explicit, device, args.lpips_net,
                            args.lpips_weights, args.inception_weights, total, args.data_range)
@@ -326,12 +340,6 @@ def run(args) -> int:
     print(format_table(results))
     following = None
     if args.pose_following:
-        from hptransfer.data.synth import PARAMS_FILE
-
-        if not (Path(args.data) / PARAMS_FILE).is_file():
-            print(f"error: --pose-following needs {Path(args.data) / PARAMS_FILE}: body masks exist only for "
-                  "datasets written by `hptransfer data synth`")
-            return 2
         following = pose_following(args.checkpoint, args.data, args.split, args.batch_size, device)
         print(f"pose following ({following['pairs']} pairs; L1, image range [0, 1]; lower is better)")
         print(f"{'':16s}  {'vacated':>8s}  {'new body':>8s}")

@@ -210,6 +210,32 @@ def test_body_masks_from_the_written_parameters(tmp_path):
     assert all(0.03 < m.mean() < 0.6 for m in got.values())
     with pytest.raises(ValueError, match="not the generator's output"):
         body_masks(tmp_path, ["person00001_07_front.jpg"])
+    with pytest.raises(ValueError, match="not names this generator writes"):
+        body_masks(tmp_path, ["img_001.jpg"])
     (tmp_path / "synth.json").unlink()
     with pytest.raises(FileNotFoundError, match="synth.json"):
         body_masks(tmp_path, list(expected))
+
+
+def test_pose_following_regions_are_not_swapped(tmp_path):
+    """An output equal to the target except on the new-body pixels, where it shows the reference:
+    the vacated error is 0 and the new-body error is the copy's; swapped regions would read the other
+    way round, masks for the wrong images would make the vacated error non-zero."""
+    import torch
+
+    from hptransfer.data import PairDataset
+    from hptransfer.evaluate import region_errors
+
+    synthesize(tmp_path, identities=3, poses=3, size=64, seed=1, workers=1, views=("front",), framing="centred")
+    ds = PairDataset(tmp_path, "train", 64)
+    masks = {k: torch.from_numpy(m) for k, m in body_masks(tmp_path, {n for p in ds.pairs for n in p}).items()}
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=False)
+
+    def reference_on_new_body(batch):
+        new = torch.stack([masks[ds.pairs[i][1]] & ~masks[ds.pairs[i][0]] for i in batch["index"].tolist()])
+        return torch.where(new[:, None], batch["reference"], batch["target"])
+
+    r = region_errors(loader, ds.pairs, masks, reference_on_new_body)
+    assert r["model"]["vacated_l1"] == 0.0
+    assert r["copy_reference"]["new_body_l1"] > 0.05
+    assert r["model"]["new_body_l1"] == pytest.approx(r["copy_reference"]["new_body_l1"])

@@ -641,7 +641,10 @@ def body_masks(root, names) -> dict:
                                 "`hptransfer data synth` (or the demo)")
     p = json.loads(path.read_text())
     wanted, out = set(names), {}
-    identities = sorted({int(n[len("person"):len("person") + 5]) for n in wanted})
+    bad = [n for n in wanted if not (n.startswith("person") and n[6:11].isdigit())]
+    if bad:
+        raise ValueError(f"{path}: not names this generator writes (personNNNNN_PP_view.jpg): {sorted(bad)[:3]}")
+    identities = sorted({int(n[6:11]) for n in wanted})
     for i in identities:
         for name, _, _, mask in render_identity(p["seed"], i, p["poses"], p["size"], with_mask=True,
                                                 views=tuple(p["views"]), framing=p["framing"]):

@@ -40,7 +40,9 @@ def time_step(impl, fake, real, kp, vgg, repeat, device):
 
     def step():
         x = fake.detach().requires_grad_()
-        loss = ops.local_perceptual_loss(x, real, kp, vgg, "l1", impl=impl)
+        # the precision is the caller's (as in training): bf16 autocast on CUDA, fp32 on the CPU
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = ops.local_perceptual_loss(x, real, kp, vgg, "l1", impl=impl)
         loss.backward()
         return loss
 

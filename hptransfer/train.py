@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from hptransfer import checkpoint as ckpt
-from hptransfer import losses, pose
+from hptransfer import losses, ops, pose
 from hptransfer.backend import Backend, Engine, make_backend
 from hptransfer.config import Config, ConfigError, load_config, save_config
 from hptransfer.report import Reporter, save_sample_grid
@@ -123,10 +123,12 @@ def _fades(cfg: Config, stage_idx: int) -> bool:
 
 
 def _fade_alpha(cfg: Config, stage_idx: int, step: int, iterations: int) -> float:
-    """Weight of the new input path at 0-based ``step``: linear from 0 to 1 over input_fade * iterations."""
+    """Weight of the new input path at 0-based ``step``: linear from 0 at the first step of the fade's
+    window (the first round(input_fade * iterations) steps) to exactly 1 at its last step."""
     if not _fades(cfg, stage_idx):
         return 1.0
-    return min(1.0, step / max(cfg.model.input_fade * iterations, 1.0))
+    window = max(round(cfg.model.input_fade * iterations), 1)
+    return min(1.0, step / max(window - 1, 1))
 
 
 def _build_vgg(cfg: Config, backend: Backend):
@@ -232,6 +234,7 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
     reporter = Reporter(out_dir, enabled=backend.is_main, tensorboard=cfg.train.tensorboard, total_steps=total,
                         initial_step=start["global_step"])
     log.info("backend: %s", backend.description)
+    log.info("fast paths and versions:\n%s", ops.format_backend_status(ops.backend_status(backend.device)))
     vgg = _build_vgg(cfg, backend)
     impl = cfg.train.kernels
     state = dict(start)

@@ -9,7 +9,8 @@ Input and output layouts are taken from strides, so NCHW and channels_last both 
 Backward: every crop pixel adds its gradient into the image gradient with an fp32 atomic add
 (overlapping crops add up). Atomic order makes the last bits of fp32 sums run-to-run
 nondeterministic on a GPU; under ``torch.use_deterministic_algorithms(True)`` the reference
-autograd path should be used instead (``impl="reference"``).
+autograd path is used instead (``hptransfer.ops`` refuses this kernel there when a gradient is needed).
+Both launches run under the tensors' CUDA device (``device_guard``).
 
 Grid: axis 0 = crop (b * N + n), axis 1 = channel, axis 2 = tiles of BLOCK_Y x BLOCK_X pixels
 (rows of a tile are contiguous along x, so loads and stores coalesce along the image row).
@@ -21,6 +22,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from hptransfer.kernels._launch import device_guard
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -114,15 +117,18 @@ class _GatherCrops(torch.autograd.Function):
     def forward(ctx, images, centers, size, normalize, out_dtype, channels_last):
         B, C, H, W = images.shape
         N = centers.shape[1]
+        if centers.device != images.device:
+            raise ValueError(f"gather_crops_triton: centers on {centers.device}, images on {images.device}")
         flat_centers = centers.detach().to(torch.float32).reshape(B * N, 2).contiguous()
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         out = torch.empty((B * N, C, size, size), dtype=out_dtype or images.dtype, device=images.device,
                           memory_format=fmt)
         if out.numel():
             grid, by, bx, tiles_x = _launch_grid(B * N, C, size)
-            _gather_crops_forward_kernel[grid](
-                images, flat_centers, out, N, H, W, tiles_x, *images.stride(), *out.stride(),
-                SIZE=size, NORMALIZE=normalize, BLOCK_Y=by, BLOCK_X=bx)
+            with device_guard(images.device):
+                _gather_crops_forward_kernel[grid](
+                    images, flat_centers, out, N, H, W, tiles_x, *images.stride(), *out.stride(),
+                    SIZE=size, NORMALIZE=normalize, BLOCK_Y=by, BLOCK_X=bx)
         ctx.save_for_backward(flat_centers)
         ctx.meta = (B, C, H, W, N, size, normalize, images.dtype)
         return out
@@ -134,9 +140,10 @@ class _GatherCrops(torch.autograd.Function):
         grad_img = torch.zeros((B, C, H, W), dtype=torch.float32, device=grad_out.device)
         if grad_out.numel():
             grid, by, bx, tiles_x = _launch_grid(B * N, C, size)
-            _gather_crops_backward_kernel[grid](
-                grad_out, flat_centers, grad_img, N, H, W, tiles_x, *grad_out.stride(), C,
-                SIZE=size, NORMALIZE=normalize, BLOCK_Y=by, BLOCK_X=bx)
+            with device_guard(grad_out.device):
+                _gather_crops_backward_kernel[grid](
+                    grad_out, flat_centers, grad_img, N, H, W, tiles_x, *grad_out.stride(), C,
+                    SIZE=size, NORMALIZE=normalize, BLOCK_Y=by, BLOCK_X=bx)
         return grad_img.to(in_dtype), None, None, None, None, None
 
 

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hptransfer.kernels._launch import device_guard
+
 BLOCK = 1024
 
 
@@ -83,9 +85,10 @@ def heatmaps_triton(kp: torch.Tensor, image_size: Sequence[int], sizes: Sequence
     kp32 = kp.detach().to(torch.float32).contiguous()
     flat = torch.empty(plan["total"], dtype=dtype, device=kp.device)
     if B * K and plan["tiles"]:
-        _heatmaps_forward_kernel[(B * K, plan["tiles"])](
-            kp32, flat, plan["tile_size"], plan["tile_start"], plan["h"], plan["w"], plan["scale_y"],
-            plan["scale_x"], plan["inv_two_sigma2"], plan["base"], BLOCK=BLOCK)
+        with device_guard(kp.device):
+            _heatmaps_forward_kernel[(B * K, plan["tiles"])](
+                kp32, flat, plan["tile_size"], plan["tile_start"], plan["h"], plan["w"], plan["scale_y"],
+                plan["scale_x"], plan["inv_two_sigma2"], plan["base"], BLOCK=BLOCK)
     out, offset = [], 0
     for h, w in sizes:
         n = B * K * h * w

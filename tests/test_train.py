@@ -79,6 +79,9 @@ def test_run_writes_config_log_samples_checkpoints_export(full_run):
     assert cfg.stages[1].resolution == 128 and cfg.train.out_dir == str(out)
     log_text = (out / "train.log").read_text()
     assert "stage 1 step 3/3" in log_text and "summary" in log_text
+    # the backend status heads the log: what each fast path ran, and the versions
+    assert "fast paths and versions" in log_text and "local_perceptual_loss on cpu" in log_text
+    assert log_text.index("fast paths and versions") < log_text.index("stage 0")
     names = sorted(p.name for p in (out / "samples").glob("*.png"))
     assert names == ["stage128_step5.png", "stage128_step6.png", "stage64_step2.png", "stage64_step3.png"]
     from PIL import Image
@@ -118,19 +121,19 @@ def test_input_fade_schedule_resume_and_export(full_run, data_root, tmp_path):
     from hptransfer.export import load_generator
 
     _, full, _ = full_run
-    cfg = tiny_cfg(data_root, tmp_path / "full", "model.input_fade=0.7")
+    cfg = tiny_cfg(data_root, tmp_path / "full", "model.input_fade=1.0")
     alphas = []
     result = train(cfg, callback=lambda info: alphas.append((info["resolution"], info["fade_alpha"])))
-    fade_steps = 0.7 * ITERS
-    assert alphas == [(64, 1.0)] * ITERS + [(128, min(1.0, s / fade_steps)) for s in range(ITERS)]
-    assert alphas[ITERS][1] == 0.0 and 0 < alphas[ITERS + 1][1] < 1
+    window = ITERS  # input_fade 1.0: the fade spans the stage, alpha 0 at its first step, exactly 1 at its last
+    assert alphas == [(64, 1.0)] * ITERS + [(128, min(1.0, s / (window - 1))) for s in range(ITERS)]
+    assert alphas[ITERS][1] == 0.0 and 0 < alphas[ITERS + 1][1] < 1 and alphas[ITERS + window - 1][1] == 1.0
     assert any(k.startswith("from_rgb.64.") for k in result["generator_state"])
     # the fade changes training: not the same weights as the run without it
     assert _max_diff({k: full["generator_state"][k] for k in full["generator_state"]},
                      {k: result["generator_state"][k] for k in full["generator_state"]}) > 0
     loaded = load_generator(tmp_path / "full" / "export")
     assert loaded.resolution == 128 and not loaded.fading
-    stopped_cfg = tiny_cfg(data_root, tmp_path / "stopped", "model.input_fade=0.7")
+    stopped_cfg = tiny_cfg(data_root, tmp_path / "stopped", "model.input_fade=1.0")
     assert train(stopped_cfg, stop_at_step=ITERS + 1)["stopped"]
     resumed = train(stopped_cfg, resume="auto")
     assert _max_diff(result["generator_state"], resumed["generator_state"]) == 0.0

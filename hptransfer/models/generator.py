@@ -299,6 +299,8 @@ class Generator(nn.Module):
         K = self.cfg.num_keypoints
         if kp.dim() != 3 or kp.shape[0] != reference.shape[0] or kp.shape[1] != K or kp.shape[2] != 2:
             raise ValueError(f"kp must be (B={reference.shape[0]}, {K}, 2) (y, x) pixels, got {tuple(kp.shape)}")
+        if kp.device != reference.device:  # keypoints often come from the CPU data pipeline: one small copy
+            kp = kp.to(reference.device)
         x = self.from_rgb[str(R)](reference)
         maps = self.pose_maps(kp, x.dtype)
         skips = {}

@@ -8,6 +8,9 @@ fallback into an error (for GPU validation runs).
 """
 from __future__ import annotations
 
-from hptransfer.ops._dispatch import backend_status, extension, triton_available, use_fast, FastPathUnavailable  # noqa: F401
+from hptransfer.ops._dispatch import (  # noqa: F401
+    FastPathUnavailable, backend_status, device_of, extension, fast_path_plan, format_backend_status, triton_available,
+    use_fast)
 from hptransfer.ops.gather_crops import gather_crops, gather_crops_reference  # noqa: F401
-from hptransfer.ops.local_perceptual_loss import local_perceptual_loss, local_perceptual_loss_reference  # noqa: F401
+from hptransfer.ops.local_perceptual_loss import (  # noqa: F401
+    local_perceptual_loss, local_perceptual_loss_reference, upsample_crops)

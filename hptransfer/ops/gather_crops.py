@@ -83,11 +83,15 @@ def gather_crops(images: torch.Tensor, centers: torch.Tensor, size: int, impl: s
 
     impl: "auto" = Triton kernel on CUDA tensors, reference elsewhere; "fast" = kernel or an error
     ("fast" on a CPU tensor runs the kernel in the Triton interpreter when TRITON_INTERPRET=1).
-    Differentiable with respect to ``images`` on both paths.
+    Differentiable with respect to ``images`` on both paths. Under deterministic mode the kernel is not
+    used where a gradient is needed (its backward adds with atomics). ``centers`` on another device
+    than ``images`` are moved there (a (B, N, 2) copy).
     """
     if normalize and images.shape[1] != 3:
         raise ValueError(f"normalize=True needs 3-channel images, got {images.shape[1]} channels")
-    if use_fast("gather_crops", images, impl):
+    if centers.device != images.device:
+        centers = centers.to(images.device)
+    if use_fast("gather_crops", images, impl, atomic_backward=True):
         from hptransfer.kernels.gather_crops import gather_crops_triton
         _check(images, centers, size)
         return gather_crops_triton(images, centers, int(size), normalize, out_dtype, channels_last)

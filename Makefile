@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export CUDA_HOME ?= $(shell [ -d /usr/local/cuda ] && echo /usr/local/cuda)
-export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+# TORCH_CUDA_ARCH_LIST: setup.py defaults it to 8.0;9.0+PTX (PTX: newer GPUs JIT); set it to override.
 # On a machine without a GPU, Triton kernels run in the (exact, slow) interpreter in tests.
 NO_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || echo 1)
 DEMO_DIR ?= runs/synth_demo

@@ -13,6 +13,7 @@ import shutil
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"  # the one default; the Makefile leaves TORCH_CUDA_ARCH_LIST to it
 
 
 def _flag(name):
@@ -30,7 +31,9 @@ def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # A100 and H100 machine code, plus PTX of the newest so that later GPUs JIT-compile it at load
+    # instead of failing with "no kernel image is available for execution on the device".
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
     nvcc = shutil.which("nvcc") or (os.path.join(CUDA_HOME or "", "bin", "nvcc") if CUDA_HOME else None)
     have_nvcc = bool(nvcc and os.path.exists(nvcc))
     with_cuda = _flag("HPTRANSFER_FORCE_CUDA") or (have_nvcc and torch.version.cuda is not None)

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from hptransfer.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +80,9 @@ def read_export_config(path: str | Path) -> dict:
     try:
         meta = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path / 'config.json'}: not valid JSON: {e}") from None
+        raise CheckpointError(f"{path / 'config.json'}: not valid JSON: {e}") from None
     if "arch" not in meta:
-        raise ValueError(f"{path / 'config.json'}: no 'arch' entry; not an hptransfer export")
+        raise CheckpointError(f"{path / 'config.json'}: no 'arch' entry; not an hptransfer export")
     return meta
 
 
@@ -97,27 +100,41 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu"):
     meta = read_export_config(path)
     g = Generator.from_arch(meta["arch"])
     try:
-        g.load_state_dict(load_file(str(path / "model.safetensors")))
+        state = load_file(str(path / "model.safetensors"))
+    except Exception as e:  # safetensors' own error type: a truncated or foreign file
+        raise CheckpointError(f"{path / 'model.safetensors'}: unreadable ({e})") from None
+    try:
+        g.load_state_dict(state)
     except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match the architecture in config.json: {e}") from None
+        raise CheckpointError(f"{path}: weights do not match the architecture in config.json: {e}") from None
     return g.to(device).eval()
 
 
 @torch.no_grad()
 def generate(generator, reference: torch.Tensor, kp: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """``reference`` (B, 3, R, R) float in [-1, 1], ``kp`` (B, 18, 2) (y, x) pixels of the R x R target
-    -> (B, 3, R, R) float in [-1, 1] on the generator's device. ``impl`` picks the heatmap path."""
-    generator.kernels = impl
+    -> (B, 3, R, R) float in [-1, 1] on the generator's device. ``impl`` picks the heatmap path.
+
+    Runs in eval mode (BatchNorm running statistics); the generator's mode, ``kernels`` and buffers
+    are as given afterwards (a train-mode forward would update the running statistics)."""
+    was_training, kernels = generator.training, generator.kernels
     p = next(generator.parameters())
-    return generator(reference.to(p.device, p.dtype), kp.to(p.device).float())
+    try:
+        generator.eval()
+        generator.kernels = impl
+        return generator(reference.to(p.device, p.dtype), kp.to(p.device).float())
+    finally:
+        generator.kernels = kernels
+        generator.train(was_training)
 
 
 class _Traceable(torch.nn.Module):
-    """The generator with reference heatmaps, so tracing records plain tensor ops."""
+    """A CPU copy of the generator with reference heatmaps, so tracing records plain tensor ops and the
+    caller's generator keeps its device, mode and ``kernels``."""
 
     def __init__(self, generator):
         super().__init__()
-        self.generator = generator.eval()
+        self.generator = copy.deepcopy(generator).cpu().eval()
         self.generator.kernels = "reference"
         # eval here too: exporters restore the wrapper's mode afterwards, and a wrapper left in
         # train mode would flip the generator's BatchNorm to batch statistics
@@ -146,7 +163,7 @@ def _atomic_target(out: Path):
 def export_onnx(generator, out: str | Path, batch: int = 1, opset: int = 17, dynamic_batch: bool = True) -> Path:
     """Write an ONNX graph of ``generator`` at its resolution; inputs ``reference``, ``keypoints``, output ``image``."""
     out = Path(out)
-    module = _Traceable(generator).cpu()
+    module = _Traceable(generator)
     ref, kp = example_inputs(generator.resolution, batch)
     tmp = _atomic_target(out)
     try:
@@ -162,7 +179,7 @@ def export_onnx(generator, out: str | Path, batch: int = 1, opset: int = 17, dyn
 def export_torchscript(generator, out: str | Path, batch: int = 1) -> Path:
     """Write a traced TorchScript module (loadable with ``torch.jit.load`` alone)."""
     out = Path(out)
-    module = _Traceable(generator).cpu()
+    module = _Traceable(generator)
     ref, kp = example_inputs(generator.resolution, batch)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # jit.trace deprecation; still the portable format
@@ -183,7 +200,7 @@ def onnx_max_abs_diff(generator, onnx_path: str | Path, batch: int = 2, seed: in
     ref, kp = example_inputs(generator.resolution, batch, seed)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = sess.run(["image"], {"reference": ref.numpy(), "keypoints": kp.numpy()})[0]
-    want = generate(generator.cpu(), ref, kp, impl="reference").numpy()
+    want = generate(copy.deepcopy(generator).cpu(), ref, kp, impl="reference").numpy()  # CPU, like onnxruntime
     return float(abs(got - want).max())
 
 
@@ -205,12 +222,15 @@ def load_any(path: str | Path, device="cpu"):
         path = Path(latest)
     meta = ckpt.read_meta(path)
     if "arch" not in meta:
-        raise ValueError(f"{path / 'meta.json'}: no 'arch' entry")
+        raise CheckpointError(f"{path / 'meta.json'}: no 'arch' entry")
     weights = path / "generator.pt"
     if not weights.is_file():
         raise FileNotFoundError(f"{path}: no generator.pt (a DeepSpeed checkpoint? export it from the run's "
                                 "export/ folder, which training writes at every stage end)")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle / zip errors of a truncated or foreign file
+        raise CheckpointError(f"{weights}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     g = Generator.from_arch(meta["arch"])
     g.load_state_dict(state["model"] if "model" in state else state)
     return g.to(device).eval()

@@ -177,7 +177,8 @@ def read_meta(path: str | Path) -> dict:
     try:
         return json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{p}: unreadable checkpoint metadata ({e})") from None
+        from hptransfer.errors import CheckpointError
+        raise CheckpointError(f"{p}: unreadable checkpoint metadata ({e})") from None
 
 
 def save_rng(directory: Path, rank: int) -> None:

@@ -1,11 +1,16 @@
 """The ``hptransfer`` command. Each subcommand lives in its own module exposing
 ``add_arguments(parser)`` and ``run(args) -> int``; this file only wires them up, importing a
-module when its subcommand runs so ``hptransfer --help`` stays fast."""
+module when its subcommand runs so ``hptransfer --help`` stays fast.
+
+Errors the user can fix (:mod:`hptransfer.errors`) are caught here, in one place, for every
+subcommand: one line ``error: ...`` on stderr, exit status 2; ``--debug`` (anywhere on the command
+line) or ``HPTRANSFER_DEBUG=1`` shows their traceback. Other exceptions are bugs and keep theirs."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -18,6 +23,7 @@ COMMANDS = {
     "export": ("hptransfer.export", "export a checkpoint as safetensors, ONNX or TorchScript"),
     "model-summary": ("hptransfer.models.summary", "table of stages: resolution, channels, parameters, FLOPs"),
     "demo": ("hptransfer.demo", "the end-to-end CPU demo behind `make demo`"),
+    "doctor": ("hptransfer.doctor", "versions, and what each fast path will run on this machine"),
 }
 
 
@@ -41,6 +47,8 @@ def _load(name: str):
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hptransfer", description="Pose-guided high-resolution appearance transfer.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of user errors too (also HPTRANSFER_DEBUG=1; accepted anywhere)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -51,6 +59,9 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug is global but accepted after the subcommand too (data subcommands parse their own rest)
+    debug = "--debug" in argv or os.environ.get("HPTRANSFER_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     selected = next((a for a in argv if not a.startswith("-")), None)
     if selected not in COMMANDS:
         selected = None
@@ -65,7 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return int(_load(args.command).run(args) or 0)
+    from hptransfer.errors import user_message
+
+    try:
+        return int(_load(args.command).run(args) or 0)
+    except Exception as e:
+        message = user_message(e)
+        if message is None or debug:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

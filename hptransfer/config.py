@@ -24,12 +24,10 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from hptransfer.errors import ConfigError  # noqa: F401  (public name here)
+
 RESOLUTIONS = (64, 128, 256, 512, 1024)
 VGG_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
-
-
-class ConfigError(ValueError):
-    """A bad config file or override; the message names the key and the source."""
 
 
 @dataclass

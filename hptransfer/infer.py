@@ -8,8 +8,20 @@ Pose sources (all become OpenPose-18 (18, 2) (y, x) pixels of the pose's own ima
 - an image: pose estimated with the optional ``mediapipe`` extra (``pip install "hptransfer[mediapipe]"``).
 
 The reference image is fitted to the generator's R x R input exactly as in training
-(:func:`hptransfer.data.dataset.fit_image`, white padding); the pose is mapped by the same transform
-from its image size: the estimated image's size, ``--pose-size HxW``, or else the reference's size.
+(:func:`hptransfer.data.dataset.fit_image`, white padding). The pose is placed in the model's square
+by ``--frame``:
+
+- ``person`` (person-centred framing, as every pose-transfer dataset frames its images): a square
+  box around the pose's visible keypoints, their extent plus :data:`FRAME_MARGIN` of it on each side
+  (a standing person's keypoints then fill 80% of the height, as in DeepFashion's 256x176 shots),
+  mapped onto R x R. The pose's image size does not matter: a BODY_25 JSON of a 1920x1080 frame
+  works as is. ``--paste-back [FRAME]`` resizes the generated square to the box and pastes it into
+  the frame the pose belongs to (the pose's own image by default).
+- ``fit``: the training transform from the pose's image size (the estimated image's size,
+  ``--pose-size HxW``, or else the reference's size): for poses already framed like the training data.
+- ``auto`` (default): ``person`` for poses estimated from an image and for JSON poses that do not
+  lie inside the reference image (another frame's coordinates); ``fit`` otherwise (dataset CSVs,
+  ``--pose-size``).
 """
 from __future__ import annotations
 
@@ -22,9 +34,19 @@ from typing import Optional
 import numpy as np
 import torch
 
+from hptransfer.errors import InputError, MissingDependency, disk_error
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+FRAMES = ("auto", "person", "fit")
+# Margin around the keypoints' extent, per side, as a fraction of it: keypoints (nose to ankles) fill
+# 1 / 1.25 = 80% of the box, as in DeepFashion's 256-px-high shots and the synthetic "centred" framing.
+FRAME_MARGIN = 0.125
+
+
+class UnknownPoseName(InputError, KeyError):
+    """``--pose-name`` is not a row of the annotation CSV."""
 
 
 def mediapipe_to_openpose18(landmarks, height: int, width: int, **kw) -> np.ndarray:
@@ -41,9 +63,10 @@ def estimate_pose(image: np.ndarray) -> np.ndarray:
     try:
         import mediapipe as mp
     except ImportError:
-        raise ImportError('pose estimation from images needs MediaPipe: pip install "hptransfer[mediapipe]"') from None
+        raise MissingDependency('pose estimation from images needs MediaPipe: pip install "hptransfer[mediapipe]"') from None
     h, w = image.shape[:2]
-    with mp.solutions.pose.Pose(static_image_mode=True, model_complexity=2) as pose:
+    # complexity 1 ("full"): its model ships in the wheel; 2 ("heavy") is downloaded on first use
+    with mp.solutions.pose.Pose(static_image_mode=True, model_complexity=1) as pose:
         res = pose.process(np.ascontiguousarray(image))
     if res.pose_landmarks is None:
         return np.full((18, 2), -1, np.float32)
@@ -58,9 +81,9 @@ def parse_size(text: Optional[str]) -> Optional[tuple[int, int]]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise ValueError(f"--pose-size must be HxW (e.g. 256x176), got {text!r}") from None
+        raise InputError(f"--pose-size must be HxW (e.g. 256x176), got {text!r}") from None
     if h <= 0 or w <= 0:
-        raise ValueError(f"--pose-size must be positive, got {text!r}")
+        raise InputError(f"--pose-size must be positive, got {text!r}")
     return h, w
 
 
@@ -71,8 +94,8 @@ def _read_json_pose(path: Path, person: int = 0) -> np.ndarray:
 
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read JSON: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: cannot read JSON: {e}") from None
     if isinstance(data, dict) and "people" in data:
         return pose.read_openpose_json(path, person)
     return pose.read_coco17_json(path, person)
@@ -93,10 +116,10 @@ def read_pose(source: str, pose_name: Optional[str] = None, person: int = 0):
     suffix = path.suffix.lower()
     if suffix == ".csv":
         if not pose_name:
-            raise ValueError(f"{path}: an annotation CSV needs --pose-name NAME (or {path}:NAME)")
+            raise InputError(f"{path}: an annotation CSV needs --pose-name NAME (or {path}:NAME)")
         ann = read_annotations(path)
         if pose_name not in ann:
-            raise KeyError(f"{path}: no row named {pose_name!r}")
+            raise UnknownPoseName(f"{path}: no row named {pose_name!r}")
         return np.asarray(ann[pose_name], np.float32), None
     if suffix == ".json":
         return _read_json_pose(path, person), None
@@ -104,7 +127,7 @@ def read_pose(source: str, pose_name: Optional[str] = None, person: int = 0):
         from hptransfer.data.dataset import load_image
         img = np.asarray(load_image(path))
         return estimate_pose(img), img.shape[:2]
-    raise ValueError(f"{path}: unknown pose source (expected .csv, .json or an image)")
+    raise InputError(f"{path}: unknown pose source (expected .csv, .json or an image)")
 
 
 def fit_reference(path: str | Path, resolution: int):
@@ -120,30 +143,100 @@ def fit_pose(kp: np.ndarray, pose_size: tuple[int, int], resolution: int) -> tor
     from hptransfer.data.dataset import fit_keypoints
 
     kp = np.asarray(kp, np.float32)
-    bad = (kp >= 0).all(axis=1) & ((kp[:, 0] > pose_size[0] + 0.5) | (kp[:, 1] > pose_size[1] + 0.5))
+    bad = _outside(kp, pose_size)
     if bad.any():
-        log.warning("pose has keypoints outside its %dx%d image (%d of them); pass --pose-size HxW if the pose "
-                    "comes from an image of another size", pose_size[0], pose_size[1], int(bad.sum()))
+        log.warning("pose has keypoints outside its %dx%d image (%d of them); use --frame person, or pass "
+                    "--pose-size HxW if the pose comes from an image of another size", pose_size[0], pose_size[1],
+                    int(bad.sum()))
     return torch.from_numpy(fit_keypoints(kp, pose_size[0], pose_size[1], resolution))
 
 
-def save_image(image: torch.Tensor, path: str | Path) -> None:
-    """(3, H, W) float in [-1, 1] or uint8 -> image file, written atomically."""
+def _outside(kp: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(18,) bool: visible keypoints beyond an H x W image."""
+    return (kp >= 0).all(axis=1) & ((kp[:, 0] > size[0] + 0.5) | (kp[:, 1] > size[1] + 0.5))
+
+
+# ---------------------------------------------------------------- person-centred framing
+
+def person_box(kp: np.ndarray, margin: float = FRAME_MARGIN) -> tuple[int, int, int, int]:
+    """Square (left, top, right, bottom) pixel box around the visible (18, 2) (y, x) keypoints: their
+    extent plus ``margin`` of it on each side, centred on it (the box may leave the image)."""
+    from hptransfer.data.prepare_common import bbox_crop_box
+
+    kp = np.asarray(kp, np.float32)
+    if not (kp >= 0).all(axis=1).any():
+        raise InputError("the pose has no visible keypoint to frame")
+    return bbox_crop_box(kp, 1, 1, 1.0, margin)
+
+
+def frame_pose(kp: np.ndarray, box, resolution: int) -> torch.Tensor:
+    """(18, 2) (y, x) in the pose's image -> (18, 2) float32 tensor in the R x R square of ``box``
+    (the mapping of :func:`hptransfer.data.prepare_common.crop_resize`); missing stays -1."""
+    left, top, right, bottom = box
+    kp = np.asarray(kp, np.float32)
+    vis = (kp >= 0).all(axis=1)
+    out = np.full_like(kp, -1)
+    out[vis, 0] = (kp[vis, 0] - top) * resolution / (bottom - top)
+    out[vis, 1] = (kp[vis, 1] - left) * resolution / (right - left)
+    out[vis] = np.clip(out[vis], 0, resolution - 1)  # negative would read as missing
+    return torch.from_numpy(out)
+
+
+def choose_frame(frame: str, kp: np.ndarray, estimated: bool, pose_size_given: bool, ref_size) -> str:
+    """``--frame auto`` resolved (see the module docstring); "person" and "fit" pass through."""
+    if frame != "auto":
+        return frame
+    if estimated:
+        return "person"
+    if pose_size_given:
+        return "fit"
+    return "person" if _outside(np.asarray(kp, np.float32), ref_size).any() else "fit"
+
+
+def paste_back(frame, generated: np.ndarray, box):
+    """The PIL ``frame`` with the (R, R, 3) uint8 ``generated`` square resized to ``box`` and pasted in
+    (the part of the box outside the frame is dropped)."""
+    from PIL import Image
+
+    left, top, right, bottom = box
+    square = Image.fromarray(generated).resize((right - left, bottom - top), Image.BICUBIC)
+    out = frame.convert("RGB").copy()
+    out.paste(square, (left, top))
+    return out
+
+
+def save_image(image, path: str | Path) -> None:
+    """(3, H, W) float in [-1, 1] or uint8 tensor, or a PIL image -> image file, written atomically."""
     from PIL import Image
 
     from hptransfer.metrics import to_uint8
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = to_uint8(image.detach().cpu()[None])[0].permute(1, 2, 0).numpy()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".png", dir=path.parent)
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(to_uint8(image.detach().cpu()[None])[0].permute(1, 2, 0).numpy())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".png", dir=path.parent)
+    except OSError as e:
+        raise disk_error(path, e) or e
     os.close(fd)
     try:
-        Image.fromarray(arr).save(tmp)
+        image.save(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise disk_error(path, e) or e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def add_frame_arguments(p, paste_help: str) -> None:
+    """``--frame`` and ``--paste-back``, shared with ``hptransfer video``."""
+    p.add_argument("--frame", choices=FRAMES, default="auto",
+                   help="person: a box around the pose's keypoints (with margins as in DeepFashion) fitted to the "
+                        "model's square; fit: the training transform from --pose-size; auto (default): person for "
+                        "estimated poses and JSON poses outside the reference image, fit otherwise")
+    p.add_argument("--paste-back", nargs="?", const="", default=None, metavar="FRAME", help=paste_help)
 
 
 def add_arguments(p) -> None:
@@ -151,9 +244,11 @@ def add_arguments(p) -> None:
     p.add_argument("--reference", required=True, help="image of the person (any size; fitted as in training)")
     p.add_argument("--pose", required=True, help="pose: CSV (+ --pose-name, or CSV:NAME), OpenPose/COCO JSON, or image")
     p.add_argument("--pose-name", default=None, help="row name in an annotation CSV")
-    p.add_argument("--pose-size", default=None, help="HxW of the image the pose coordinates belong to "
-                   "(default: the estimated image's size, else the reference's size)")
+    p.add_argument("--pose-size", default=None, help="HxW of the image the pose coordinates belong to, for "
+                   "--frame fit (default: the estimated image's size, else the reference's size)")
     p.add_argument("--person", type=int, default=0, help="which person in a multi-person JSON")
+    add_frame_arguments(p, "write the frame the pose belongs to with the generated person pasted into the "
+                           "person's box (FRAME: that image; default: the --pose image); needs person framing")
     p.add_argument("--out", required=True, help="output image (.png)")
     p.add_argument("--device", default=None, help="default: cuda when present")
 
@@ -166,12 +261,33 @@ def run(args) -> int:
     R = g.resolution
     ref, ref_size = fit_reference(args.reference, R)
     kp, est_size = read_pose(args.pose, args.pose_name, args.person)
-    pose_size = parse_size(args.pose_size) or est_size or ref_size
-    kp_r = fit_pose(kp, pose_size, R)
-    if (kp_r < 0).any(dim=1).all():
-        print(f"error: {args.pose}: no keypoint found")
-        return 1
+    if not (kp >= 0).all(axis=1).any():
+        raise InputError(f"{args.pose}: no keypoint found")
+    frame_image = None
+    if args.paste_back is not None:
+        source = args.paste_back or (args.pose if est_size is not None else None)
+        if not source:
+            raise InputError("--paste-back needs the image the pose belongs to: --paste-back FRAME.jpg "
+                             "(or a pose estimated from an image)")
+        from hptransfer.data.dataset import load_image
+        frame_image = load_image(Path(source))
+    mode = choose_frame(args.frame, kp, est_size is not None, bool(args.pose_size), ref_size)
+    if mode == "person":
+        box = person_box(kp)
+        kp_r = frame_pose(kp, box, R)
+    else:
+        if frame_image is not None:
+            raise InputError("--paste-back needs person framing (--frame person)")
+        pose_size = parse_size(args.pose_size) or est_size or ref_size
+        kp_r = fit_pose(kp, pose_size, R)
     out = generate(g, ref[None], kp_r[None])[0]
+    if frame_image is not None:
+        from hptransfer.metrics import to_uint8
+        square = to_uint8(out.detach().cpu()[None])[0].permute(1, 2, 0).numpy()
+        save_image(paste_back(frame_image, square, box), args.out)
+        print(f"wrote {args.out} ({frame_image.width}x{frame_image.height}, generated {R}x{R} pasted into "
+              f"box {box})")
+        return 0
     save_image(out, args.out)
-    print(f"wrote {args.out} ({R}x{R})")
+    print(f"wrote {args.out} ({R}x{R}, {mode} framing)")
     return 0

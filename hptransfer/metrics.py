@@ -15,12 +15,12 @@ and range together), while PATN's and GFLA's Gaussian SSIM ("ssim_256") pass
 ``(win-1)/2`` pixels at every border before averaging, so only windows fully inside the image
 count: a "valid" convolution gives exactly those values.
 
-LPIPS and FID need ImageNet backbone weights, which are never downloaded: see :func:`find_weights`.
+LPIPS and FID need ImageNet backbone weights, which are never downloaded here: see :func:`find_weights`
+and ``hptransfer weights fetch alexnet inception``.
 """
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -28,21 +28,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hptransfer.errors import WeightsError, WeightsUnavailable  # noqa: F401  (WeightsUnavailable: public name here)
+from hptransfer.weights import WEIGHTS, find, load_state_dict
+
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("gaussian", "uniform51")
 K1, K2 = 0.01, 0.03
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, as in pytorch-msssim
 
-WEIGHT_FILES = {
-    "alex": ("HPTRANSFER_ALEXNET", "alexnet-owt-7be5be79.pth"),
-    "vgg": ("HPTRANSFER_VGG16", "vgg16-397923af.pth"),
-    "inception": ("HPTRANSFER_INCEPTION", "inception_v3_google-0cc3c7bd.pth"),
-}
-
-
-class WeightsUnavailable(FileNotFoundError):
-    """Pretrained weights a metric needs are not on this machine."""
+# metric backbone -> hptransfer.weights name (the registry holds file names, env vars and hashes)
+WEIGHT_NAMES = {"alex": "alexnet", "vgg": "vgg16", "inception": "inception"}
+WEIGHT_FILES = {k: (WEIGHTS[n].env, WEIGHTS[n].filename) for k, n in WEIGHT_NAMES.items()}
 
 
 # ---------------------------------------------------------------- helpers
@@ -202,27 +199,9 @@ def local_ssim(pred: torch.Tensor, gt: torch.Tensor, kp_gt: torch.Tensor, count:
 
 def find_weights(kind: str, explicit: Optional[str | Path] = None) -> Path:
     """Locate ImageNet weights for ``kind`` ("alex", "vgg", "inception"): ``explicit``, then the env var
-    (HPTRANSFER_ALEXNET / HPTRANSFER_VGG16 / HPTRANSFER_INCEPTION), then the torch hub cache.
-    Raises :class:`WeightsUnavailable` naming every place looked."""
-    env, filename = WEIGHT_FILES[kind]
-    candidates = []
-    if explicit:
-        candidates.append(Path(explicit))
-    if os.environ.get(env):
-        candidates.append(Path(os.environ[env]))
-    candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / filename)
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise WeightsUnavailable(f"{kind} ImageNet weights not found (looked at: {', '.join(map(str, candidates))}); "
-                             f"put torchvision's {filename} there or set {env}=/path/to/{filename}")
-
-
-def _load_state(path: Path) -> dict:
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)  # tensors only, no code
+    (HPTRANSFER_ALEXNET / HPTRANSFER_VGG16 / HPTRANSFER_INCEPTION), then the torch hub cache
+    (:func:`hptransfer.weights.find`). Raises :class:`WeightsUnavailable` naming every place looked."""
+    return find(WEIGHT_NAMES[kind], explicit)
 
 
 class LPIPSMetric:
@@ -241,14 +220,14 @@ class LPIPSMetric:
         path = None if weights == "random" else find_weights(net, weights)
         self.model = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)
         if path is not None:
-            src = _load_state(path)
+            src = load_state_dict(path)
             dst = self.model.net.state_dict()
             new = {}
             for name in dst:  # lpips keeps torchvision's feature indices: sliceK.<idx>.weight
                 _, idx, param = name.split(".")
                 key = f"features.{idx}.{param}"
                 if key not in src:
-                    raise ValueError(f"{path}: no {key}; is this torchvision's {WEIGHT_FILES[net][1]}?")
+                    raise WeightsError(f"{path}: no {key}; is this torchvision's {WEIGHT_FILES[net][1]}?")
                 new[name] = src[key]
             self.model.net.load_state_dict(new)
         self.model.eval().to(device)
@@ -270,11 +249,11 @@ class InceptionFeatures:
 
         path = find_weights("inception", weights)
         net = inception_v3(weights=None, aux_logits=True, init_weights=False)
-        state = _load_state(path)
+        state = load_state_dict(path)
         try:
             net.load_state_dict(state)
         except RuntimeError as e:
-            raise ValueError(f"{path}: not torchvision's inception_v3 state dict ({str(e)[:200]}...)") from None
+            raise WeightsError(f"{path}: not torchvision's inception_v3 state dict ({str(e)[:200]}...)") from None
         net.fc = torch.nn.Identity()
         self.net = net.eval().to(device)
         self.device = device

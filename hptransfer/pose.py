@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from hptransfer.errors import InputError
+
 KEYPOINT_NAMES = (
     "nose", "neck",
     "r_shoulder", "r_elbow", "r_wrist",
@@ -229,19 +231,19 @@ def read_openpose_json(path: str | Path, person: int = 0, min_confidence: float 
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read OpenPose JSON: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: cannot read OpenPose JSON: {e}") from None
     people = data.get("people") if isinstance(data, dict) else None
     if people is None:
-        raise ValueError(f"{path}: no 'people' list; is this an OpenPose JSON file?")
+        raise InputError(f"{path}: no 'people' list; is this an OpenPose JSON file?")
     if len(people) <= person:
         return _empty()
     flat = people[person].get("pose_keypoints_2d") or people[person].get("pose_keypoints")
     if flat is None:
-        raise ValueError(f"{path}: people[{person}] has no 'pose_keypoints_2d'")
+        raise InputError(f"{path}: people[{person}] has no 'pose_keypoints_2d'")
     n = len(flat) // 3
     if len(flat) % 3 or n not in (18, 25):
-        raise ValueError(f"{path}: pose_keypoints_2d has {len(flat)} numbers; expected 54 (COCO-18) or 75 (BODY_25)")
+        raise InputError(f"{path}: pose_keypoints_2d has {len(flat)} numbers; expected 54 (COCO-18) or 75 (BODY_25)")
     arr = np.asarray(flat, dtype=np.float32).reshape(n, 3)
     return from_openpose18(arr, min_confidence) if n == 18 else from_body25(arr, min_confidence)
 
@@ -251,17 +253,17 @@ def read_coco17_json(path: str | Path, person: int = 0, min_confidence: float = 
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read COCO JSON: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: cannot read COCO JSON: {e}") from None
     if isinstance(data, dict) and "annotations" in data:
         data = data["annotations"]
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list) or len(data) <= person or "keypoints" not in data[person]:
-        raise ValueError(f"{path}: expected a COCO annotation with 'keypoints' (person {person})")
+        raise InputError(f"{path}: expected a COCO annotation with 'keypoints' (person {person})")
     flat = data[person]["keypoints"]
     if len(flat) != 51:
-        raise ValueError(f"{path}: 'keypoints' has {len(flat)} numbers; COCO-17 has 51")
+        raise InputError(f"{path}: 'keypoints' has {len(flat)} numbers; COCO-17 has 51")
     return from_coco17(np.asarray(flat, dtype=np.float32).reshape(17, 3), min_confidence)
 
 

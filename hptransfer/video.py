@@ -3,6 +3,11 @@
 Pose sequence sources: a folder of OpenPose/COCO JSON files (sorted by name), our annotation CSV
 (rows in file order), or a driving video (poses per frame with the optional ``mediapipe`` extra).
 Frames are generated in batches and encoded with imageio-ffmpeg (H.264, yuv420p).
+
+``--frame`` as in ``hptransfer infer``; person framing over a sequence keeps one box size (the
+largest per-frame box, so the scale does not pump) and smooths the box centre over
+:data:`SMOOTH_FRAMES` frames. ``--paste-back`` writes the driving video's frames with the generated
+person pasted into the box (poses from a driving video, or ``--paste-back VIDEO`` for JSON poses).
 """
 from __future__ import annotations
 
@@ -16,10 +21,12 @@ import numpy as np
 import torch
 
 from hptransfer import infer
+from hptransfer.errors import InputError, disk_error
 
 log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif"}
+SMOOTH_FRAMES = 5  # moving-average window of the person box centre
 
 
 def read_pose_sequence(source: str | Path, person: int = 0):
@@ -30,7 +37,7 @@ def read_pose_sequence(source: str | Path, person: int = 0):
     if path.is_dir():
         files = sorted(path.glob("*.json"))
         if not files:
-            raise FileNotFoundError(f"{path}: no .json pose files in this folder")
+            raise InputError(f"{path}: no .json pose files in this folder")
         return [infer._read_json_pose(f, person) for f in files], None
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such pose folder, CSV or video")
@@ -39,18 +46,59 @@ def read_pose_sequence(source: str | Path, person: int = 0):
         ann = read_annotations(path)
         return [np.asarray(v, np.float32) for v in ann.values()], None
     if suffix in VIDEO_SUFFIXES:
-        import imageio.v2 as imageio
         poses, size = [], None
-        reader = imageio.get_reader(str(path), format="FFMPEG")
-        try:
-            for frame in reader.iter_data():
-                frame = np.asarray(frame)[..., :3]
-                size = frame.shape[:2]
-                poses.append(infer.estimate_pose(frame))
-        finally:
-            reader.close()
+        for frame in video_frames(path):
+            size = frame.shape[:2]
+            poses.append(infer.estimate_pose(frame))
+        if not poses:
+            raise InputError(f"{path}: the video has no frames")
         return poses, size
-    raise ValueError(f"{path}: unknown pose sequence (folder of JSON, .csv, or a video)")
+    raise InputError(f"{path}: unknown pose sequence (folder of JSON, .csv, or a video)")
+
+
+def video_frames(path: str | Path) -> Iterator[np.ndarray]:
+    """(H, W, 3) uint8 RGB frames of a video file; a file ffmpeg cannot decode raises InputError naming it."""
+    import imageio.v2 as imageio
+
+    i = 0
+    try:
+        reader = imageio.get_reader(str(path), format="FFMPEG")
+    except (OSError, RuntimeError, ValueError, IndexError) as e:
+        raise InputError(f"{path}: cannot read video: {_last_line(e)}") from None
+    try:
+        for i, frame in enumerate(reader.iter_data()):
+            yield np.asarray(frame)[..., :3]
+    except (OSError, RuntimeError, ValueError, IndexError) as e:
+        raise InputError(f"{path}: cannot decode frame {i + 1}: {_last_line(e)}") from None
+    finally:
+        reader.close()
+
+
+def _last_line(e: Exception) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def sequence_boxes(poses: list, window: int = SMOOTH_FRAMES) -> list:
+    """Person boxes for a pose sequence: one square size (the largest per-frame box) and the per-frame
+    centre averaged over ``window`` frames; frames without keypoints take the nearest frame's box."""
+    have = [i for i, kp in enumerate(poses) if (np.asarray(kp) >= 0).all(axis=1).any()]
+    if not have:
+        raise InputError("no frame of the pose sequence has a visible keypoint")
+    boxes = {i: infer.person_box(poses[i]) for i in have}
+    side = max(max(b[2] - b[0], b[3] - b[1]) for b in boxes.values())
+    centres = np.array([((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in
+                        (boxes[min(have, key=lambda j: abs(j - i))] for i in range(len(poses)))])
+    if window > 1 and len(centres) > 1:
+        pad = window // 2
+        padded = np.concatenate([centres[:1].repeat(pad, 0), centres, centres[-1:].repeat(pad, 0)])
+        kernel = np.ones(window) / window
+        centres = np.stack([np.convolve(padded[:, k], kernel, mode="valid") for k in range(2)], axis=1)
+    out = []
+    for cx, cy in centres:
+        left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
+        out.append((left, top, left + side, top + side))
+    return out
 
 
 def draw_skeleton(kp: np.ndarray, resolution: int) -> np.ndarray:
@@ -115,6 +163,8 @@ def write_video(frames, path: str | Path, fps: float) -> int:
         finally:
             writer.close()
         os.replace(tmp, path)
+    except OSError as e:
+        raise disk_error(path, e) or e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -125,14 +175,28 @@ def add_arguments(p) -> None:
     p.add_argument("--checkpoint", required=True, help="export directory")
     p.add_argument("--reference", required=True, help="image of the person")
     p.add_argument("--poses", required=True, help="folder of OpenPose/COCO JSON, annotation CSV, or a driving video")
-    p.add_argument("--pose-size", default=None, help="HxW of the poses' images (default: the video's frame size, "
-                   "else the reference's size)")
+    p.add_argument("--pose-size", default=None, help="HxW of the poses' images, for --frame fit (default: the "
+                   "video's frame size, else the reference's size)")
+    infer.add_frame_arguments(p, "write the driving video's frames with the generated person pasted into the "
+                                 "person's box (VIDEO: the frames the JSON poses belong to; default: --poses)")
     p.add_argument("--out", required=True, help="output .mp4")
     p.add_argument("--fps", type=float, default=25.0)
     p.add_argument("--side-by-side", action="store_true", help="driving skeleton left of each frame")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--person", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda when present")
+
+
+def _pasted(frames: Iterator[np.ndarray], source: Path, boxes: list) -> Iterator[np.ndarray]:
+    """Each generated frame pasted into the matching frame of ``source``."""
+    from PIL import Image
+
+    driving = video_frames(source)
+    for t, generated in enumerate(frames):
+        frame = next(driving, None)
+        if frame is None:
+            raise InputError(f"{source}: has {t} frames, fewer than the {len(boxes)} poses")
+        yield np.asarray(infer.paste_back(Image.fromarray(frame), generated, boxes[t]))
 
 
 def run(args) -> int:
@@ -143,8 +207,31 @@ def run(args) -> int:
     R = g.resolution
     ref, ref_size = infer.fit_reference(args.reference, R)
     poses, src_size = read_pose_sequence(args.poses, args.person)
-    pose_size = infer.parse_size(args.pose_size) or src_size or ref_size
-    kp = torch.stack([infer.fit_pose(k, pose_size, R) for k in poses])
-    n = write_video(generate_frames(g, ref, kp, args.batch_size, args.side_by_side), args.out, args.fps)
-    print(f"wrote {args.out}: {n} frames at {args.fps:g} fps, {R}x{2 * R if args.side_by_side else R}")
+    if not poses:
+        raise InputError(f"{args.poses}: no poses")
+    # auto: person framing as soon as one frame's pose calls for it
+    modes = {infer.choose_frame(args.frame, k, src_size is not None, bool(args.pose_size), ref_size) for k in poses}
+    mode = "person" if "person" in modes else "fit"
+    source = None
+    if args.paste_back is not None:
+        source = Path(args.paste_back) if args.paste_back else (Path(args.poses) if src_size is not None else None)
+        if source is None:
+            raise InputError("--paste-back needs the video the poses belong to: --paste-back VIDEO "
+                             "(or poses estimated from a driving video)")
+        if mode != "person":
+            raise InputError("--paste-back needs person framing (--frame person)")
+        if args.side_by_side:
+            raise InputError("--paste-back and --side-by-side do not combine")
+    if mode == "person":
+        boxes = sequence_boxes(poses)
+        kp = torch.stack([infer.frame_pose(k, b, R) for k, b in zip(poses, boxes)])
+    else:
+        pose_size = infer.parse_size(args.pose_size) or src_size or ref_size
+        kp = torch.stack([infer.fit_pose(k, pose_size, R) for k in poses])
+    frames = generate_frames(g, ref, kp, args.batch_size, args.side_by_side)
+    if source is not None:
+        frames = _pasted(frames, source, boxes)
+    n = write_video(frames, args.out, args.fps)
+    size = "driving frame size" if source is not None else f"{R}x{2 * R if args.side_by_side else R}"
+    print(f"wrote {args.out}: {n} frames at {args.fps:g} fps, {size}, {mode} framing")
     return 0

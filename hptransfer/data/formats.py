@@ -26,15 +26,13 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from hptransfer.errors import DataFormatError, disk_error  # noqa: F401  (DataFormatError: public name here)
+
 log = logging.getLogger(__name__)
 
 NUM_KEYPOINTS = 18  # OpenPose-18 (hptransfer.pose.KEYPOINT_NAMES); kept here so this module needs no torch
 ANNOTATION_HEADER = "name:keypoints_y:keypoints_x"
 PAIRS_HEADER = "from,to"
-
-
-class DataFormatError(ValueError):
-    """A dataset file is malformed; the message names file, row and problem."""
 
 
 class Annotations(dict):
@@ -244,9 +242,12 @@ def atomic_write_bytes(path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        full = disk_error(path, e) if isinstance(e, OSError) else None
+        if full is not None:
+            raise full from None
         raise
 
 

@@ -16,14 +16,11 @@ from typing import Iterable, Optional
 import numpy as np
 
 from hptransfer.data.formats import atomic_write_bytes, atomic_write_text, write_annotations, write_pairs
+from hptransfer.errors import PrepareError  # noqa: F401  (public name here)
 
 log = logging.getLogger(__name__)
 
 MANIFEST = ".prepare-manifest.json"
-
-
-class PrepareError(ValueError):
-    """Bad input to a preparation tool; the message names the file (and row/frame) and the problem."""
 
 
 class Manifest:

@@ -3,7 +3,9 @@
 The layer layout is torchvision's ``vgg16().features`` (conv3x3 + ReLU, max-pool between blocks),
 so the torchvision ImageNet file ``vgg16-397923af.pth`` loads as is (keys ``features.N.weight``;
 its classifier keys are ignored). The stack is cut after the last requested layer. Nothing is
-downloaded: the weights file must be on disk (see :func:`find_weights`).
+downloaded unless the config says ``loss.vgg_weights: auto`` (then :func:`hptransfer.weights.ensure`
+fetches and verifies it once into the torch hub cache); ``hptransfer weights fetch vgg16`` does the same
+by hand. See :func:`find_weights`.
 """
 from __future__ import annotations
 
@@ -29,42 +31,18 @@ _CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512,
 LAYER_INDEX = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22}
 
 
-def _default_places() -> list[tuple[str, Optional[Path]]]:
-    env = os.environ.get(ENV_VAR)
-    hub = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
-    return [(f"${ENV_VAR}", Path(env) if env else None), ("torch hub cache", hub)]
-
-
 def find_weights() -> Path:
-    """The VGG-16 weights file: ``$HPTRANSFER_VGG16``, then ``<torch hub dir>/checkpoints/vgg16-397923af.pth``.
+    """The VGG-16 weights file: ``$HPTRANSFER_VGG16``, then ``<torch hub dir>/checkpoints/vgg16-397923af.pth``
+    (:func:`hptransfer.weights.find`). Raises :class:`hptransfer.errors.WeightsUnavailable` (a
+    FileNotFoundError) naming every place looked and how to provide the file."""
+    from hptransfer.errors import WeightsUnavailable
+    from hptransfer.weights import find
 
-    Raises FileNotFoundError naming every place looked and how to provide the file.
-    """
-    looked = []
-    for what, path in _default_places():
-        if path is None:
-            looked.append(f"  {what}: not set")
-            continue
-        if path.is_file():
-            return path
-        looked.append(f"  {what}: {path} (not found)")
-    raise FileNotFoundError(
-        "VGG-16 ImageNet weights not found. Looked in:\n" + "\n".join(looked) + "\n"
-        f"Provide the torchvision file {WEIGHTS_FILE} ({WEIGHTS_URL}) by one of: setting loss.vgg_weights "
-        f"in the config to its path, setting {ENV_VAR}=/path/to/{WEIGHTS_FILE}, or placing it at "
-        f"{_default_places()[1][1]}. hptransfer never downloads it. (Tests use weights='random'.)")
-
-
-def _load_state_dict(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a state dict of tensors, got {type(sd).__name__}")
-    return sd
+    try:
+        return find("vgg16")
+    except WeightsUnavailable as e:
+        e.message += " (or set loss.vgg_weights in the config to its path)"
+        raise
 
 
 class VGG16Features(nn.Module):
@@ -76,8 +54,8 @@ class VGG16Features(nn.Module):
     bf16 / fp16 / channels_last inputs.
 
     ``weights``: a file path (torchvision ``.pth`` state dict or ``.safetensors``), ``None`` to
-    search the default places (:func:`find_weights`), or ``"random"`` (tests only: the features are
-    then not perceptual).
+    search the default places (:func:`find_weights`), ``"auto"`` to search and download when absent,
+    or ``"random"`` (tests only: the features are then not perceptual).
     """
 
     def __init__(self, weights: Optional[str | os.PathLike] = None, layers: Sequence[str] = VGG_LAYERS):
@@ -103,6 +81,9 @@ class VGG16Features(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         if weights is None:
             weights = find_weights()
+        elif isinstance(weights, str) and weights == "auto":
+            from hptransfer.weights import ensure
+            weights = ensure("vgg16")
         if isinstance(weights, str) and weights == "random":
             log.warning("VGG16Features with random weights: perceptual losses are NOT perceptual (tests only)")
             self.source = "random"
@@ -114,16 +95,20 @@ class VGG16Features(nn.Module):
 
     def load_weights(self, path: Path) -> None:
         """Load a torchvision-format VGG-16 state dict (``features.N.*``; other keys ignored)."""
+        from hptransfer.errors import WeightsError, WeightsUnavailable
+        from hptransfer.weights import load_state_dict
+
         if not path.is_file():
-            raise FileNotFoundError(f"VGG-16 weights file not found: {path} (set loss.vgg_weights or ${ENV_VAR})")
-        sd = _load_state_dict(path)
+            raise WeightsUnavailable(f"VGG-16 weights file not found: {path} (set loss.vgg_weights or ${ENV_VAR}, "
+                                     "or run `hptransfer weights fetch vgg16`)")
+        sd = load_state_dict(path)
         own = self.state_dict()
         missing = [k for k in own if k not in sd]
         if missing:
-            raise ValueError(f"{path}: not a torchvision VGG-16 state dict; missing {missing[:4]}")
+            raise WeightsError(f"{path}: not a torchvision VGG-16 state dict; missing {missing[:4]}")
         for k, v in own.items():
             if tuple(sd[k].shape) != tuple(v.shape):
-                raise ValueError(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
+                raise WeightsError(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
         self.load_state_dict({k: sd[k] for k in own})
         self.source = str(path)
         log.info("loaded VGG-16 weights from %s", path)

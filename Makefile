@@ -21,9 +21,10 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 
-$(VENV)/.deps: requirements.txt requirements-test.txt | $(VENV)/bin/python
+$(VENV)/.deps: requirements.txt requirements-test.txt requirements-mediapipe.txt | $(VENV)/bin/python
 	$(PIP) install torch==2.14.1 torchvision==0.29.1
 	DS_BUILD_OPS=0 $(PIP) install --no-build-isolation -r requirements.txt -r requirements-test.txt
+	$(PIP) install --no-deps -r requirements-mediapipe.txt
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)

@@ -32,7 +32,14 @@ $(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*.cpp 
 	$(PY) -c "import hptransfer, hptransfer.kernels; from hptransfer.ops import backend_status; print(backend_status())"
 	touch $@
 
-setup: $(VENV)/.installed
+# The GPU machine runs Triton 3.6: tests/test_kernels_compile.py compiles the kernels with it too,
+# from this side directory (on PYTHONPATH in that test's subprocess only).
+OLD_TRITON := $(VENV)/triton-3.6
+$(OLD_TRITON)/.installed: | $(VENV)/bin/python
+	$(PIP) install --no-deps --target $(OLD_TRITON) triton==3.6.0
+	touch $@
+
+setup: $(VENV)/.installed $(OLD_TRITON)/.installed
 
 ext: setup
 

@@ -60,7 +60,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # --debug is global but accepted after the subcommand too (data subcommands parse their own rest)
-    debug = "--debug" in argv or os.environ.get("HPTRANSFER_DEBUG", "") not in ("", "0")
+    debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     selected = next((a for a in argv if not a.startswith("-")), None)
     if selected not in COMMANDS:
@@ -76,10 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    return run_guarded(_load(args.command).run, args, debug)
+
+
+def run_guarded(run, args, debug: bool = False) -> int:
+    """``run(args)`` with user errors as one line ``error: ...`` on stderr and status 2 (the traceback
+    with ``debug`` or HPTRANSFER_DEBUG=1); other exceptions propagate. Also for entry points outside
+    this command (``deepspeed hptransfer/train.py``)."""
     from hptransfer.errors import user_message
 
+    debug = debug or os.environ.get("HPTRANSFER_DEBUG", "") not in ("", "0")
     try:
-        return int(_load(args.command).run(args) or 0)
+        return int(run(args) or 0)
     except Exception as e:
         message = user_message(e)
         if message is None or debug:

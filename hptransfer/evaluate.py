@@ -4,8 +4,10 @@ compared under the same protocol.
 
 Metrics: SSIM under the "gaussian" and/or "uniform51" protocols (see :mod:`hptransfer.metrics`),
 MS-SSIM, local-SSIM (needs keypoints: generated splits, or ``--data`` with the ground truth's
-annotations), LPIPS and FID (need ImageNet weights on disk). A metric whose weights or inputs are
-missing is reported as "unavailable (reason)" unless it was requested with ``--metrics``.
+annotations), LPIPS and FID (need ImageNet weights on disk: ``hptransfer weights fetch``). A metric
+whose weights or inputs are missing is one short "unavailable (reason)" line in the table (the long
+explanation, e.g. where the weights go, is logged once) unless it was requested with ``--metrics``:
+then it is an error. ``--json`` prints the results as JSON on stdout instead of the table.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from hptransfer import metrics as M
+from hptransfer.errors import InputError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ def add_arguments(p) -> None:
                         "of the model and of copying the reference (see pose_following)")
     p.add_argument("--device", default=None, help="default: cuda when present")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout (no table)")
 
 
 # ---------------------------------------------------------------- inputs
@@ -59,7 +63,7 @@ def _load_uint8(path: Path) -> torch.Tensor:
         with Image.open(path) as im:
             a = np.asarray(im.convert("RGB"), dtype=np.uint8)
     except OSError as e:
-        raise ValueError(f"{path}: cannot read image: {e}") from None
+        raise InputError(f"{path}: cannot read image: {e}") from None
     return torch.from_numpy(a.copy()).permute(2, 0, 1)
 
 
@@ -67,7 +71,7 @@ def match_folders(pred_dir: Path, gt_dir: Path) -> list[tuple[Path, Path]]:
     """(pred, gt) paths matched by file name (then by stem, so .png outputs match .jpg ground truth)."""
     def listing(d: Path):
         if not d.is_dir():
-            raise FileNotFoundError(f"{d}: no such folder")
+            raise InputError(f"{d}: no such folder")
         return sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     gts = listing(gt_dir)
     by_name = {p.relative_to(gt_dir).as_posix(): p for p in gts}
@@ -81,7 +85,7 @@ def match_folders(pred_dir: Path, gt_dir: Path) -> list[tuple[Path, Path]]:
         log.warning("%d predicted images have no ground truth of the same name (first: %s)",
                     len(unmatched), unmatched[0])
     if not pairs:
-        raise ValueError(f"no image in {pred_dir} has a same-named ground truth in {gt_dir}")
+        raise InputError(f"no image in {pred_dir} has a same-named ground truth in {gt_dir}")
     return pairs
 
 
@@ -92,7 +96,7 @@ def _folder_batches(pairs, gt_dir: Path, annotations, batch_size: int):
         for p, g in chunk:
             a, b = _load_uint8(p), _load_uint8(g)
             if a.shape != b.shape:
-                raise ValueError(f"{p}: size {tuple(a.shape[1:])} differs from ground truth {g} {tuple(b.shape[1:])}")
+                raise InputError(f"{p}: size {tuple(a.shape[1:])} differs from ground truth {g} {tuple(b.shape[1:])}")
             preds.append(a)
             gts.append(b)
             if annotations is not None:
@@ -115,7 +119,7 @@ def _generated_batches(args, device):
 
     g = load_generator(args.checkpoint, device=device)
     if args.resolution is not None and args.resolution != g.resolution:
-        raise ValueError(f"{args.checkpoint} holds a {g.resolution}-px generator, not {args.resolution}")
+        raise InputError(f"{args.checkpoint} holds a {g.resolution}-px generator, not {args.resolution}")
     ds = PairDataset(args.data, args.split, g.resolution)
     n = len(ds) if args.limit is None else min(args.limit, len(ds))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=args.batch_size,
@@ -138,7 +142,10 @@ def _generated_batches(args, device):
 
 def evaluate(batches, protocols, crop, wanted, explicit: bool, device, lpips_net="alex",
              lpips_weights=None, inception_weights=None, total=None, data_range="255") -> dict:
-    """Score (pred uint8, gt uint8, kp or None) batches. Returns {metric: {"value", "n"} | {"unavailable"}}."""
+    """Score (pred uint8, gt uint8, kp or None) batches. Returns {metric: {"value", "n"} | {"unavailable"}}.
+
+    An unavailable metric gets a short reason; a longer one (where weights go) is logged once. A
+    metric in ``wanted`` with ``explicit`` raises :class:`UserError` instead."""
     from tqdm import tqdm
 
     results: dict = {}
@@ -146,9 +153,16 @@ def evaluate(batches, protocols, crop, wanted, explicit: bool, device, lpips_net
     protocols = list(protocols)
     models: dict = {}
 
+    logged = set()
+
     def unavailable(name, reason):
+        if isinstance(reason, BaseException):  # WeightsUnavailable: .short for the table, the rest logged
+            detail, reason = str(reason), getattr(reason, "short", None) or str(reason)
+            if detail != reason and detail not in logged:
+                logged.add(detail)
+                log.warning("%s", detail)
         if explicit and name in wanted:
-            raise RuntimeError(f"{name}: {reason}")
+            raise UserError(f"{name}: {reason}")
         results[name] = {"unavailable": reason}
         wanted.discard(name)
         log.info("%s unavailable: %s", name, reason)
@@ -157,12 +171,12 @@ def evaluate(batches, protocols, crop, wanted, explicit: bool, device, lpips_net
         try:
             models["lpips"] = M.LPIPSMetric(lpips_net, lpips_weights, device=device)
         except (M.WeightsUnavailable, ImportError) as e:
-            unavailable("lpips", str(e))
+            unavailable("lpips", e)
     if "fid" in wanted:
         try:
             models["fid"] = M.InceptionFeatures(inception_weights, device=device)
         except (M.WeightsUnavailable, ImportError, ValueError) as e:
-            unavailable("fid", str(e))
+            unavailable("fid", e)
     feats = {"pred": [], "gt": []}
     for pred, gt, kp in tqdm(batches, total=total, desc="eval", unit="batch", leave=False):
         x, y = pred.to(device), gt.to(device)
@@ -173,7 +187,7 @@ def evaluate(batches, protocols, crop, wanted, explicit: bool, device, lpips_net
                     per.setdefault(f"ssim_{p}", []).append(v)
                 except ValueError as e:  # e.g. a 51-px window on smaller images
                     if explicit:
-                        raise RuntimeError(f"ssim_{p}: {e}") from None
+                        raise UserError(f"ssim_{p}: {e}") from None
                     protocols.remove(p)
                     per.pop(f"ssim_{p}", None)
                     results[f"ssim_{p}"] = {"unavailable": str(e)}
@@ -292,22 +306,34 @@ def format_table(results: dict) -> str:
     return "\n".join(f"{a:<{w0}}  {c:>{w2}}  {b}" for a, b, c in rows)
 
 
+def _json_safe(obj):
+    """NaN/inf (e.g. local-SSIM of images without keypoints) -> null: strict JSON for other tools."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def run(args) -> int:
     from hptransfer.checkpoint import atomic_write_text
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     protocols = list(M.PROTOCOLS) if args.protocol == "both" else [args.protocol]
-    crop = M.parse_crop(args.crop)
+    try:
+        crop = M.parse_crop(args.crop)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     explicit = args.metrics is not None
     wanted = set(ALL_METRICS) if not explicit else {m.strip() for m in args.metrics.split(",") if m.strip()}
     bad = wanted - set(ALL_METRICS)
     if bad:
-        print(f"error: unknown metrics {sorted(bad)}; choose from {', '.join(ALL_METRICS)}")
-        return 2
+        raise InputError(f"unknown metrics {sorted(bad)}; choose from {', '.join(ALL_METRICS)}")
     if args.checkpoint:
         if not args.data:
-            print("error: --checkpoint needs --data (the dataset to generate from)")
-            return 2
+            raise InputError("--checkpoint needs --data (the dataset to generate from)")
         batches, total, source = _generated_batches(args, device), None, {"checkpoint": args.checkpoint}
     elif args.pred and args.gt:
         pairs = match_folders(Path(args.pred), Path(args.gt))[: args.limit]
@@ -319,37 +345,36 @@ def run(args) -> int:
         total = math.ceil(len(pairs) / args.batch_size)
         source = {"pred": args.pred, "gt": args.gt}
     else:
-        print("error: give --checkpoint EXPORT --data DIR, or --pred DIR --gt DIR")
-        return 2
+        raise InputError("give --checkpoint EXPORT --data DIR, or --pred DIR --gt DIR")
     if args.pose_following:
         from hptransfer.data.synth import PARAMS_FILE
 
         if not args.checkpoint:
-            print("error: --pose-following needs --checkpoint EXPORT --data DIR (a synthetic dataset)")
-            return 2
+            raise InputError("--pose-following needs --checkpoint EXPORT --data DIR (a synthetic dataset)")
         if not (Path(args.data) / PARAMS_FILE).is_file():  # checked before the slow part
-            print(f"error: --pose-following needs {Path(args.data) / PARAMS_FILE}: body masks exist only for "
-                  "datasets written by `hptransfer data synth`")
-            return 2
-    try:
-        results = evaluate(batches, protocols, crop, wanted, explicit, device, args.lpips_net,
-                           args.lpips_weights, args.inception_weights, total, args.data_range)
-    except RuntimeError as e:
-        print(f"error: {e}")
-        return 1
-    print(format_table(results))
+            raise InputError(f"--pose-following needs {Path(args.data) / PARAMS_FILE}: body masks exist only for "
+                             "datasets written by `hptransfer data synth`")
+    results = evaluate(batches, protocols, crop, wanted, explicit, device, args.lpips_net,
+                       args.lpips_weights, args.inception_weights, total, args.data_range)
     following = None
     if args.pose_following:
         following = pose_following(args.checkpoint, args.data, args.split, args.batch_size, device)
-        print(f"pose following ({following['pairs']} pairs; L1, image range [0, 1]; lower is better)")
-        print(f"{'':16s}  {'vacated':>8s}  {'new body':>8s}")
-        for who in ("model", "copy_reference"):
-            print(f"{who:16s}  {following[who]['vacated_l1']:8.4f}  {following[who]['new_body_l1']:8.4f}")
-    if args.out:
-        doc = {"source": source, "split": args.split, "protocols": protocols, "crop": args.crop,
-               "data_range": args.data_range, "metrics": results}
+    doc = {"source": source, "split": args.split, "protocols": protocols, "crop": args.crop,
+           "data_range": args.data_range, "metrics": results}
+    if following is not None:
+        doc["pose_following"] = following
+    doc = _json_safe(doc)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        print(format_table(results))
         if following is not None:
-            doc["pose_following"] = following
+            print(f"pose following ({following['pairs']} pairs; L1, image range [0, 1]; lower is better)")
+            print(f"{'':16s}  {'vacated':>8s}  {'new body':>8s}")
+            for who in ("model", "copy_reference"):
+                print(f"{who:16s}  {following[who]['vacated_l1']:8.4f}  {following[who]['new_body_l1']:8.4f}")
+    if args.out:
         atomic_write_text(args.out, json.dumps(doc, indent=1))
-        print(f"wrote {args.out}")
+        if not args.json:
+            print(f"wrote {args.out}")
     return 0

@@ -60,11 +60,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides or [])
     if args.out:
         overrides.append(f"train.out_dir={args.out}")
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:  # a user error: the message names the file and key, no traceback
-        print(f"hptransfer train: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)  # ConfigError: a user error, one line (hptransfer.cli)
     result = train(cfg, ds_config=args.deepspeed_config, resume=args.resume, stop_at_step=args.stop_at_step)
     if result["is_main"]:  # the summary table is in the log already
         print(f"export: {result['export']}  samples: {Path(cfg.train.out_dir) / 'samples'}  "
@@ -81,7 +77,9 @@ def main(argv: Optional[list] = None) -> int:
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return run(args)
+    from hptransfer.cli import run_guarded  # user errors as one line, as under `hptransfer train`
+
+    return run_guarded(run, args)
 
 
 # ----------------------------------------------------------------------------- helpers

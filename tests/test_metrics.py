@@ -190,8 +190,8 @@ def test_eval_reports_unavailable_instead_of_crashing(tmp_path, monkeypatch, cap
     assert "unavailable" in m["ms_ssim"]  # 64 px is too small for 5 scales
     assert 0 < m["ssim_gaussian"]["value"] < 1
     assert "unavailable (" in capsys.readouterr().out
-    # explicitly requested: an error, not a silent gap
-    assert main(["eval", "--pred", str(pred), "--gt", str(gt), "--metrics", "lpips", "--device", "cpu"]) == 1
+    # explicitly requested: an error (a user error: exit 2), not a silent gap
+    assert main(["eval", "--pred", str(pred), "--gt", str(gt), "--metrics", "lpips", "--device", "cpu"]) == 2
     # a 40-px-wide crop cannot hold the 51-px window: reported, not crashed
     assert main(["eval", "--pred", str(pred), "--gt", str(gt), "--crop", "10:50", "--device", "cpu",
                  "--metrics", "ssim", "--protocol", "gaussian", "--out", str(out)]) == 0

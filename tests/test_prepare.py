@@ -187,7 +187,7 @@ def test_video_frames_keypoints_split_resume(tmp_path):
         _openpose_jsons(tmp_path / "json" / k, 24)
         vids.append(tmp_path / f"{k}.mp4")
     out = tmp_path / "out"
-    s = prepare(vids, out, fps=3, openpose_json=tmp_path / "json", test_videos=1)
+    s = prepare(vids, out, fps=3, openpose_json=tmp_path / "json", test_videos=1, frame="full")
     assert s["problems"] == 0 and s["written"] == 18 and s["test"] == ["c"]
     ann = read_annotations(out / "annotations-train.csv")
     assert sorted(ann) == [f"{k}/f{i:06d}.jpg" for k in "ab" for i in (0, 4, 8, 12, 16, 20)]
@@ -198,7 +198,7 @@ def test_video_frames_keypoints_split_resume(tmp_path):
     pairs = read_pairs(out / "pairs-train.csv")
     assert len(pairs) == 2 * 6 * 5 and all(a.split("/")[0] == b.split("/")[0] for a, b in pairs)
     assert len(read_pairs(out / "pairs-test.csv")) == 30
-    assert prepare(vids, out, fps=3, openpose_json=tmp_path / "json", test_videos=1)["written"] == 0
+    assert prepare(vids, out, fps=3, openpose_json=tmp_path / "json", test_videos=1, frame="full")["written"] == 0
     assert len(PairDataset(out, "test", 64)) == 30
 
 

@@ -4,7 +4,10 @@ Frames are sampled at ``--fps`` (default 3). Keypoints come from OpenPose JSON f
 (``--openpose-json DIR``: one file per source frame, or one per sampled frame, in sorted name order;
 with several videos, ``DIR/<video stem>/`` when it exists) or from MediaPipe Pose (the optional
 ``mediapipe`` extra), converted with :func:`hptransfer.pose.from_mediapipe33`. ``--remove-background``
-whitens everything outside MediaPipe's person segmentation. Images are ``images/<video stem>/fNNNNNN.jpg``
+whitens everything outside MediaPipe's person segmentation. ``--frame person`` (default) crops each
+frame to a square box around the person's keypoints (their extent plus
+:data:`hptransfer.infer.FRAME_MARGIN` of it per side, the framing of DeepFashion's shots) and resizes it
+to ``--size``; ``--frame full`` keeps whole frames. Images are ``images/<video stem>/fNNNNNN.jpg``
 (NNNNNN = source frame index); pairs are all ordered pairs of frames of the same video (capped by
 ``--max-pairs``); the split is by video (``--test-videos``: a count, or a fraction below 1).
 """
@@ -16,14 +19,14 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from hptransfer.data.prepare_common import (Manifest, PrepareError, all_pairs, final_check, inside_only,
-                                            mask_background,
-                                            progress, write_split)
+from hptransfer.data.prepare_common import (Manifest, PrepareError, all_pairs, bbox_crop_box, crop_resize,
+                                            final_check, inside_only, mask_background, progress, write_split)
 
 log = logging.getLogger(__name__)
 
 MEDIAPIPE_HINT = 'MediaPipe is not installed: pip install "hptransfer[mediapipe]" (or give --openpose-json DIR)'
 MIN_VISIBLE = 4  # frames with fewer visible keypoints are dropped (no usable person)
+FRAMES = ("person", "full")
 
 
 def sample_indices(n_frames: int, fps_in: float, fps_out: float) -> list[int]:
@@ -107,10 +110,11 @@ def openpose_files(folder: Path, video: Path, several: bool) -> list[Path]:
 
 
 def prepare_one(video: Path, out: Path, manifest: Manifest, fps: float, json_dir: Optional[Path],
-                several: bool, remove_background: bool, detector) -> list[str]:
+                several: bool, remove_background: bool, detector, framing: str = "person", size: int = 256) -> list[str]:
     """Sample, annotate and write one video's frames; returns the names of the kept frames."""
     from PIL import Image
 
+    from hptransfer.infer import FRAME_MARGIN
     from hptransfer.pose import read_openpose_json
 
     video = Path(video)
@@ -152,6 +156,8 @@ def prepare_one(video: Path, out: Path, manifest: Manifest, fps: float, json_dir
                 log.warning("%s frame %d: no person mask; background kept", video, i)
             else:
                 img = mask_background(img, mask)
+        if framing == "person":
+            img, kp = crop_resize(img, kp, bbox_crop_box(kp, img.width, img.height, 1.0, FRAME_MARGIN), (size, size))
         manifest.add(name, img, kp)
         names.append(name)
     if dropped:
@@ -160,9 +166,14 @@ def prepare_one(video: Path, out: Path, manifest: Manifest, fps: float, json_dir
 
 
 def prepare(videos: list, out, fps: float = 3.0, openpose_json=None, remove_background: bool = False,
-            test_videos: float = 0.2, max_pairs: Optional[int] = 2000, seed: int = 0) -> dict:
+            test_videos: float = 0.2, max_pairs: Optional[int] = 2000, seed: int = 0, frame: str = "person",
+            size: int = 256) -> dict:
     """Build the dataset in ``out``; returns {"written", "train", "test", "problems"}."""
     out = Path(out)
+    if frame not in FRAMES:
+        raise PrepareError(f"frame must be one of {FRAMES}, got {frame!r}")
+    if size < 16:
+        raise PrepareError(f"--size must be at least 16 px, got {size}")
     videos = [Path(v) for v in videos]
     if len({v.stem for v in videos}) != len(videos):
         raise PrepareError("two videos share a file name stem; frames are stored under images/<stem>/")
@@ -181,12 +192,12 @@ def prepare(videos: list, out, fps: float = 3.0, openpose_json=None, remove_back
     if len(videos) == 1:
         log.warning("one video: every frame goes to train and test is the same video's frames")
     manifest = Manifest(out, {"tool": "video", "fps": fps, "remove_background": remove_background,
-                              "openpose": bool(json_dir)})
+                              "openpose": bool(json_dir), "frame": frame, "size": size if frame == "person" else None})
     per_video = {}
     try:
         for v in videos:
             per_video[v.stem] = prepare_one(v, out, manifest, fps, json_dir, len(videos) > 1,
-                                            remove_background, detector)
+                                            remove_background, detector, frame, size)
     finally:
         manifest.save()
     summary = {"written": manifest.writes}
@@ -212,16 +223,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--test-videos", type=float, default=0.2,
                         help="videos held out for test: a count (>= 1) or a fraction (< 1)")
     parser.add_argument("--max-pairs", type=int, default=2000, help="at most this many pairs per video")
+    parser.add_argument("--frame", choices=FRAMES, default="person",
+                        help="person (default): square crop around the person's keypoints with margins as in "
+                             "DeepFashion, resized to --size; full: whole frames")
+    parser.add_argument("--size", type=int, default=256, help="output side of person-framed images (px)")
 
 
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        s = prepare(args.video, args.out, args.fps, args.openpose_json, args.remove_background,
-                    args.test_videos, args.max_pairs)
-    except PrepareError as e:
-        print(f"error: {e}")
-        return 2
+    s = prepare(args.video, args.out, args.fps, args.openpose_json, args.remove_background,
+                args.test_videos, args.max_pairs, frame=args.frame, size=args.size)
     print(f"{args.out}: wrote {s['written']} frames; train videos {s['train']}, test videos {s['test']}; "
           f"data check: {s['problems']} problems")
     return 1 if s["problems"] else 0

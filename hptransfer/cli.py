@@ -24,6 +24,7 @@ COMMANDS = {
     "model-summary": ("hptransfer.models.summary", "table of stages: resolution, channels, parameters, FLOPs"),
     "demo": ("hptransfer.demo", "the end-to-end CPU demo behind `make demo`"),
     "doctor": ("hptransfer.doctor", "versions, and what each fast path will run on this machine"),
+    "weights": ("hptransfer.weights", "download and verify the ImageNet weights (VGG-16, AlexNet, Inception)"),
 }
 
 

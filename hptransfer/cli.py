@@ -18,6 +18,8 @@ COMMANDS = {
     "data": ("hptransfer.data.cli", "synthesize, prepare, check and show datasets"),
     "train": ("hptransfer.train", "progressive training (also: deepspeed hptransfer/train.py ...)"),
     "eval": ("hptransfer.evaluate", "score generated images: SSIM (both protocols), MS-SSIM, local-SSIM, LPIPS, FID"),
+    "ablate": ("hptransfer.ablate", "the paper's Table 1: train and score every variant x seed, table and figure"),
+    "compare": ("hptransfer.compare", "the paper's Table 2: score several methods' output folders in one table"),
     "infer": ("hptransfer.infer", "generate one image of a reference person in a target pose"),
     "video": ("hptransfer.video", "generate a pose-guided video"),
     "export": ("hptransfer.export", "export a checkpoint as safetensors, ONNX or TorchScript"),
@@ -77,24 +79,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return run_guarded(_load(args.command).run, args, debug)
+    return run_guarded(_load(args.command).run, args, debug, check_device=True)
 
 
-def run_guarded(run, args, debug: bool = False) -> int:
+def run_guarded(run, args, debug: bool = False, check_device: bool = False) -> int:
     """``run(args)`` with user errors as one line ``error: ...`` on stderr and status 2 (the traceback
     with ``debug`` or HPTRANSFER_DEBUG=1); other exceptions propagate. Also for entry points outside
-    this command (``deepspeed hptransfer/train.py``)."""
-    from hptransfer.errors import user_message
+    this command (``deepspeed hptransfer/train.py``). ``check_device``: a ``--device`` that torch
+    cannot parse is a user error (every subcommand's ``--device``, checked here once)."""
+    from hptransfer.errors import InputError, user_message
 
     debug = debug or os.environ.get("HPTRANSFER_DEBUG", "") not in ("", "0")
     try:
+        if check_device and getattr(args, "device", None):
+            import torch
+            try:
+                torch.device(args.device)
+            except RuntimeError as e:
+                raise InputError(f"--device {args.device}: {e}") from None
         return int(run(args) or 0)
     except Exception as e:
         message = user_message(e)
         if message is None or debug:
             raise
+        _close_progress_bars()
         print(f"error: {message}", file=sys.stderr)
         return 2
+
+
+def _close_progress_bars() -> None:
+    """Close tqdm bars left open by the failed command, so the error line starts a line of its own."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ()) or ()):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -76,6 +76,12 @@ def disk_error(path, exc: OSError) -> Optional[UserError]:
     return None
 
 
+def last_line(exc: BaseException) -> str:
+    """The last non-empty line of an error message (ffmpeg's errors carry its whole log)."""
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__
+
+
 def user_message(exc: BaseException) -> Optional[str]:
     """The one-line message for an error the user can fix, or None for a bug (show the traceback)."""
     if isinstance(exc, UserError):

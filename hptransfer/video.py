@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from hptransfer import infer
-from hptransfer.errors import InputError, disk_error
+from hptransfer.errors import InputError, disk_error, last_line
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +64,15 @@ def video_frames(path: str | Path) -> Iterator[np.ndarray]:
     try:
         reader = imageio.get_reader(str(path), format="FFMPEG")
     except (OSError, RuntimeError, ValueError, IndexError) as e:
-        raise InputError(f"{path}: cannot read video: {_last_line(e)}") from None
+        raise InputError(f"{path}: cannot read video: {last_line(e)}") from None
     try:
         for i, frame in enumerate(reader.iter_data()):
             yield np.asarray(frame)[..., :3]
     except (OSError, RuntimeError, ValueError, IndexError) as e:
-        raise InputError(f"{path}: cannot decode frame {i + 1}: {_last_line(e)}") from None
+        raise InputError(f"{path}: cannot decode frame {i + 1}: {last_line(e)}") from None
     finally:
         reader.close()
 
-
-def _last_line(e: Exception) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
 
 
 def sequence_boxes(poses: list, window: int = SMOOTH_FRAMES) -> list:

@@ -21,6 +21,7 @@ import numpy as np
 
 from hptransfer.data.prepare_common import (Manifest, PrepareError, all_pairs, bbox_crop_box, crop_resize,
                                             final_check, inside_only, mask_background, progress, write_split)
+from hptransfer.errors import last_line
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def read_video(path: Path, fps_out: float) -> Iterator[tuple[int, np.ndarray]]:
         gen = imageio_ffmpeg.read_frames(str(path))
         meta = next(gen)
     except (OSError, RuntimeError, StopIteration) as e:
-        raise PrepareError(f"{path}: cannot read video: {str(e).strip().splitlines()[-1] if str(e) else e}") from None
+        raise PrepareError(f"{path}: cannot read video: {last_line(e)}") from None
     w, h = meta["size"]
     fps = float(meta.get("fps") or 0)
     if fps <= 0:
@@ -62,7 +63,7 @@ def read_video(path: Path, fps_out: float) -> Iterator[tuple[int, np.ndarray]]:
                 k += 1
                 yield i, np.frombuffer(buf, np.uint8).reshape(h, w, 3)
     except RuntimeError as e:  # ffmpeg failed mid-stream (truncated or corrupt file)
-        raise PrepareError(f"{path}: cannot decode frame {i + 1}: {e}") from None
+        raise PrepareError(f"{path}: cannot decode frame {i + 1}: {last_line(e)}") from None
 
 
 def count_frames(path: Path) -> tuple[int, float]:
@@ -75,8 +76,9 @@ def count_frames(path: Path) -> tuple[int, float]:
         fps = float(next(gen)["fps"])
         gen.close()
     except (OSError, RuntimeError, StopIteration) as e:
-        raise PrepareError(f"{path}: cannot read video: {e}") from None
+        raise PrepareError(f"{path}: cannot read video: {last_line(e)}") from None
     return n, fps
+
 
 
 class MediaPipePose:
@@ -199,7 +201,8 @@ def prepare(videos: list, out, fps: float = 3.0, openpose_json=None, remove_back
             per_video[v.stem] = prepare_one(v, out, manifest, fps, json_dir, len(videos) > 1,
                                             remove_background, detector, frame, size)
     finally:
-        manifest.save()
+        if manifest.done or manifest.path.exists():  # a failure before the first image leaves no folder behind
+            manifest.save()
     summary = {"written": manifest.writes}
     for split in ("train", "test"):
         stems = [s for s in per_video if (s in test_set) == (split == "test")] if test_set else list(per_video)

@@ -72,6 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hptransfer.config import RESOLUTIONS
+    from hptransfer.errors import InputError
+
+    if args.resolution not in RESOLUTIONS or args.width <= 0 or args.batch < 1:
+        raise InputError(f"--resolution must be one of {RESOLUTIONS}, --width > 0 and --batch >= 1; got "
+                         f"{args.resolution}, {args.width}, {args.batch}")
     cfg = ModelConfig(width=args.width)
     rows = stage_table(cfg, args.resolution)
     print(f"Generator, model.width={args.width:g}. GFLOP: conv layers only, 2*Cin*Cout*k*k*Hout*Wout per conv, "

@@ -61,7 +61,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    vgg_weights: Optional[str] = None  # file path, "random" (tests only) or None = search defaults
+    vgg_weights: Optional[str] = None  # file path, "random" (tests only), "auto" (download once) or None = search
     layers: list = field(default_factory=lambda: list(VGG_LAYERS))
     layer_weights: Optional[list] = None  # equal weights when None
     global_weight: float = 1.0

@@ -132,8 +132,35 @@ def draw_skeleton(img, kp: np.ndarray):
     return img
 
 
-def show_grid(root, out, n: int = 16, split: str = "train", seed: int = 0, cell: int = 224) -> int:
-    """Write a PNG grid of ``n`` images of ``split`` with skeletons drawn; returns the count drawn."""
+def draw_descriptors(img, kp: np.ndarray, resolution: int, count="auto", scale: float = 1.0):
+    """Fig. 4, left: the local descriptors of (18, 2) (y, x) keypoints of an image of side ``resolution``
+    (``count`` 18 / 31 / 44, "auto" = the paper's rule at that resolution) as centres with their
+    R/8 boxes, drawn on PIL ``img`` (the image resized by ``scale``), in place. Keypoint descriptors
+    in red, the ones interpolated along limbs in blue."""
+    import torch
+    from PIL import ImageDraw
+
+    from hptransfer.pose import crop_size, descriptor_count, local_descriptors
+
+    n = descriptor_count(resolution, count)
+    if n == 0:
+        return img
+    centres, valid = local_descriptors(torch.as_tensor(kp, dtype=torch.float32)[None], resolution, n)
+    half = crop_size(resolution) * scale / 2
+    d = ImageDraw.Draw(img)
+    for i in np.flatnonzero(valid[0].numpy()):
+        y, x = ((centres[0, i].numpy() + 0.5) * scale - 0.5).tolist()
+        col = (220, 30, 30) if i < 18 else (30, 90, 230)
+        d.rectangle((x - half, y - half, x + half, y + half), outline=col)
+        d.ellipse((x - 1.5, y - 1.5, x + 1.5, y + 1.5), fill=col)
+    return img
+
+
+def show_grid(root, out, n: int = 16, split: str = "train", seed: int = 0, cell: int = 224,
+              descriptors=None) -> int:
+    """Write a PNG grid of ``n`` images of ``split`` with skeletons drawn (with ``descriptors``, 18 /
+    31 / 44 / "auto": the local descriptors and their boxes instead, :func:`draw_descriptors`);
+    returns the count drawn."""
     from PIL import Image
 
     root = Path(root)
@@ -152,6 +179,11 @@ def show_grid(root, out, n: int = 16, split: str = "train", seed: int = 0, cell:
             img = im.convert("RGB")
         s = cell / max(img.width, img.height)
         kp = ann[name].copy()
+        if descriptors is not None:  # boxes at the image's own resolution, drawn before resizing the keypoints
+            big = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BILINEAR)
+            draw_descriptors(big, kp, max(img.width, img.height), descriptors, s)
+            grid.paste(big, ((i % cols) * cell, (i // cols) * cell))
+            continue
         if s != 1:
             img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BILINEAR)
             kp[(kp >= 0).all(axis=1)] = (kp[(kp >= 0).all(axis=1)] + 0.5) * s - 0.5
@@ -170,9 +202,13 @@ def add_show_arguments(parser) -> None:
     parser.add_argument("--split", default="train")
     parser.add_argument("--seed", type=int, default=0, help="which images (random pick)")
     parser.add_argument("--cell", type=int, default=224, help="cell size in pixels (keeps a 16-image grid under 1 MB)")
+    parser.add_argument("--descriptors", nargs="?", const="auto", default=None, choices=["auto", "18", "31", "44"],
+                        help="draw the local descriptors (centres and R/8 boxes, Fig. 4) instead of skeletons: "
+                             "auto (the paper's count at the image's resolution) or 18 / 31 / 44")
 
 
 def run_show(args) -> int:
-    k = show_grid(args.root, args.out, n=args.n, split=args.split, seed=args.seed, cell=args.cell)
+    desc = args.descriptors if args.descriptors in (None, "auto") else int(args.descriptors)
+    k = show_grid(args.root, args.out, n=args.n, split=args.split, seed=args.seed, cell=args.cell, descriptors=desc)
     print(f"wrote {args.out} ({k} images of {args.split})")
     return 0

@@ -1,0 +1,161 @@
+"""``hptransfer compare``: the paper's Table 2 as a command: several methods' output folders scored
+against one ground-truth folder under the same protocol, one table.
+
+    hptransfer compare --gt data/df/test_gt --method ours=out/ours --method PATN=out/patn \\
+        [--crop 40:216] [--data data/df --split test] [--out table.json] [--md table.md]
+
+Images are matched by file name (:func:`hptransfer.evaluate.match_folders`). ``--crop x0:x1`` keeps
+columns x0:x1 of prediction and ground truth *before* every metric (SSIM under both protocols,
+MS-SSIM, local-SSIM, LPIPS, FID), so a 256x256 output scored with ``--crop 40:216`` is compared on the
+176-wide DeepFashion frame the published numbers use; keypoints (``--data``, for local-SSIM) are
+shifted with it, and those outside the kept columns count as missing. Scoring itself is
+:func:`hptransfer.evaluate.evaluate`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from hptransfer import metrics as M
+from hptransfer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# (result key, header, higher is better)
+COLUMNS = (
+    ("ssim_gaussian", "SSIM (Gaussian 11)", True),
+    ("ssim_uniform51", "SSIM (uniform 51)", True),
+    ("ms_ssim", "MS-SSIM", True),
+    ("local_ssim", "local-SSIM", True),
+    ("lpips_alex", "LPIPS (alex)", False),
+    ("lpips_vgg", "LPIPS (vgg)", False),
+    ("fid", "FID", False),
+)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--gt", required=True, help="folder of ground-truth images")
+    p.add_argument("--method", action="append", required=True, metavar="NAME=DIR",
+                   help="a method's output folder (same file names as --gt); repeat for each method")
+    p.add_argument("--crop", default=None, help="x0:x1 columns kept for EVERY metric (e.g. 40:216)")
+    p.add_argument("--data", default=None, help="dataset root whose annotations-SPLIT.csv holds the ground "
+                   "truth's keypoints (for local-SSIM)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--metrics", default=None, help="comma list from ssim,ms_ssim,local_ssim,lpips,fid; listed "
+                   "metrics must run (missing weights = error); default: all that can")
+    p.add_argument("--data-range", default="255", choices=["255", "pred"],
+                   help="SSIM data range: 255, or each prediction's max-min (PATN/GFLA Gaussian SSIM scripts)")
+    p.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"])
+    p.add_argument("--lpips-weights", default=None)
+    p.add_argument("--inception-weights", default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--md", default=None, help="write the table as Markdown here")
+
+
+def parse_methods(items: list[str]) -> list[tuple[str, Path]]:
+    out, seen = [], set()
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ConfigError(f"--method {item!r} must look like NAME=DIR")
+        if name in seen:
+            raise ConfigError(f"--method {name!r} given twice")
+        seen.add(name)
+        out.append((name, Path(folder)))
+    return out
+
+
+def crop_batches(batches, crop: Optional[tuple[int, int]]):
+    """(pred, gt, kp) batches with columns crop[0]:crop[1] kept; keypoints (y, x) shifted to the kept
+    frame, those outside it marked missing (-1)."""
+    for pred, gt, kp in batches:
+        if crop is None:
+            yield pred, gt, kp
+            continue
+        x0, x1 = crop
+        if x1 > pred.shape[-1]:
+            raise ConfigError(f"--crop {x0}:{x1} is wider than the images ({pred.shape[-1]} px)")
+        if kp is not None:
+            kp = kp.clone().float()
+            missing = (kp < 0).any(-1)
+            kp[..., 1] -= x0
+            outside = missing | (kp[..., 1] < 0) | (kp[..., 1] > x1 - x0 - 1)
+            kp[outside] = -1.0
+        yield pred[..., x0:x1].contiguous(), gt[..., x0:x1].contiguous(), kp
+
+
+def compare(gt: str | Path, methods: list[tuple[str, Path]], crop: Optional[tuple[int, int]] = None,
+            data: Optional[str] = None, split: str = "test", metrics: Optional[set] = None,
+            data_range: str = "255", lpips_net: str = "alex", lpips_weights=None, inception_weights=None,
+            batch_size: int = 16, device=None) -> dict:
+    """{method: {metric: {"value", "n"} | {"unavailable"}}} for every method (evaluate's results)."""
+    from hptransfer.evaluate import ALL_METRICS, _folder_batches, evaluate, match_folders
+
+    gt = Path(gt)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    explicit = metrics is not None
+    wanted = set(metrics) if explicit else set(ALL_METRICS)
+    if wanted - set(ALL_METRICS):
+        raise ConfigError(f"unknown metrics {sorted(wanted - set(ALL_METRICS))}; choose from {', '.join(ALL_METRICS)}")
+    annotations = None
+    if data:
+        from hptransfer.data import read_annotations
+        annotations = read_annotations(Path(data) / f"annotations-{split}.csv")
+    elif not explicit:
+        wanted.discard("local_ssim")  # needs the ground truth's keypoints
+    results = {}
+    for name, folder in methods:
+        pairs = match_folders(folder, gt)
+        batches = crop_batches(_folder_batches(pairs, gt, annotations, batch_size), crop)
+        log.info("scoring %s: %d images", name, len(pairs))
+        results[name] = evaluate(batches, list(M.PROTOCOLS), None, set(wanted), explicit, device, lpips_net,
+                                 lpips_weights, inception_weights, math.ceil(len(pairs) / batch_size), data_range)
+    return results
+
+
+def format_markdown(results: dict, crop_text: Optional[str]) -> str:
+    cols = [c for c in COLUMNS if any("value" in r.get(c[0], {}) for r in results.values())]
+    lines = ["| Method | n | " + " | ".join(f"{h} {'↑' if up else '↓'}" for _, h, up in cols) + " |",
+             "|" + "---|" * (len(cols) + 2)]
+    for name, r in results.items():
+        n = next((v["n"] for v in r.values() if "n" in v), 0)
+        cells = [f"{r[k]['value']:.4f}" if "value" in r.get(k, {}) else "" for k, _, _ in cols]
+        lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
+    missing = sorted({f"{k}: {v['unavailable']}" for r in results.values() for k, v in r.items() if "unavailable" in v})
+    notes = [f"columns {crop_text} of every image for every metric" if crop_text else "whole images"]
+    notes += [f"unavailable: {m}" for m in missing]
+    ns = {next((v["n"] for v in r.values() if "n" in v), 0) for r in results.values()}
+    if len(ns) > 1:
+        notes.append("WARNING: the methods were scored on different numbers of images (see n)")
+    return "\n".join(lines) + "\n\n" + "; ".join(notes) + ".\n"
+
+
+def run(args) -> int:
+    from hptransfer.checkpoint import atomic_write_text
+
+    methods = parse_methods(args.method)
+    crop = M.parse_crop(args.crop)
+    wanted = None if args.metrics is None else {m.strip() for m in args.metrics.split(",") if m.strip()}
+    try:
+        results = compare(args.gt, methods, crop, args.data, args.split, wanted, args.data_range, args.lpips_net,
+                          args.lpips_weights, args.inception_weights, args.batch_size, args.device)
+    except RuntimeError as e:  # a metric listed in --metrics cannot run (evaluate's message names it)
+        print(f"error: {e}")
+        return 1
+    md = format_markdown(results, args.crop)
+    print(md)
+    if args.md:
+        atomic_write_text(args.md, md)
+    if args.out:
+        doc = {"gt": args.gt, "methods": {n: str(f) for n, f in methods}, "crop": args.crop, "split": args.split,
+               "data_range": args.data_range, "results": results}
+        atomic_write_text(args.out, json.dumps(doc, indent=1))
+        print(f"wrote {args.out}")
+    return 0

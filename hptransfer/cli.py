@@ -20,8 +20,6 @@ COMMANDS = {
     "eval": ("hptransfer.evaluate", "score generated images: SSIM (both protocols), MS-SSIM, local-SSIM, LPIPS, FID"),
     "ablate": ("hptransfer.ablate", "the paper's Table 1: train and score every variant x seed, table and figure"),
     "compare": ("hptransfer.compare", "the paper's Table 2: score several methods' output folders in one table"),
-    "ablate": ("hptransfer.ablate", "the paper's Table 1: train and score every variant x seed, table and figure"),
-    "compare": ("hptransfer.compare", "the paper's Table 2: score several methods' output folders in one table"),
     "infer": ("hptransfer.infer", "generate one image of a reference person in a target pose"),
     "video": ("hptransfer.video", "generate a pose-guided video"),
     "export": ("hptransfer.export", "export a checkpoint as safetensors, ONNX or TorchScript"),

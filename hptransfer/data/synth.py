@@ -14,7 +14,14 @@ Keypoints are the exact projections of the skeleton's joints in OpenPose-18 orde
 truth knows where they are); note that OpenPose on real photos drops some occluded joints, so
 real annotations have more ``-1`` entries.
 
-Output: ``images/*.jpg`` (JPEG quality 95), ``annotations-{train,test}.csv``,
+Human parsing: every image gets an exact label map ``parsing/<stem>.png`` (8-bit, LIP's numbering
+for the classes drawn: 0 background, 2 hair, 5 upper clothes (torso and sleeves), 9 pants, 13 face
+(head skin, ears, neck), 14/15 left/right arm, 16/17 left/right leg, 18/19 left/right shoe; "left" is
+the person's own left). ``garment_from=B`` renders a person wearing identity B's garment (shirt colour,
+textures, sleeve length) in any of its own poses, and :func:`render_frontal` any person, in any garment,
+in the pre-defined frontal pose: exact ground truth for virtual try-on.
+
+Output: ``images/*.jpg`` (JPEG quality 95), ``parsing/*.png``, ``annotations-{train,test}.csv``,
 ``pairs-{train,test}.csv`` (all ordered pairs of different poses of an identity, or a capped random
 subset); identities are split between train and test. The output is a function of the arguments
 (same seed -> same bytes), whatever the number of worker processes.
@@ -60,6 +67,20 @@ VIEW_ORDER = ("front", "side", "back", "three-quarter")  # poses of an identity 
 FRAMINGS = ("random", "centred")
 
 SKIN = [(255, 224, 196), (241, 194, 160), (224, 172, 130), (198, 134, 92), (160, 102, 64), (110, 70, 45)]
+# LIP label numbers of the classes drawn (hptransfer.data.parsing reads LIP, CIHP and ATR maps).
+LABEL_HAIR, LABEL_UPPER, LABEL_PANTS, LABEL_FACE = 2, 5, 9, 13
+LABEL_ARM = {"l": 14, "r": 15}
+LABEL_LEG = {"l": 16, "r": 17}
+LABEL_SHOE = {"l": 18, "r": 19}
+PARSING_DIR = "parsing"
+# What "wearing B's garment" swaps: the shirt (colour, front/back textures) and its sleeve length.
+GARMENT_KEYS = ("shirt", "tex_front", "tex_back", "long_sleeves")
+# The pre-defined frontal pose of the try-on pipeline: facing the camera, arms away from the torso
+# and legs apart, so that nothing occludes the garment.
+FRONTAL_POSE = {**{f"{s}_{j}": v for s in ("r", "l") for j, v in
+                   (("shoulder_flex", 0.0), ("shoulder_abd", 28.0), ("elbow", 8.0), ("forearm_twist", 0.0),
+                    ("hip_flex", 0.0), ("hip_abd", 8.0), ("knee", 0.0))},
+                "lean_fwd": 0.0, "lean_side": 0.0, "head_yaw": 0.0, "head_pitch": 0.0, "yaw": 0.0}
 HAIR = [(20, 16, 14), (60, 40, 25), (110, 75, 40), (185, 150, 95), (160, 60, 30), (120, 120, 120)]
 
 
@@ -257,12 +278,14 @@ OPENPOSE_JOINTS = ("nose", "neck", "r_shoulder", "r_elbow", "r_wrist", "l_should
 # ---------------------------------------------------------------- drawing
 
 class _Canvas:
-    """The image, an optional body mask, and projection from units to pixels."""
+    """The image, an optional body mask, an optional parsing label map, and projection from units to pixels."""
 
-    def __init__(self, img: Image.Image, scale: float, origin: np.ndarray, with_mask: bool):
+    def __init__(self, img: Image.Image, scale: float, origin: np.ndarray, with_mask: bool, with_labels: bool = False):
         self.img, self.draw = img, ImageDraw.Draw(img)
         self.mask = Image.new("L", img.size, 0) if with_mask else None
         self.mdraw = ImageDraw.Draw(self.mask) if with_mask else None
+        self.labels = Image.new("L", img.size, 0) if with_labels else None
+        self.ldraw = ImageDraw.Draw(self.labels) if with_labels else None
         self.S, self.origin = scale, origin
         self.outline = max(1, int(round(img.width / 200)))
 
@@ -273,14 +296,20 @@ class _Canvas:
     def _shape(self, draw, kind, xy, fill):
         (draw.polygon if kind == "polygon" else draw.ellipse)(xy, fill=fill)
 
-    def shapes(self, shapes, fill, texture=None, outline=True):
+    def shapes(self, shapes, fill, texture=None, outline=True, label=0):
         """Fill shapes [(kind, xy)], flat colour or ``texture`` = (image, affine coefficients), with
-        a dark outline (drawn first, grown by the outline width)."""
+        a dark outline (drawn first, grown by the outline width); the label map gets ``label`` on
+        the same pixels (outline included: it belongs to the part)."""
         if outline:
             o = self.outline
             dark = tuple(int(c * 0.45) for c in fill)
             for kind, xy in shapes:
                 self._shape(self.draw, kind, _grow(kind, xy, o), dark)
+                if self.ldraw is not None:
+                    self._shape(self.ldraw, kind, _grow(kind, xy, o), label)
+        if self.ldraw is not None:
+            for kind, xy in shapes:
+                self._shape(self.ldraw, kind, xy, label)
         if texture is None:
             for kind, xy in shapes:
                 self._shape(self.draw, kind, xy, fill)
@@ -361,7 +390,15 @@ def _background(rng, size: int) -> Image.Image:
 def render(ident: dict, pose: dict, size: int, rng: np.random.Generator, with_mask: bool = False,
            framing: str = "random"):
     """Draw one posed identity. Returns (PIL RGB image, (18, 2) float32 (y, x) keypoints with -1
-    outside the image, body mask (H, W) bool or None).
+    outside the image, body mask (H, W) bool or None). :func:`render_parsed` also returns the labels.
+    """
+    img, kp, mask, _ = render_parsed(ident, pose, size, rng, with_mask, framing, with_labels=False)
+    return img, kp, mask
+
+
+def render_parsed(ident: dict, pose: dict, size: int, rng: np.random.Generator, with_mask: bool = False,
+                  framing: str = "random", with_labels: bool = True):
+    """:func:`render` plus the parsing label map ((H, W) uint8, LIP numbering; None without ``with_labels``).
 
     ``framing``: "random" (random scale and shift, sometimes an upper-body crop) or "centred" (the
     whole figure at a fixed scale, pelvis on the vertical centre line, as in DeepFashion's studio shots).
@@ -391,7 +428,7 @@ def render(ident: dict, pose: dict, size: int, rng: np.random.Generator, with_ma
         ox = size / 2 - S * float(j["pelvis"][0])
         oy = size / 2 + S * (float(j["pelvis"][1]) - 0.03)
     bg_rng = np.random.default_rng(ident["background_seed"]) if "background_seed" in ident else rng
-    c = _Canvas(_background(bg_rng, size), S, np.array([ox, oy]), with_mask)
+    c = _Canvas(_background(bg_rng, size), S, np.array([ox, oy]), with_mask, with_labels)
     z = {k: float(v[2]) for k, v in j.items() if not k.startswith("_")}
     P = {k: c.px(v) for k, v in j.items() if not k.startswith("_")}
     parts = []  # (depth, order, draw function)
@@ -420,7 +457,8 @@ def render(ident: dict, pose: dict, size: int, rng: np.random.Generator, with_ma
         tex = ident["tex_front"] if facing > 0 else ident["tex_back"]
         # Mirror the across-body axis for back views so the garment keeps its handedness.
         ka = k / compress * (1 if facing > 0 else -1)
-        c.shapes([("polygon", quad)], shirt, (tex, _affine(neck, axis, (n_tex / 2, 0.2 * n_tex), ka, k)))
+        c.shapes([("polygon", quad)], shirt, (tex, _affine(neck, axis, (n_tex / 2, 0.2 * n_tex), ka, k)),
+                 label=LABEL_UPPER)
 
     def pelvis_part():
         w = S * hw_hip * 1.05
@@ -431,11 +469,11 @@ def render(ident: dict, pose: dict, size: int, rng: np.random.Generator, with_ma
         quad = [tuple(pel + a * S * 0.05 + n * w), tuple(pel + n * w - a * S * 0.04),
                 tuple(pel - n * w - a * S * 0.04), tuple(pel + a * S * 0.05 - n * w)]
         tex = (ident["trouser_tex"], _affine(pel, -up, (n_tex / 2, 0.3 * n_tex), k, k))
-        c.shapes([("polygon", quad)], trousers, tex)
+        c.shapes([("polygon", quad)], trousers, tex, label=LABEL_PANTS)
 
     def neck_part():
         top = P["head"] + (P["neck"] - P["head"]) * 0.3
-        c.shapes(_capsule(P["neck"], top, S * 0.025 * girth, S * 0.022 * girth), skin)
+        c.shapes(_capsule(P["neck"], top, S * 0.025 * girth, S * 0.022 * girth), skin, label=LABEL_FACE)
 
     parts += [(z["pelvis"] - 0.03, 0, torso), (z["pelvis"] - 0.031, 1, pelvis_part), (z["neck"] - 0.032, 2, neck_part)]
 
@@ -443,33 +481,35 @@ def render(ident: dict, pose: dict, size: int, rng: np.random.Generator, with_ma
         def upper_arm(side=side):
             p0, p1 = P[f"{side}_shoulder"], P[f"{side}_elbow"]
             tex = (ident["tex_front"], _affine(p0, p1 - p0, (0.15 * n_tex, 0.55 * n_tex), k, k))
-            c.shapes(_capsule(p0, p1, S * 0.03 * girth, S * 0.025 * girth), shirt, tex)
+            c.shapes(_capsule(p0, p1, S * 0.03 * girth, S * 0.025 * girth), shirt, tex, label=LABEL_UPPER)
 
         def forearm(side=side):
             p0, p1 = P[f"{side}_elbow"], P[f"{side}_wrist"]
             shapes = _capsule(p0, p1, S * 0.024 * girth, S * 0.019 * girth)
             if ident["long_sleeves"]:
-                c.shapes(shapes, shirt, (ident["tex_front"], _affine(p0, p1 - p0, (0.85 * n_tex, 0.55 * n_tex), k, k)))
+                c.shapes(shapes, shirt, (ident["tex_front"], _affine(p0, p1 - p0, (0.85 * n_tex, 0.55 * n_tex), k, k)),
+                         label=LABEL_UPPER)
             else:
-                c.shapes(shapes, skin)
+                c.shapes(shapes, skin, label=LABEL_ARM[side])
             h = P[f"{side}_hand"]
             r = S * 0.026
-            c.shapes([("ellipse", (h[0] - r, h[1] - r, h[0] + r, h[1] + r))], skin)
+            c.shapes([("ellipse", (h[0] - r, h[1] - r, h[0] + r, h[1] + r))], skin, label=LABEL_ARM[side])
 
         def thigh(side=side):
             p0, p1 = P[f"{side}_hip"], P[f"{side}_knee"]
             tex = (ident["trouser_tex"], _affine(p0, p1 - p0, (0.3 * n_tex, 0.1 * n_tex), k, k))
-            c.shapes(_capsule(p0, p1, S * 0.045 * girth, S * 0.034 * girth), trousers, tex)
+            c.shapes(_capsule(p0, p1, S * 0.045 * girth, S * 0.034 * girth), trousers, tex, label=LABEL_PANTS)
 
         def shin(side=side):
             p0, p1 = P[f"{side}_knee"], P[f"{side}_ankle"]
             shapes = _capsule(p0, p1, S * 0.032 * girth, S * 0.024 * girth)
             if ident["shorts"]:
-                c.shapes(shapes, skin)
+                c.shapes(shapes, skin, label=LABEL_LEG[side])
             else:
                 tex = (ident["trouser_tex"], _affine(p0, p1 - p0, (0.7 * n_tex, 0.1 * n_tex), k, k))
-                c.shapes(shapes, trousers, tex)
-            c.shapes(_capsule(P[f"{side}_ankle"], P[f"{side}_toe"], S * 0.024, S * 0.02), ident["shoes"])
+                c.shapes(shapes, trousers, tex, label=LABEL_PANTS)
+            c.shapes(_capsule(P[f"{side}_ankle"], P[f"{side}_toe"], S * 0.024, S * 0.02), ident["shoes"],
+                     label=LABEL_SHOE[side])
 
         parts += [
             (z[f"{side}_shoulder"] / 2 + z[f"{side}_elbow"] / 2, 10, upper_arm),
@@ -486,7 +526,7 @@ def render(ident: dict, pose: dict, size: int, rng: np.random.Generator, with_ma
         rx, ry = S * HEAD_RX * 1.15, S * HEAD_RY
         quad = [(h[0] - rx, h[1]), (h[0] + rx, h[1]), (h[0] + rx * 1.1, h[1] + ry * 2.2),
                 (h[0] - rx * 1.1, h[1] + ry * 2.2)]
-        c.shapes([("polygon", quad)], ident["hair"])
+        c.shapes([("polygon", quad)], ident["hair"], label=LABEL_HAIR)
 
     if ident["long_hair"]:
         parts.append((z["head"] - 0.2 if head_forward[2] > 0 else z["head"] + 0.01, 5, long_hair))
@@ -497,13 +537,15 @@ def render(ident: dict, pose: dict, size: int, rng: np.random.Generator, with_ma
         fx, fz = head_forward[0], head_forward[2]
         for ear in ("r_ear", "l_ear"):
             e, re = P[ear], rx * 0.24
-            c.shapes([("ellipse", (e[0] - re, e[1] - re * 1.3, e[0] + re, e[1] + re * 1.3))], skin)
+            c.shapes([("ellipse", (e[0] - re, e[1] - re * 1.3, e[0] + re, e[1] + re * 1.3))], skin, label=LABEL_FACE)
         hx, hy = h[0] - fx * 0.12 * rx, h[1] - 0.1 * ry
-        c.shapes([("ellipse", (hx - rx * 1.06, hy - ry * 1.04, hx + rx * 1.06, hy + ry * 1.04))], ident["hair"])
+        c.shapes([("ellipse", (hx - rx * 1.06, hy - ry * 1.04, hx + rx * 1.06, hy + ry * 1.04))], ident["hair"],
+                 label=LABEL_HAIR)
         if fz > -0.35:  # some face is visible
             w = rx * (0.55 + 0.4 * max(fz, 0))
             fxc, fyc = h[0] + fx * 0.35 * rx, h[1] + 0.12 * ry
-            c.shapes([("ellipse", (fxc - w, fyc - ry * 0.82, fxc + w, fyc + ry * 0.82))], skin, outline=False)
+            c.shapes([("ellipse", (fxc - w, fyc - ry * 0.82, fxc + w, fyc + ry * 0.82))], skin, outline=False,
+                     label=LABEL_FACE)
         e_r = max(1.0, rx * 0.1)
         for name in ("r_eye", "l_eye"):
             if z[name] - z["head"] > 0.2 * HEAD_RX:
@@ -525,7 +567,8 @@ def render(ident: dict, pose: dict, size: int, rng: np.random.Generator, with_ma
     r = np.rint(kp)
     kp[((r < 0) | (r > size - 1)).any(axis=1)] = -1
     mask = None if c.mask is None else np.asarray(c.mask) > 0
-    return c.img, kp, mask
+    labels = None if c.labels is None else np.asarray(c.labels, np.uint8).copy()
+    return c.img, kp, mask, labels
 
 
 # ---------------------------------------------------------------- dataset writer
@@ -538,26 +581,72 @@ def _image_name(identity: int, pose_index: int, view: str) -> str:
     return f"person{identity:05d}_{pose_index:02d}_{view}.jpg"
 
 
-def render_identity(seed: int, identity: int, poses: int, size: int, with_mask: bool = False,
-                    views: tuple = VIEW_ORDER, framing: str = "random"):
-    """All poses of one identity (a pure function of its arguments): list of (name, image, kp, mask)."""
+def wearing(ident: dict, other: dict) -> dict:
+    """``ident`` dressed in ``other``'s garment (:data:`GARMENT_KEYS`); body, hair, trousers unchanged."""
+    return {**ident, **{k: other[k] for k in GARMENT_KEYS}}
+
+
+def _identity(seed: int, identity: int, size: int, garment_from: Optional[int] = None):
+    """(identity dict, its rng positioned after make_identity), optionally wearing another's garment."""
     rng = np.random.default_rng([seed, identity])
     ident = make_identity(rng, size)
+    if garment_from is not None:
+        ident = wearing(ident, make_identity(np.random.default_rng([seed, garment_from]), size))
+    return ident, rng
+
+
+def render_identity(seed: int, identity: int, poses: int, size: int, with_mask: bool = False,
+                    views: tuple = VIEW_ORDER, framing: str = "random", with_labels: bool = False,
+                    garment_from: Optional[int] = None):
+    """All poses of one identity (a pure function of its arguments): list of (name, image, kp, mask),
+    with the label map as a fifth element when ``with_labels``. ``garment_from``: the same poses,
+    framing and background, worn in identity ``garment_from``'s garment (try-on ground truth)."""
+    ident, rng = _identity(seed, identity, size, garment_from)
     out = []
     for p in range(poses):
         view = _view_for(identity, p, views)
-        img, kp, mask = render(ident, sample_pose(rng, view), size, rng, with_mask, framing)
-        out.append((_image_name(identity, p, view), img, kp, mask))
+        img, kp, mask, labels = render_parsed(ident, sample_pose(rng, view), size, rng, with_mask, framing,
+                                              with_labels)
+        out.append((_image_name(identity, p, view), img, kp, mask) + ((labels,) if with_labels else ()))
     return out
+
+
+def render_frontal(seed: int, identity: int, size: int, garment_from: Optional[int] = None):
+    """Identity ``identity`` (optionally in ``garment_from``'s garment) in :data:`FRONTAL_POSE`, centred
+    framing, its own background: (image, kp, labels)."""
+    ident, _ = _identity(seed, identity, size, garment_from)
+    img, kp, _, labels = render_parsed(ident, FRONTAL_POSE, size, np.random.default_rng([seed, identity, 99]),
+                                       framing="centred")
+    return img, kp, labels
+
+
+def frontal_keypoints(size: int) -> np.ndarray:
+    """(18, 2) (y, x) keypoints of the pre-defined frontal pose at ``size`` px (average proportions,
+    centred framing): the try-on pipeline's builtin frontal pose."""
+    ident = {"shoulder": 0.1, "hip": 0.065}
+    j = skeleton(ident, FRONTAL_POSE)
+    S = size * 0.8  # render()'s centred framing
+    ox, oy = size / 2 - S * float(j["pelvis"][0]), size / 2 + S * (float(j["pelvis"][1]) - 0.03)
+    return np.array([[oy - S * j[n][1], ox + S * j[n][0]] for n in OPENPOSE_JOINTS], np.float32)
+
+
+def write_label_png(path, labels: np.ndarray) -> None:
+    """An 8-bit label PNG (mode L, one class number per pixel), written atomically."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(labels, np.uint8), mode="L").save(buf, format="PNG")
+    atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def _write_identity(task):
     seed, identity, poses, size, image_dir, views, framing = task
     result = {}
-    for name, img, kp, _ in render_identity(seed, identity, poses, size, views=views, framing=framing):
+    parsing_dir = Path(image_dir).parent / PARSING_DIR
+    for name, img, kp, _, labels in render_identity(seed, identity, poses, size, views=views, framing=framing,
+                                                     with_labels=True):
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=JPEG_QUALITY)
         atomic_write_bytes(Path(image_dir) / name, buf.getvalue())
+        write_label_png(parsing_dir / (Path(name).stem + ".png"), labels)
         result[name] = kp
     return identity, result
 
@@ -586,6 +675,7 @@ def synthesize(root, identities: int, poses: int, size: int, seed: int = 0, test
     root = Path(root)
     image_dir = root / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
+    (root / PARSING_DIR).mkdir(exist_ok=True)
     t0 = time.perf_counter()
     tasks = [(seed, i, poses, size, str(image_dir), views, framing) for i in range(identities)]
     if workers is None:

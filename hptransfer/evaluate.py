@@ -318,7 +318,7 @@ def _json_safe(obj):
 
 
 def run(args) -> int:
-    from hptransfer.checkpoint import atomic_write_text
+    from hptransfer.data.formats import atomic_write_text  # a full disk: an error naming the file, no temp file
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     protocols = list(M.PROTOCOLS) if args.protocol == "both" else [args.protocol]

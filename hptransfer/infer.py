@@ -19,9 +19,9 @@ by ``--frame``:
   the frame the pose belongs to (the pose's own image by default).
 - ``fit``: the training transform from the pose's image size (the estimated image's size,
   ``--pose-size HxW``, or else the reference's size): for poses already framed like the training data.
-- ``auto`` (default): ``person`` for poses estimated from an image and for JSON poses that do not
-  lie inside the reference image (another frame's coordinates); ``fit`` otherwise (dataset CSVs,
-  ``--pose-size``).
+- ``auto`` (default): ``person`` for poses estimated from an image and for pose files (JSON, CSV)
+  whose keypoints do not lie inside the reference image (another frame's coordinates); ``fit``
+  otherwise (poses framed like the reference, or ``--pose-size`` given).
 """
 from __future__ import annotations
 
@@ -58,12 +58,23 @@ def mediapipe_to_openpose18(landmarks, height: int, width: int, **kw) -> np.ndar
     return from_mediapipe33(landmarks, (height, width), **kw)
 
 
-def estimate_pose(image: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> (18, 2) (y, x) with MediaPipe Pose (all missing when no person is found)."""
+def import_mediapipe():
+    """The ``mediapipe`` module, or :class:`MissingDependency` saying how to install it."""
     try:
         import mediapipe as mp
     except ImportError:
         raise MissingDependency('pose estimation from images needs MediaPipe: pip install "hptransfer[mediapipe]"') from None
+    from google.protobuf import message_factory
+    if not hasattr(message_factory.MessageFactory, "GetPrototype"):
+        # mediapipe 0.10.21's C++ bindings call GetPrototype, gone since protobuf 5 (onnx needs >= 6):
+        # without it every graph prints an AttributeError; GetMessageClass is its replacement
+        message_factory.MessageFactory.GetPrototype = lambda self, descriptor: message_factory.GetMessageClass(descriptor)
+    return mp
+
+
+def estimate_pose(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (18, 2) (y, x) with MediaPipe Pose (all missing when no person is found)."""
+    mp = import_mediapipe()
     h, w = image.shape[:2]
     # complexity 1 ("full"): its model ships in the wheel; 2 ("heavy") is downloaded on first use
     with mp.solutions.pose.Pose(static_image_mode=True, model_complexity=1) as pose:
@@ -166,7 +177,7 @@ def person_box(kp: np.ndarray, margin: float = FRAME_MARGIN) -> tuple[int, int, 
     kp = np.asarray(kp, np.float32)
     if not (kp >= 0).all(axis=1).any():
         raise InputError("the pose has no visible keypoint to frame")
-    return bbox_crop_box(kp, 1, 1, 1.0, margin)
+    return bbox_crop_box(kp, 1, 1, 1.0, margin)  # the image size (1, 1) only matters without keypoints
 
 
 def frame_pose(kp: np.ndarray, box, resolution: int) -> torch.Tensor:

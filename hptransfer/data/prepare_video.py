@@ -85,9 +85,12 @@ class MediaPipePose:
     """MediaPipe Pose on a frame sequence: keypoints (18, 2) (y, x) and optionally the person mask."""
 
     def __init__(self, segmentation: bool):
+        from hptransfer.errors import MissingDependency
+        from hptransfer.infer import import_mediapipe
+
         try:
-            import mediapipe as mp
-        except ImportError:
+            mp = import_mediapipe()
+        except MissingDependency:
             raise PrepareError(MEDIAPIPE_HINT) from None
         self.pose = mp.solutions.pose.Pose(static_image_mode=False, model_complexity=1,
                                            enable_segmentation=segmentation)

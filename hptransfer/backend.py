@@ -15,6 +15,15 @@ EVERY rank; rank-0-only saves hang under ZeRO).
 ``SingleBackend`` passes everything through to plain PyTorch (``train.precision`` fp32 | bf16 |
 fp16 as autocast, fp16 with a GradScaler). ``DeepSpeedBackend`` calls ``deepspeed.initialize``
 with a JSON config (configs/ds/*.json), re-initialised whenever the generator grows.
+
+Mixed precision is ONE mechanism on every device: torch autocast with fp32 weights, fp32 optimiser
+state and fp32 BatchNorm buffers (DeepSpeed's ``torch_autocast`` section; a ``bf16``/``fp16``
+section is translated to it on CPU and GPU alike, so the CPU tests run the engine a GPU user gets).
+DeepSpeed's ``bf16``/``fp16`` modes cast the whole module, BatchNorm running statistics included,
+which then lose small updates and reach the export rounded. fp16 is loss-scaled by DeepSpeed's own
+GradScaler (see :meth:`DeepSpeedEngine.step` for the one DeepSpeed 0.19 gap it fills). Across ranks
+BatchNorm is synchronised: torch's SyncBatchNorm on GPUs, :class:`CpuSyncBatchNorm` (same
+statistics, gloo all-reduce) on CPU ranks.
 """
 from __future__ import annotations
 
@@ -110,20 +119,80 @@ class DeepSpeedEngine(Engine):
         self.engine, self.name = engine, name
         self.module = engine.module
         self.optimizer = engine.optimizer
+        # fp16 autocast: DeepSpeed's GradScaler (in the ZeRO optimiser, or the engine's without ZeRO).
+        self.scaler = (getattr(engine.optimizer, "torch_autocast_gradscaler", None)
+                       or getattr(engine, "torch_autocast_z0_gradscaler", None))
+        self.zero = engine.zero_optimization_stage() > 0
 
     def __call__(self, *args, **kwargs):
-        return self.engine(*args, **kwargs)
+        return self.engine(*args, **kwargs)  # the engine applies its torch_autocast section
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
     def step(self) -> None:
         self.engine.step()  # steps at gradient-accumulation boundaries; zeroes grads itself
+        if self.scaler is not None and self.zero and getattr(self.engine.optimizer, "overflow", False):
+            # DeepSpeed 0.19 under ZeRO drops an overflowing step (inf grad norm) before its GradScaler
+            # sees the inf, so the scale never backs off and every later step overflows too.
+            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+            self.scaler._growth_tracker.zero_()  # as GradScaler does after an inf: count good steps anew
 
     def skip(self) -> None:
         # Reached only before backward (the all-reduced finite check), so nothing is accumulated:
         # skipping both backward and step keeps DeepSpeed's micro-step counters on every rank equal.
         self.engine.zero_grad()
+
+    def loss_scale(self) -> Optional[float]:
+        """The fp16 loss scale, None without loss scaling."""
+        return float(self.scaler.get_scale()) if self.scaler is not None else None
+
+
+class CpuSyncBatchNorm(nn.SyncBatchNorm):
+    """SyncBatchNorm for CPU ranks (gloo); torch's refuses CPU tensors.
+
+    The same statistics as torch's: mean and biased variance over the GLOBAL batch for normalising,
+    the unbiased variance into the running buffers (fp32), so every rank keeps identical buffers.
+    Sums travel in one differentiable all-reduce; gradients flow through it as in torch's backward.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        import torch.distributed.nn.functional as dist_nn
+
+        group = self.process_group or dist.group.WORLD
+        if not (self.training and dist.is_initialized() and dist.get_world_size(group) > 1):
+            return nn.modules.batchnorm._BatchNorm.forward(self, input)  # eval or one rank: plain BatchNorm
+        self._check_input_dim(input)
+        x = input.float()  # statistics in fp32 under autocast, as cuDNN computes them
+        c = x.shape[1]
+        dims = [0] + list(range(2, x.dim()))
+        count = torch.full((1,), float(x.numel() // c), dtype=torch.float32)
+        stats = dist_nn.all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]), group=group)
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0.0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.mul_(1 - f).add_(mean.detach(), alpha=f)
+                self.running_var.mul_(1 - f).add_(var.detach() * (n / (n - 1).clamp_min(1)), alpha=f)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.float().view(shape) + self.bias.float().view(shape)
+        return y.to(input.dtype)
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm layers synchronised across ranks: torch's SyncBatchNorm, CpuSyncBatchNorm on the CPU."""
+    module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if device.type == "cpu":
+        for m in module.modules():
+            if type(m) is nn.SyncBatchNorm:
+                m.__class__ = CpuSyncBatchNorm  # same fields, only forward differs
+    return module
 
 
 class Backend:
@@ -164,6 +233,10 @@ class Backend:
 
     def barrier(self) -> None:
         pass
+
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank (a decision made once, e.g. which checkpoint to resume)."""
+        return obj
 
     def full_state_dict(self, engine: Engine) -> dict:
         """fp32 state dict of the whole module on CPU (collective under ZeRO-3: call on every rank)."""
@@ -223,40 +296,72 @@ def load_ds_config(path: str | Path) -> dict:
     return cfg
 
 
-def resolve_ds_config(ds_cfg: dict, micro_batch: int, world_size: int, grad_clip: float, on_cuda: bool,
-                      source: str = "<ds config>") -> dict:
-    """Fill the per-stage fields of a DeepSpeed config; translate bf16 to torch_autocast on CPU.
+_AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+                    "fp16": torch.float16, "half": torch.float16}
 
-    On CPU, DeepSpeed's ``"bf16": {"enabled": true}`` casts the module to bf16 and BatchNorm then
-    fails (bf16 input, fp32 running stats), while ``torch_autocast`` bf16 trains: so it is translated.
-    fp16 needs a GPU (loss scaling of a CPU fp16 module is not supported): a clear error.
+
+def resolve_ds_config(ds_cfg: dict, micro_batch: int, world_size: int, grad_clip: float,
+                      source: str = "<ds config>") -> dict:
+    """Fill the per-stage fields of a DeepSpeed config; mixed precision as torch_autocast, everywhere.
+
+    ``"bf16"``/``"fp16": {"enabled": true}`` become ``"torch_autocast"`` with that dtype on CPU and
+    GPU alike (fp32 weights and BatchNorm buffers; DeepSpeed loss-scales fp16 with a GradScaler).
+    Refused with a message naming ``source``: gradient accumulation (the stage schedule, the input
+    fade and checkpoints count batches, one optimiser step each), both bf16 and fp16, and gradient
+    clipping with fp16 under ZeRO (DeepSpeed 0.19 clips the loss-scaled gradients there).
     """
     cfg = copy.deepcopy(ds_cfg)
     cfg.pop("optimizer", None)  # our own torch optimiser is passed in (rebuilt at every growth)
     cfg.pop("scheduler", None)
-    gas = int(cfg.get("gradient_accumulation_steps", 1) if cfg.get("gradient_accumulation_steps") != "auto" else 1)
-    cfg["gradient_accumulation_steps"] = gas
+    gas = cfg.get("gradient_accumulation_steps", 1)
+    if gas not in (1, "auto", None):
+        raise ValueError(f"{source}: gradient_accumulation_steps={gas} is not supported: the L2/L1 switch, the input "
+                         f"fade and checkpoints count batches as optimiser steps. Set it to 1 and raise the stage's "
+                         f"batch_size (or use more ranks) instead")
+    cfg["gradient_accumulation_steps"] = 1
     cfg["train_micro_batch_size_per_gpu"] = int(micro_batch)
-    cfg["train_batch_size"] = int(micro_batch) * gas * int(world_size)
+    cfg["train_batch_size"] = int(micro_batch) * int(world_size)
     if grad_clip > 0 and cfg.get("gradient_clipping", "auto") in ("auto", 0, 0.0):
         cfg["gradient_clipping"] = float(grad_clip)
     elif cfg.get("gradient_clipping") == "auto":
         cfg.pop("gradient_clipping")
     cfg.setdefault("steps_per_print", 10**9)
-    if not on_cuda:
-        if cfg.get("fp16", {}).get("enabled"):
-            raise ValueError(f"{source}: fp16 needs a CUDA GPU; on CPU use a bf16 config (run as torch_autocast) or fp32")
-        if cfg.get("bf16", {}).get("enabled"):
-            (log.warning if source not in _WARNED else log.debug)("%s: bf16 on CPU breaks BatchNorm under DeepSpeed's bf16 mode; "
-                        "running it as torch_autocast bf16 instead (fp32 weights, bf16 compute)", source)
+
+    enabled = [k for k in ("bf16", "fp16") if isinstance(cfg.get(k), dict) and cfg[k].get("enabled") is True]
+    if len(enabled) > 1:
+        raise ValueError(f"{source}: bf16 and fp16 are both enabled; choose one")
+    if enabled and cfg.get("torch_autocast", {}).get("enabled"):
+        raise ValueError(f"{source}: {enabled[0]} and torch_autocast are both enabled; keep torch_autocast only")
+    if enabled:
+        name = enabled[0]
+        dtype = "bfloat16" if name == "bf16" else "float16"
+        if source not in _WARNED:
+            log.info("%s: \"%s\" runs as torch_autocast %s (fp32 weights, optimiser state and BatchNorm buffers; "
+                     "DeepSpeed's %s mode would cast BatchNorm running statistics too)", source, name, dtype, name)
             _WARNED.add(source)
-            cfg["bf16"] = {"enabled": False}
-            cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        cfg.pop(name)
+        cfg["torch_autocast"] = {"enabled": True, "dtype": dtype}
+    ac = cfg.get("torch_autocast", {})
+    if ac.get("enabled"):
+        dt = str(ac.get("dtype", "bfloat16")).replace("torch.", "")
+        if dt not in _AUTOCAST_DTYPES:
+            raise ValueError(f"{source}: torch_autocast dtype {ac.get('dtype')!r}: expected bfloat16 or float16")
+        ac["dtype"] = "bfloat16" if _AUTOCAST_DTYPES[dt] == torch.bfloat16 else "float16"
+        if (ac["dtype"] == "float16" and cfg.get("gradient_clipping", 0) > 0
+                and int(cfg.get("zero_optimization", {}).get("stage", 0)) > 0):
+            raise ValueError(f"{source}: gradient clipping with fp16 under ZeRO clips the loss-scaled gradients in "
+                             f"DeepSpeed 0.19 (a far too small step); use a bf16 config, or train.grad_clip=0")
     return cfg
 
 
+def autocast_dtype(cfg: dict) -> Optional[torch.dtype]:
+    """The dtype of a resolved config's torch_autocast section, None when it is off."""
+    ac = cfg.get("torch_autocast", {})
+    return _AUTOCAST_DTYPES[ac["dtype"]] if ac.get("enabled") else None
+
+
 class DeepSpeedBackend(Backend):
-    """DeepSpeed engines (ZeRO 1/2/3, bf16/fp16), one per trained model, re-made at every growth."""
+    """DeepSpeed engines (ZeRO 1/2/3, bf16/fp16 autocast), one per trained model, re-made at every growth."""
 
     distributed = True
 
@@ -270,6 +375,7 @@ class DeepSpeedBackend(Backend):
         self.raw_config = load_ds_config(ds_config)
         self.grad_clip = grad_clip
         self.channels_last = channels_last
+        cfg = resolve_ds_config(self.raw_config, 1, 1, grad_clip, self.source)  # config errors before any rank waits
         deepspeed.init_distributed()
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -279,21 +385,16 @@ class DeepSpeedBackend(Backend):
             self.device = torch.device("cuda", self.local_rank)
         else:
             self.device = torch.device("cpu")
-        cfg = resolve_ds_config(self.raw_config, 1, self.world_size, grad_clip, self.device.type == "cuda", self.source)
-        if cfg.get("bf16", {}).get("enabled"):
-            self.input_dtype = self.loss_dtype = torch.bfloat16
-        elif cfg.get("fp16", {}).get("enabled"):
-            self.input_dtype = self.loss_dtype = torch.float16
-        elif cfg.get("torch_autocast", {}).get("enabled"):
-            self.loss_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-                str(cfg["torch_autocast"].get("dtype", "bfloat16")).replace("torch.", ""), torch.bfloat16)
+        self.loss_dtype = autocast_dtype(cfg)  # inputs stay fp32: the engine autocasts its forward
         self.zero_stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
+        precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast, loss-scaled"}
         self.description = (f"DeepSpeed, {self.world_size} ranks on {self.device.type} "
-                            f"({dist.get_backend()}), ZeRO-{self.zero_stage}, config {self.source}")
+                            f"({dist.get_backend()}), ZeRO-{self.zero_stage}, {precision[self.loss_dtype]}, "
+                            f"config {self.source}")
 
     def prepare(self, module: nn.Module) -> nn.Module:
-        if self.device.type == "cuda" and self.world_size > 1:
-            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)  # refuses CPU tensors: CUDA only
+        if self.world_size > 1:
+            module = sync_batchnorm(module, self.device)
         return super().prepare(module)
 
     def any_true(self, flag: bool) -> bool:
@@ -309,9 +410,14 @@ class DeepSpeedBackend(Backend):
     def barrier(self) -> None:
         self.dist.barrier()
 
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def engine(self, name, module, optimizer, micro_batch, forward_fn=None) -> Engine:
-        cfg = resolve_ds_config(self.raw_config, micro_batch, self.world_size, self.grad_clip,
-                                self.device.type == "cuda", self.source)
+        cfg = resolve_ds_config(self.raw_config, micro_batch, self.world_size, self.grad_clip, self.source)
         eng, _, _, _ = self.ds.initialize(model=module, optimizer=optimizer, config=cfg)
         return DeepSpeedEngine(eng, name)
 
@@ -330,15 +436,19 @@ class DeepSpeedBackend(Backend):
 
     def save_engines(self, directory: Path, engines: dict, client_state: Optional[dict] = None) -> None:
         for name, eng in engines.items():  # every rank: each writes its ZeRO partition
-            eng.engine.save_checkpoint(str(directory), tag=name, client_state={"hptransfer": client_state or {}},
-                                       save_latest=False)
+            state = {"hptransfer": client_state or {}}
+            if eng.scaler is not None:  # DeepSpeed does not checkpoint the autocast GradScaler itself
+                state["grad_scaler"] = eng.scaler.state_dict()
+            eng.engine.save_checkpoint(str(directory), tag=name, client_state=state, save_latest=False)
 
     def load_engines(self, directory: Path, engines: dict) -> None:
         for name, eng in engines.items():
-            path, _ = eng.engine.load_checkpoint(str(directory), tag=name, load_optimizer_states=True,
-                                                 load_lr_scheduler_states=False)
+            path, client = eng.engine.load_checkpoint(str(directory), tag=name, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=False)
             if path is None:
                 raise FileNotFoundError(f"DeepSpeed could not load {name} from {directory}")
+            if eng.scaler is not None and (client or {}).get("grad_scaler"):
+                eng.scaler.load_state_dict(client["grad_scaler"])
 
 
 def make_backend(cfg, ds_config: Optional[str] = None) -> Backend:

@@ -132,13 +132,18 @@ def finish(root: str | Path, tmp: Path, meta: dict, keep: int, is_main: bool, ba
     return final
 
 
+def complete(root: str | Path) -> list:
+    """The complete checkpoints under ``root`` (those with meta.json), oldest first."""
+    root = Path(root)
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "meta.json").is_file())
+
+
 def prune(root: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` complete checkpoints (never the one ``latest`` names)."""
     if keep <= 0:
         return
     latest = read_latest(root)
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "meta.json").is_file())
-    for p in done[:-keep]:
+    for p in complete(root)[:-keep]:
         if latest is None or p.resolve() != latest.resolve():
             shutil.rmtree(p, ignore_errors=True)
 
@@ -153,20 +158,41 @@ def read_latest(root: str | Path) -> Optional[Path]:
     return path if (path / "meta.json").is_file() else None
 
 
+def find_latest(root: str | Path) -> Optional[Path]:
+    """What ``latest`` names; when it is missing or dangling (a crash between the rename and the
+    pointer, a checkpoint deleted by hand), the newest complete checkpoint, with a warning."""
+    root = Path(root)
+    latest = read_latest(root)
+    if latest is not None:
+        return latest
+    done = complete(root)
+    pointer = root / LATEST
+    if done:
+        why = f"names {pointer.read_text().strip()!r}, which is not a complete checkpoint" if pointer.is_file() \
+            else "is missing"
+        log.warning("%s %s: using the newest complete checkpoint, %s", pointer, why, done[-1].name)
+        return done[-1]
+    if pointer.is_file():
+        log.warning("%s names %r, which is not a complete checkpoint, and there is no other", pointer,
+                    pointer.read_text().strip())
+    return None
+
+
 def resolve(resume: str, out_dir: str | Path) -> Optional[Path]:
     """``--resume auto`` -> the latest in out_dir (None if there is none); a path -> that checkpoint.
 
-    A path may be a checkpoint directory or a checkpoints root holding ``latest``.
+    A path may be a checkpoint directory or a checkpoints root holding ``latest``. Either way a
+    missing or dangling ``latest`` falls back to the newest complete checkpoint (:func:`find_latest`).
     """
     root = Path(out_dir) / "checkpoints"
     if resume == "auto":
-        return read_latest(root)
+        return find_latest(root)
     p = Path(resume)
     if (p / "meta.json").is_file():
         return p
-    latest = read_latest(p)
+    latest = find_latest(p)
     if latest is None:
-        latest = read_latest(p / "checkpoints")
+        latest = find_latest(p / "checkpoints")
     if latest is None:
         raise FileNotFoundError(f"--resume {resume}: no checkpoint there (expected meta.json, or a 'latest' file)")
     return latest

@@ -32,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="views the synthetic poses cycle through (hptransfer data synth --views)")
     parser.add_argument("--framing", default="centred", choices=("centred", "random"),
                         help="synthetic framing (hptransfer data synth --framing)")
-    parser.add_argument("--resume", nargs="?", const="auto", default=None, help="resume the demo run (auto)")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None,
+                        help="resume the demo run (auto; the default when --out holds checkpoints)")
+    parser.add_argument("--overwrite", action="store_true", help="train afresh, deleting the checkpoints in --out")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
 
 
@@ -73,6 +75,7 @@ def _evaluate(export_dir: Path, data_root: Path, split: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hptransfer import checkpoint as ckpt
     from hptransfer.config import load_config
     from hptransfer.train import train
 
@@ -88,8 +91,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, [f"data.root={data}", f"train.out_dir={out}", *args.overrides])
     print(f"[demo] training {args.config}: stages {[s.resolution for s in cfg.stages]} px, width {cfg.model.width} "
           f"(the paper uses 1.0), VGG weights: {cfg.loss.vgg_weights or 'ImageNet'}; log: {out / 'train.log'}")
+    resume = args.resume
+    if resume is None and not args.overwrite and ckpt.find_latest(out / "checkpoints") is not None:
+        resume = "auto"  # a rerun (make demo twice) continues the run, or re-evaluates a finished one
+        print(f"[demo] {out} holds checkpoints: resuming from the latest (--overwrite to train afresh)")
     t_train = time.perf_counter()
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=resume, overwrite=args.overwrite)
     t_train = time.perf_counter() - t_train
     metrics = _evaluate(Path(result["export"]), data, cfg.data.test_split)
     metrics.update({"train_seconds": round(t_train, 1), "total_seconds": round(time.perf_counter() - t0, 1),

@@ -24,6 +24,7 @@ import argparse
 import logging
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -48,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output directory (shorthand for train.out_dir=...)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH|auto",
                         help="resume from a checkpoint directory, or 'auto' = out_dir/checkpoints/latest if any")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an out_dir that holds checkpoints, deleting them (without it, or "
+                             "--resume, such a run stops instead of overwriting them)")
     parser.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
                         help="DeepSpeed JSON (configs/ds/*.json); without it: single process, plain PyTorch")
     parser.add_argument("--stop_at_step", "--stop-at-step", dest="stop_at_step", type=int, default=None,
@@ -61,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         overrides.append(f"train.out_dir={args.out}")
     cfg = load_config(args.config, overrides)  # ConfigError: a user error, one line (hptransfer.cli)
-    result = train(cfg, ds_config=args.deepspeed_config, resume=args.resume, stop_at_step=args.stop_at_step)
+    result = train(cfg, ds_config=args.deepspeed_config, resume=args.resume, overwrite=args.overwrite,
+                   stop_at_step=args.stop_at_step)
     if result["is_main"]:  # the summary table is in the log already
         print(f"export: {result['export']}  samples: {Path(cfg.train.out_dir) / 'samples'}  "
               f"log: {Path(cfg.train.out_dir) / 'train.log'}")
@@ -192,12 +197,14 @@ def _to_device(batch: dict, backend: Backend) -> tuple:
 
 # ----------------------------------------------------------------------------- training
 
-def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str] = None,
+def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str] = None, overwrite: bool = False,
           stop_at_step: Optional[int] = None, callback: Optional[Callable[[dict], None]] = None,
           loss_hook: Optional[Callable[[dict, dict], dict]] = None) -> dict:
     """Train through ``cfg.stages``. Returns {"is_main", "global_step", "skipped", "summary", "export",
     "generator_state" (fp32 CPU state dict of the final generator)}.
 
+    ``resume``: a checkpoint path or "auto" (see :func:`_resume_point`); an out_dir that holds
+    checkpoints needs ``resume`` or ``overwrite`` (which deletes them), else OutputExistsError.
     ``callback(info)`` runs after every iteration on every rank (info: stage, resolution,
     step_in_stage, global_step, criterion, disc_active, skipped, terms as floats, generator: the
     training module). ``loss_hook(terms, info) -> terms`` may replace the generator's loss terms
@@ -209,6 +216,7 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
     _seed_everything(cfg.train.seed + backend.rank, cfg.train.deterministic)
     out_dir = Path(cfg.train.out_dir)
     root = out_dir / "checkpoints"
+    ckpt_dir, meta = _resume_point(resume, overwrite, out_dir, backend)  # before anything is written there
     if backend.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
@@ -217,15 +225,8 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
 
     # Where to start: a fresh run, or a checkpoint's stage / step / data position.
     start = {"stage": 0, "step": 0, "global_step": 0, "epoch": 0, "consumed": 0, "skipped": 0, "d_skipped": 0}
-    ckpt_dir = ckpt.resolve(resume, out_dir) if resume else None
-    if resume and ckpt_dir is None:
-        log.info("--resume auto: no checkpoint in %s, starting fresh", root)
     if ckpt_dir is not None:
-        meta = ckpt.read_meta(ckpt_dir)
         start.update(meta["state"])
-        if meta.get("world_size", 1) != backend.world_size:
-            log.warning("checkpoint written by %s ranks, resuming on %s: the data order differs",
-                        meta.get("world_size"), backend.world_size)
         log.info("resuming from %s: stage %d step %d (global %d)", ckpt_dir, start["stage"], start["step"],
                  start["global_step"])
 
@@ -402,10 +403,68 @@ def _export(cfg, backend, g_engine, generator, out_dir: Path, state: dict) -> Pa
     return path
 
 
+def _resume_point(resume: Optional[str], overwrite: bool, out_dir: Path, backend: Backend):
+    """(checkpoint directory or None, its meta), decided ONCE on rank 0 and broadcast, so every rank
+    resumes from the same checkpoint (or starts afresh) even while ``latest`` changes under them.
+
+    Refused, on every rank alike: an out_dir holding checkpoints with neither ``resume`` nor
+    ``overwrite`` (``overwrite`` deletes them on rank 0 first); a checkpoint whose ZeRO shards were
+    written by another number of ranks; a checkpoint of the other backend (single process vs DeepSpeed).
+    """
+    from hptransfer.errors import CheckpointError, OutputExistsError
+
+    decision = None
+    if backend.is_main:
+        try:
+            root = out_dir / "checkpoints"
+            if resume and overwrite:
+                raise ValueError("--resume and --overwrite exclude each other: resume the run, or start it afresh")
+            ckpt_dir = meta = None
+            if resume:
+                ckpt_dir = ckpt.resolve(resume, out_dir)
+                if ckpt_dir is None:
+                    log.info("--resume auto: no checkpoint in %s, starting fresh", root)
+            elif ckpt.complete(root) or (root / ckpt.LATEST).exists():
+                if not overwrite:
+                    raise OutputExistsError(f"{out_dir} already holds checkpoints ({root}); resume them with --resume "
+                                            f"(auto), start afresh with --overwrite (deletes them), or choose another "
+                                            f"out_dir")
+                log.warning("--overwrite: deleting the checkpoints in %s", root)
+                shutil.rmtree(root)
+            if ckpt_dir is not None:
+                meta = ckpt.read_meta(ckpt_dir)
+                _check_resumable(ckpt_dir, meta, backend, CheckpointError)
+            decision = ("ok", ckpt_dir, meta)
+        except Exception as e:  # raised on every rank below: none may wait in a collective for rank 0
+            decision = ("error", e, None)
+    status, value, meta = backend.broadcast_object(decision)
+    if status == "error":
+        raise value
+    return value, meta
+
+
+def _check_resumable(ckpt_dir: Path, meta: dict, backend: Backend, error) -> None:
+    """Refuse what cannot load: the other backend's format, ZeRO shards of another world size."""
+    wrote_ds = meta.get("backend", "single" if (ckpt_dir / "generator.pt").is_file() else "deepspeed") == "deepspeed"
+    if wrote_ds != backend.distributed:
+        raise error(f"{ckpt_dir} was written by {'DeepSpeed' if wrote_ds else 'a single process'}; resume it the same "
+                    f"way ({'with' if wrote_ds else 'without'} --deepspeed_config)")
+    ranks = meta.get("world_size", 1)
+    if ranks != backend.world_size:
+        zero = meta.get("zero_stage", getattr(backend, "zero_stage", 0))
+        if wrote_ds and zero > 0:
+            raise error(f"{ckpt_dir} holds ZeRO-{zero} optimiser shards of {ranks} ranks; this run has "
+                        f"{backend.world_size}. Resume on {ranks} ranks, or start a new run from its weights "
+                        f"(--init-from)")
+        log.warning("checkpoint written by %s ranks, resuming on %s: the data order differs", ranks,
+                    backend.world_size)
+
+
 def _save_checkpoint(cfg, backend, root: Path, engines: dict, state: dict, generator) -> None:
     tmp = ckpt.begin(root, state["global_step"], backend.is_main, backend.barrier)
     meta = {"state": {k: v for k, v in state.items()}, "arch": generator.arch(), "world_size": backend.world_size,
-            "engines": sorted(engines), "time": time.time()}
+            "backend": "deepspeed" if backend.distributed else "single",
+            "zero_stage": getattr(backend, "zero_stage", 0), "engines": sorted(engines), "time": time.time()}
     backend.save_engines(tmp, engines, client_state=meta)
     ckpt.save_rng(tmp, backend.rank)
     ckpt.finish(root, tmp, meta, cfg.train.keep_checkpoints, backend.is_main, backend.barrier)

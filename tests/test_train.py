@@ -213,21 +213,6 @@ def test_checkpoint_latest_pointer_and_pruning(tmp_path):
         ckpt.resolve(str(tmp_path / "missing"), tmp_path)
 
 
-def test_ds_config_translation_on_cpu():
-    from hptransfer.backend import load_ds_config, resolve_ds_config
-
-    root = Path(__file__).resolve().parents[1] / "configs" / "ds"
-    for name in ("zero1_bf16", "zero2_bf16", "zero3_bf16"):
-        cfg = resolve_ds_config(load_ds_config(root / f"{name}.json"), micro_batch=4, world_size=2, grad_clip=1.0,
-                                on_cuda=False)
-        assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not cfg["bf16"]["enabled"]
-        assert cfg["train_batch_size"] == 8 and cfg["gradient_clipping"] == 1.0
-        gpu = resolve_ds_config(load_ds_config(root / f"{name}.json"), 4, 2, 0.0, on_cuda=True)
-        assert gpu["bf16"]["enabled"] and "torch_autocast" not in gpu and "gradient_clipping" not in gpu
-    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
-        resolve_ds_config(load_ds_config(root / "zero2_fp16.json"), 4, 1, 0.0, on_cuda=False)
-
-
 def test_shipped_configs_load():
     root = Path(__file__).resolve().parents[1] / "configs"
     paper = {"deepfashion_256": 256, "deepfashion_512": 512, "h36m_1024": 1024, "youtube_1024": 1024}

@@ -1,0 +1,247 @@
+"""Where a run starts, single process: an out_dir holding checkpoints is never overwritten by
+accident (--resume or --overwrite), a dangling ``latest`` falls back to the newest complete
+checkpoint, the resume decision is rank 0's (broadcast), and what cannot load is refused clearly:
+ZeRO shards of another world size, the other backend's format. Also the DeepSpeed config
+translation (one mixed-precision mechanism on CPU and GPU; gradient accumulation refused) and
+CpuSyncBatchNorm against BatchNorm over the whole batch (two gloo ranks).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from hptransfer import checkpoint as ckpt
+from hptransfer.errors import CheckpointError, OutputExistsError
+from hptransfer.train import _resume_point, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    from test_train import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("synth"))
+
+
+def _cfg(data_root, out, iterations=1):
+    from test_train import tiny_cfg
+
+    return tiny_cfg(data_root, out, "train.sample_every=0", "loss.layers=[relu1_2]",
+                    f"stages=[{{resolution: 64, iterations: {iterations}, batch_size: 2}}]")
+
+
+def _write_checkpoints(root: Path, steps) -> None:
+    for step in steps:
+        tmp = ckpt.begin(root, step, True)
+        ckpt.finish(root, tmp, {"state": {"global_step": step}}, keep=0, is_main=True)
+
+
+# ----------------------------------------------------------------------------- out_dir and resume
+def test_out_dir_with_checkpoints_needs_resume_or_overwrite(data_root, tmp_path):
+    os.environ["HPTRANSFER_NO_BAR"] = "1"
+    out = tmp_path / "run"
+    first = train(_cfg(data_root, out))
+    assert ckpt.read_latest(out / "checkpoints").name == "step_00000001"
+    config_before = (out / "config.yaml").read_text()
+    with pytest.raises(OutputExistsError, match="already holds checkpoints.*--resume.*--overwrite"):
+        train(_cfg(data_root, out, iterations=2))
+    # refused before anything was written: the old run's config and checkpoints are untouched
+    assert (out / "config.yaml").read_text() == config_before
+    assert [p.name for p in ckpt.complete(out / "checkpoints")] == ["step_00000001"]
+    with pytest.raises(ValueError, match="exclude each other"):
+        train(_cfg(data_root, out), resume="auto", overwrite=True)
+    # --overwrite starts afresh: the old checkpoints go, the new run's are all that is left
+    _write_checkpoints(out / "checkpoints", [7])  # a later step of the old run that must not survive
+    again = train(_cfg(data_root, out), overwrite=True)
+    assert [p.name for p in ckpt.complete(out / "checkpoints")] == ["step_00000001"]
+    assert again["global_step"] == 1
+    assert all(torch.equal(first["generator_state"][k], again["generator_state"][k]) for k in first["generator_state"])
+
+
+def test_resume_of_a_finished_run_reexports(data_root, tmp_path):
+    """What a second `make demo` does: resuming a finished run trains nothing and exports again."""
+    out = tmp_path / "run"
+    first = train(_cfg(data_root, out))
+    (out / "export" / "model.safetensors").unlink()
+    again = train(_cfg(data_root, out), resume="auto")
+    assert again["global_step"] == 1 and (out / "export" / "model.safetensors").is_file()
+    assert all(torch.equal(first["generator_state"][k], again["generator_state"][k]) for k in first["generator_state"])
+
+
+def test_dangling_latest_falls_back_to_newest_complete(tmp_path, caplog):
+    root = tmp_path / "out" / "checkpoints"
+    _write_checkpoints(root, [1, 2, 3])
+    ckpt.begin(root, 4, True)  # a crash while writing step 4: only its .tmp- directory exists
+    (root / ckpt.LATEST).write_text("step_00000009\n")  # names a checkpoint that is gone
+    with caplog.at_level(logging.WARNING, logger="hptransfer.checkpoint"):
+        assert ckpt.resolve("auto", tmp_path / "out").name == "step_00000003"
+    assert "not a complete checkpoint" in caplog.text and "step_00000003" in caplog.text
+    assert ckpt.resolve(str(root), tmp_path).name == "step_00000003"  # a checkpoints root given as a path
+    (root / ckpt.LATEST).unlink()  # a crash between the rename and the pointer
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hptransfer.checkpoint"):
+        assert ckpt.find_latest(root).name == "step_00000003"
+    assert "is missing" in caplog.text
+    assert ckpt.find_latest(tmp_path / "empty") is None
+
+
+class _Rank1:
+    """Rank 1 of two: its own view of the disk is never consulted; rank 0's decision arrives by broadcast."""
+
+    rank, world_size, is_main, distributed, zero_stage = 1, 2, False, True, 2
+
+    def __init__(self, decision):
+        self.decision, self.sent = decision, []
+
+    def broadcast_object(self, obj):
+        self.sent.append(obj)
+        return self.decision
+
+
+def test_resume_decision_is_rank0s(tmp_path):
+    chosen = tmp_path / "out" / "checkpoints" / "step_00000003"
+    meta = {"state": {"global_step": 3}}
+    backend = _Rank1(("ok", chosen, meta))
+    # rank 1 sees no checkpoint at all (tmp_path/out does not exist on its "disk"), yet resumes rank 0's
+    assert _resume_point("auto", False, tmp_path / "out", backend) == (chosen, meta)
+    assert backend.sent == [None]
+    refused = OutputExistsError("out already holds checkpoints")
+    with pytest.raises(OutputExistsError):  # rank 0's refusal is raised on rank 1 too: nobody hangs
+        _resume_point(None, False, tmp_path / "out", _Rank1(("error", refused, None)))
+
+
+class _Backend:
+    def __init__(self, distributed, world_size, zero_stage=0):
+        self.distributed, self.world_size, self.zero_stage = distributed, world_size, zero_stage
+        self.rank, self.is_main = 0, True
+
+    def broadcast_object(self, obj):
+        return obj
+
+
+def test_zero_shards_of_another_world_size_are_refused(tmp_path, caplog):
+    out = tmp_path / "out"
+    root = out / "checkpoints"
+    tmp = ckpt.begin(root, 5, True)
+    (tmp / "generator").mkdir()
+    ckpt.finish(root, tmp, {"state": {"global_step": 5}, "world_size": 2, "backend": "deepspeed", "zero_stage": 2},
+                keep=0, is_main=True)
+    with pytest.raises(CheckpointError, match="ZeRO-2 optimiser shards of 2 ranks; this run has 4"):
+        _resume_point("auto", False, out, _Backend(True, 4, 2))
+    with pytest.raises(CheckpointError, match="written by DeepSpeed"):
+        _resume_point("auto", False, out, _Backend(False, 1))
+    assert _resume_point("auto", False, out, _Backend(True, 2, 2))[0].name == "step_00000005"
+    meta = json.loads((root / "step_00000005" / "meta.json").read_text())
+    meta["zero_stage"] = 0  # no shards: another world size only changes the data order, and says so
+    (root / "step_00000005" / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="hptransfer.train"):
+        assert _resume_point("auto", False, out, _Backend(True, 4, 0))[0] is not None
+    assert "data order differs" in caplog.text
+
+
+def test_checkpoint_meta_names_backend_and_zero_stage(data_root, tmp_path):
+    train(_cfg(data_root, tmp_path))
+    meta = ckpt.read_meta(ckpt.read_latest(tmp_path / "checkpoints"))
+    assert meta["backend"] == "single" and meta["zero_stage"] == 0 and meta["world_size"] == 1
+
+
+# ----------------------------------------------------------------------------- DeepSpeed configs
+def test_ds_configs_are_autocast_on_every_device():
+    from hptransfer.backend import autocast_dtype, load_ds_config, resolve_ds_config
+
+    for path in sorted((ROOT / "configs" / "ds").glob("zero*_*.json")):
+        cfg = resolve_ds_config(load_ds_config(path), micro_batch=4, world_size=2, grad_clip=0.0, source=str(path))
+        want = torch.bfloat16 if "bf16" in path.name else torch.float16
+        assert autocast_dtype(cfg) == want and "bf16" not in cfg and "fp16" not in cfg, path
+        assert cfg["train_batch_size"] == 8 and cfg["gradient_accumulation_steps"] == 1
+    # DeepSpeed's own bf16/fp16 sections (casting the module, BatchNorm buffers included) are translated
+    for name, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
+        cfg = resolve_ds_config({name: {"enabled": True}, "zero_optimization": {"stage": 2}}, 2, 2, 0.0)
+        assert cfg["torch_autocast"] == {"enabled": True, "dtype": dtype} and name not in cfg
+    clip = resolve_ds_config({"bf16": {"enabled": True}, "gradient_clipping": "auto"}, 2, 2, 1.0)
+    assert clip["gradient_clipping"] == 1.0
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps=2 is not supported"),
+    ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "both enabled"),
+    ({"torch_autocast": {"enabled": True, "dtype": "int8"}}, "expected bfloat16 or float16"),
+    ({"torch_autocast": {"enabled": True, "dtype": "float16"}, "zero_optimization": {"stage": 2},
+      "gradient_clipping": 1.0}, "clips the loss-scaled gradients"),
+])
+def test_ds_config_refusals_name_the_file(bad, match):
+    from hptransfer.backend import resolve_ds_config
+
+    with pytest.raises(ValueError, match=match) as e:
+        resolve_ds_config(bad, 2, 2, 0.0, source="my_ds.json")
+    assert "my_ds.json" in str(e.value)
+
+
+def test_gradient_accumulation_refused_before_any_rank_starts(tmp_path):
+    from hptransfer.backend import DeepSpeedBackend
+
+    path = tmp_path / "gas.json"
+    path.write_text(json.dumps({"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 1}}))
+    with pytest.raises(ValueError, match=f"{path}: gradient_accumulation_steps=4"):
+        DeepSpeedBackend(path)
+
+
+# ----------------------------------------------------------------------------- BatchNorm across CPU ranks
+def _sync_bn_worker(rank: int, port: int, x: torch.Tensor, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from hptransfer.backend import sync_batchnorm
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        bn = sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), torch.device("cpu"))
+        with torch.no_grad():
+            bn[0].weight.uniform_(0.5, 1.5), bn[0].bias.uniform_(-0.5, 0.5)
+        part = x[2 * rank:2 * rank + 2].clone().requires_grad_(True)
+        for _ in range(2):  # twice: running statistics accumulate
+            y = bn(part)
+        # each rank's loss on its half; gradients are averaged over ranks as DeepSpeed does
+        (y * torch.arange(y.numel()).view_as(y).float().sin()).sum().backward()
+        g_w = bn[0].weight.grad.clone()
+        dist.all_reduce(g_w)
+        torch.save({"y": y.detach(), "dx": part.grad, "dw": g_w, "buffers": dict(bn.named_buffers())},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cpu_sync_batchnorm_equals_batchnorm_over_the_whole_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    mp.spawn(_sync_bn_worker, args=(port, x, str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    torch.manual_seed(0)
+    ref = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5), ref.bias.uniform_(-0.5, 0.5)
+    xr = x.clone().requires_grad_(True)
+    for _ in range(2):
+        y = ref(xr)
+    (y * torch.cat([torch.arange(y.numel() // 2).view(2, 3, 5, 5)] * 2).float().sin()).sum().backward()
+    torch.testing.assert_close(torch.cat([g["y"] for g in got]), y.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([g["dx"] for g in got]), xr.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[0]["dw"], ref.weight.grad, atol=1e-5, rtol=1e-5)
+    for name, buf in ref.named_buffers():
+        for g in got:  # identical running statistics on both ranks, those of the whole batch, fp32
+            assert g["buffers"][f"0.{name}"].dtype == buf.dtype
+            torch.testing.assert_close(g["buffers"][f"0.{name}"], buf, atol=1e-6, rtol=1e-5)

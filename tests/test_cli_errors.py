@@ -113,6 +113,9 @@ def _cases(d: Path, out: Path):
         ("doctor bad device", ["doctor", "--device", "nosuch"], "--device nosuch", []),
         ("compare unreadable image", ["compare", "--gt", str(d / "gt"), "--method", f"a={d / 'pred'}",
                                       "--out", str(out / "c.json")], str(d / "pred" / "a.png"), [out / "c.json"]),
+        ("garment not an export", ["garment", "--person", str(d / "ref.png"), "--garment", str(d / "ref.png"),
+                                   "--transfer", str(d / "notexport"), "--flow", str(d / "notexport"),
+                                   "--out", str(out / "g.png")], str(d / "notexport"), [out / "g.png"]),
         ("ablate bad config", ["ablate", "--base", str(d / "bad.yaml"), "--seeds", "1", "--out", str(out / "abl")],
          str(d / "bad.yaml"), [out / "abl" / "runs"]),
     ]

@@ -16,6 +16,7 @@ from PIL import Image
 
 from hptransfer.cli import COMMANDS, main
 from hptransfer.config import ModelConfig
+from hptransfer.data.cli import SUBCOMMANDS as DATA_SUBCOMMANDS
 from hptransfer.export import export_generator
 from hptransfer.models import Generator
 
@@ -137,6 +138,8 @@ def test_every_subcommand_fails_cleanly(corpus, tmp_path, capsys, monkeypatch):
     cases = [c for c in _cases(corpus, tmp_path / "out") if c[1][0] in COMMANDS]  # the subcommands this version has
     covered = {argv[0] for _, argv, _, _ in cases}
     assert covered >= set(COMMANDS), f"subcommands without a broken-input case: {set(COMMANDS) - covered}"
+    data_covered = {argv[1] for _, argv, _, _ in cases if argv[0] == "data"} | {"check"}  # check: below
+    assert data_covered >= set(DATA_SUBCOMMANDS), f"data subcommands without a case: {set(DATA_SUBCOMMANDS) - data_covered}"
     for name, argv, named, absent in cases:
         rc = main(argv)  # an escaping exception fails the test: that would be a traceback
         cap = capsys.readouterr()

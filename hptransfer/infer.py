@@ -63,12 +63,13 @@ def import_mediapipe():
     try:
         import mediapipe as mp
     except ImportError:
-        raise MissingDependency('pose estimation from images needs MediaPipe: pip install "hptransfer[mediapipe]"') from None
+        raise MissingDependency("pose estimation from images needs MediaPipe: "
+                                'pip install "hptransfer[mediapipe]"') from None
     from google.protobuf import message_factory
     if not hasattr(message_factory.MessageFactory, "GetPrototype"):
         # mediapipe 0.10.21's C++ bindings call GetPrototype, gone since protobuf 5 (onnx needs >= 6):
         # without it every graph prints an AttributeError; GetMessageClass is its replacement
-        message_factory.MessageFactory.GetPrototype = lambda self, descriptor: message_factory.GetMessageClass(descriptor)
+        message_factory.MessageFactory.GetPrototype = lambda self, d: message_factory.GetMessageClass(d)
     return mp
 
 

@@ -115,7 +115,8 @@ def openpose_files(folder: Path, video: Path, several: bool) -> list[Path]:
 
 
 def prepare_one(video: Path, out: Path, manifest: Manifest, fps: float, json_dir: Optional[Path],
-                several: bool, remove_background: bool, detector, framing: str = "person", size: int = 256) -> list[str]:
+                several: bool, remove_background: bool, detector, framing: str = "person",
+                size: int = 256) -> list[str]:
     """Sample, annotate and write one video's frames; returns the names of the kept frames."""
     from PIL import Image
 

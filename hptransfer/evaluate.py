@@ -115,7 +115,7 @@ def _folder_batches(pairs, gt_dir: Path, annotations, batch_size: int):
 def _generated_batches(args, device):
     from hptransfer.data import PairDataset
     from hptransfer.export import generate, load_generator
-    from PIL import Image
+    from hptransfer.infer import save_image
 
     g = load_generator(args.checkpoint, device=device)
     if args.resolution is not None and args.resolution != g.resolution:
@@ -134,7 +134,7 @@ def _generated_batches(args, device):
             for j, idx in enumerate(batch["index"].tolist()):
                 a, b = ds.pairs[idx]
                 name = f"{Path(a).stem}___{Path(b).stem}.png"
-                Image.fromarray(fake8[j].permute(1, 2, 0).numpy()).save(save / name)
+                save_image(fake8[j], save / name)  # atomic: a stopped run leaves no broken PNG
         yield fake8, M.to_uint8(batch["target"]), batch["kp_target"]
 
 

@@ -67,7 +67,12 @@ class LossConfig:
     global_weight: float = 1.0
     local_weight: float = 1.0
     local_min_crop: int = 32  # crops smaller than this are upsampled before VGG
-    local_perceptual_at_top: bool = True  # paper: "in replacement" at 1024; keep both by default
+    # At the discriminator stage the local discriminators replace the local perceptual loss (section
+    # 3.2, "in replacement"); true keeps both there.
+    local_perceptual_at_top: bool = False
+    # Local descriptors per image (Fig. 4): "auto" = the paper's rule by resolution (18 at 64/128 px,
+    # 31 at 256/512, 44 at 1024), or 18 / 31 / 44 at every stage; 0 = no local terms at all.
+    descriptors: Union[Literal["auto"], int] = "auto"
     adv_weight: float = 0.01
     disc_lr: float = 2e-4
     disc_at_resolution: int = 1024  # local discriminators train only at this stage
@@ -100,6 +105,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     tensorboard: bool = True
     grad_clip: float = 0.0
+    # false: no progressive training (Table 1's baseline and LPL rows): ``stages`` collapses to one
+    # stage at the top resolution with the top stage's batch size and all stages' iterations.
+    progressive: bool = True
 
 
 @dataclass
@@ -113,6 +121,9 @@ class Config:
     def validate(self, source: str = "<config>") -> "Config":
         if not self.stages:
             raise ConfigError(f"{source}: 'stages' is empty")
+        if not self.train.progressive and len(self.stages) > 1:  # idempotent: a saved config reloads the same
+            top = self.stages[-1]
+            self.stages = [StageConfig(top.resolution, sum(s.iterations for s in self.stages), top.batch_size)]
         resolutions = [s.resolution for s in self.stages]
         for i, s in enumerate(self.stages):
             if s.resolution not in RESOLUTIONS:
@@ -127,6 +138,8 @@ class Config:
                 raise ConfigError(f"{source}: loss.layers has unknown layer {name!r}; known: {VGG_LAYERS}")
         if self.loss.layer_weights is not None and len(self.loss.layer_weights) != len(self.loss.layers):
             raise ConfigError(f"{source}: loss.layer_weights must have one weight per entry of loss.layers")
+        if self.loss.descriptors not in ("auto", 0, 18, 31, 44):
+            raise ConfigError(f"{source}: loss.descriptors must be auto, 0, 18, 31 or 44, got {self.loss.descriptors!r}")
         if self.model.width <= 0:
             raise ConfigError(f"{source}: model.width must be > 0")
         if not 0.0 <= self.model.input_fade <= 1.0:
@@ -217,20 +230,42 @@ def _set_override(raw: dict, key: str, value: Any) -> None:
         node[last] = value
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Load ``path`` (YAML) and apply ``section.key=value`` overrides; validate the result."""
-    source = str(path) if path else "<defaults>"
+def _read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections")
+    return raw
+
+
+def merge_overlay(base: dict, overlay: dict) -> dict:
+    """``overlay`` on ``base``: mappings merge key by key (recursively), anything else (values, lists
+    such as ``stages``) is replaced whole by the overlay's."""
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_overlay(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: Optional[str | Path | list] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load ``path`` (YAML) and apply ``section.key=value`` overrides; validate the result.
+
+    ``path`` may be a list of files: each is an overlay on the ones before it (later wins, see
+    :func:`merge_overlay`), e.g. ``[base.yaml, configs/ablation/pt_lpl.yaml]``; overrides come last.
+    """
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    source = " + ".join(str(p) for p in paths) if paths else "<defaults>"
     raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections")
+    for p in paths:
+        raw = merge_overlay(raw, _read_yaml(p))
     if "stages" not in raw:
         raw["stages"] = [dataclasses.asdict(s) for s in Config().stages]
     for item in overrides or []:

@@ -16,10 +16,10 @@
   non-saturating GAN losses with logits (softplus form of BCE), averaged over valid descriptors:
   a descriptor is valid when it is valid in both the reference and the target pose.
 
-Which terms run at a stage (:func:`active_terms`): the local perceptual loss at every stage (at the
-discriminator stage only if ``loss.local_perceptual_at_top``; the paper uses the discriminators "in
-replacement" there, we keep both by default), the adversarial loss from
-``loss.disc_at_resolution`` (1024) on.
+Which terms run at a stage (:func:`active_terms`): the local perceptual loss at every stage below
+``loss.disc_at_resolution`` (1024); from there on the local discriminators replace it, as the paper's
+"in replacement" says (``loss.local_perceptual_at_top`` keeps both). ``loss.descriptors`` chooses
+how many descriptors the local terms use (Fig. 4; "auto" = 18/31/44 by resolution).
 """
 from __future__ import annotations
 
@@ -60,24 +60,31 @@ def global_perceptual_loss(fake: torch.Tensor, real: torch.Tensor, vgg, criterio
     return per.mean()
 
 
+def descriptors_at(loss_cfg: LossConfig, resolution: int) -> int:
+    """Local descriptors per image at ``resolution`` under ``loss.descriptors`` (0 = no local terms)."""
+    return pose.descriptor_count(resolution, loss_cfg.descriptors)
+
+
 def pair_validity(kp_reference: torch.Tensor, kp_target: torch.Tensor, resolution: int,
-                  reference_at: str = "reference") -> torch.Tensor:
-    """(B, N) bool: descriptor d usable for a discriminator pair (valid in both poses)."""
-    _, valid_t = pose.local_descriptors(kp_target, resolution)
+                  reference_at: str = "reference", count: Optional[int] = None) -> torch.Tensor:
+    """(B, N) bool: descriptor d usable for a discriminator pair (valid in both poses); N = ``count``
+    (default: the paper's rule at ``resolution``)."""
+    _, valid_t = pose.local_descriptors(kp_target, resolution, count)
     if reference_at == "target":
         return valid_t
-    _, valid_r = pose.local_descriptors(kp_reference, resolution)
+    _, valid_r = pose.local_descriptors(kp_reference, resolution, count)
     return valid_r & valid_t
 
 
 def local_discriminator_pairs(reference: torch.Tensor, other: torch.Tensor, kp_reference: torch.Tensor,
                               kp_target: torch.Tensor, resolution: int, impl: str = "auto",
-                              reference_at: str = "reference") -> torch.Tensor:
+                              reference_at: str = "reference", count: Optional[int] = None) -> torch.Tensor:
     """Crop pairs for the local discriminators: (B, N, 6, s, s), s = resolution / 8.
 
     ``reference`` (B, 3, R, R) is cropped at the descriptors of ``kp_reference`` (or of
     ``kp_target`` with ``reference_at="target"``); ``other`` (the target X' for real pairs, the
-    generated X^ for fake ones) at the descriptors of ``kp_target`` (B, 18, 2) (y, x). Channels 0-2
+    generated X^ for fake ones) at the descriptors of ``kp_target`` (B, 18, 2) (y, x); N = ``count``
+    descriptors (default: the paper's rule at ``resolution``). Channels 0-2
     hold X_d, 3-5 the other crop. Invalid descriptors give zero crops (see :func:`pair_validity`).
     Differentiable with respect to both images.
     """
@@ -88,8 +95,8 @@ def local_discriminator_pairs(reference: torch.Tensor, other: torch.Tensor, kp_r
         raise ValueError(f"reference_at must be 'reference' or 'target', got {reference_at!r}")
     B = reference.shape[0]
     s = pose.crop_size(resolution)
-    centers_t, _ = pose.local_descriptors(kp_target, resolution)
-    centers_r = centers_t if reference_at == "target" else pose.local_descriptors(kp_reference, resolution)[0]
+    centers_t, _ = pose.local_descriptors(kp_target, resolution, count)
+    centers_r = centers_t if reference_at == "target" else pose.local_descriptors(kp_reference, resolution, count)[0]
     N = centers_t.shape[1]
     crops_r = ops.gather_crops(reference, centers_r, s, impl=impl)
     crops_o = ops.gather_crops(other, centers_t, s, impl=impl)
@@ -135,10 +142,17 @@ def generator_adversarial_loss(disc, pairs_fake: torch.Tensor, valid: torch.Tens
 
 
 def active_terms(loss_cfg: LossConfig, resolution: int) -> dict:
-    """Which generator terms run at ``resolution``: {"local": bool, "adv": bool}."""
+    """Which generator terms run at ``resolution``: {"local": bool, "adv": bool}.
+
+    From ``loss.disc_at_resolution`` on the local discriminators run (adv_weight > 0) and replace
+    the local perceptual loss (the paper's "in replacement"), unless ``loss.local_perceptual_at_top``
+    keeps it. Zero descriptors (``loss.descriptors: 0``) switch both local terms off.
+    """
     top = resolution >= loss_cfg.disc_at_resolution
-    return {"local": loss_cfg.local_weight > 0 and (not top or loss_cfg.local_perceptual_at_top),
-            "adv": top and loss_cfg.adv_weight > 0}
+    has_local = descriptors_at(loss_cfg, resolution) > 0
+    adv = has_local and top and loss_cfg.adv_weight > 0
+    keep_local = not adv or loss_cfg.local_perceptual_at_top
+    return {"local": has_local and loss_cfg.local_weight > 0 and keep_local, "adv": adv}
 
 
 def generator_loss(fake: torch.Tensor, target: torch.Tensor, kp_target: torch.Tensor, vgg, loss_cfg: LossConfig,
@@ -162,14 +176,16 @@ def generator_loss(fake: torch.Tensor, target: torch.Tensor, kp_target: torch.Te
     if terms["local"]:
         with phase("local_vgg"):
             out["local"] = ops.local_perceptual_loss(fake, target, kp_target, vgg, criterion, impl=impl,
-                                                     layer_weights=weights, min_crop=loss_cfg.local_min_crop)
+                                                     layer_weights=weights, min_crop=loss_cfg.local_min_crop,
+                                                     count=descriptors_at(loss_cfg, R))
     if terms["adv"]:
         if disc is None or reference is None or kp_reference is None:
             raise ValueError(f"the adversarial term is active at {R} px (loss.disc_at_resolution="
                              f"{loss_cfg.disc_at_resolution}): pass disc, reference and kp_reference")
         with phase("discriminator"):
-            pairs = local_discriminator_pairs(reference, fake, kp_reference, kp_target, R, impl, reference_at)
-            valid = pair_validity(kp_reference, kp_target, R, reference_at)
+            n = descriptors_at(loss_cfg, R)
+            pairs = local_discriminator_pairs(reference, fake, kp_reference, kp_target, R, impl, reference_at, n)
+            valid = pair_validity(kp_reference, kp_target, R, reference_at, n)
             out["adv"] = generator_adversarial_loss(disc, pairs, valid)
     out["total"] = (loss_cfg.global_weight * out["global"] + loss_cfg.local_weight * out["local"]
                     + loss_cfg.adv_weight * out["adv"])

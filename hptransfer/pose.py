@@ -58,8 +58,14 @@ BODY25_TO_OPENPOSE18 = {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6, 7: 7, 9: 8, 10
                         12: 11, 13: 12, 14: 13, 15: 14, 16: 15, 17: 16, 18: 17}
 
 
-def descriptor_count(resolution: int) -> int:
-    """18 descriptors at 64/128 px, 31 at 256/512 px, 44 at 1024 px (section 3.4)."""
+def descriptor_count(resolution: int, setting: int | str = "auto") -> int:
+    """Descriptors per image at ``resolution``: with ``setting`` "auto" the paper's rule (section 3.4):
+    18 at 64/128 px, 31 at 256/512 px, 44 at 1024 px; otherwise ``setting`` itself (0, 18, 31 or 44:
+    ``loss.descriptors``, Fig. 4)."""
+    if setting != "auto":
+        if setting not in (0, *DESCRIPTOR_FRACTIONS):
+            raise ValueError(f"descriptor count must be auto, 0, 18, 31 or 44, got {setting!r}")
+        return int(setting)
     if resolution <= 128:
         return 18
     if resolution <= 512:

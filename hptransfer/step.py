@@ -46,9 +46,10 @@ def train_step(g_engine, generator, vgg, cfg, reference: torch.Tensor, target: t
     if d_engine is not None:  # D step first, on the detached fake
         with phase("discriminator"):
             with backend.loss_autocast():
-                valid = losses.pair_validity(kp_ref, kp_tgt, R)
-                real_pairs = losses.local_discriminator_pairs(reference, target, kp_ref, kp_tgt, R, impl)
-                fake_pairs = losses.local_discriminator_pairs(reference, fake.detach(), kp_ref, kp_tgt, R, impl)
+                n = losses.descriptors_at(cfg.loss, R)
+                valid = losses.pair_validity(kp_ref, kp_tgt, R, count=n)
+                real_pairs = losses.local_discriminator_pairs(reference, target, kp_ref, kp_tgt, R, impl, count=n)
+                fake_pairs = losses.local_discriminator_pairs(reference, fake.detach(), kp_ref, kp_tgt, R, impl, count=n)
                 d_loss = losses.discriminator_loss(d_engine, real_pairs, fake_pairs, valid)
             if backend.any_true(not _finite(d_loss)):
                 d_engine.skip()

@@ -44,7 +44,9 @@ log = logging.getLogger("hptransfer.train")
 
 # ----------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
+    parser.add_argument("--config", required=True, action="append",
+                        help="experiment YAML (configs/*.yaml); repeat to overlay files, later wins "
+                             "(e.g. --config base.yaml --config configs/ablation/pt_lpl.yaml)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4 stages.0.iterations=100")
     parser.add_argument("--out", help="output directory (shorthand for train.out_dir=...)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH|auto",
@@ -56,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DeepSpeed JSON (configs/ds/*.json); without it: single process, plain PyTorch")
     parser.add_argument("--stop_at_step", "--stop-at-step", dest="stop_at_step", type=int, default=None,
                         help="stop after this global step (writes a checkpoint first), e.g. to test resume")
+    parser.add_argument("--init-from", "--init_from", dest="init_from", default=None, metavar="CHECKPOINT",
+                        help="start a new run from these generator weights only (checkpoint dir, run dir or "
+                             "export dir; grown to the first stage's resolution); ignored when resuming")
     # Passed by the deepspeed launcher; the rank is read from the LOCAL_RANK environment variable.
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -66,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"train.out_dir={args.out}")
     cfg = load_config(args.config, overrides)  # ConfigError: a user error, one line (hptransfer.cli)
     result = train(cfg, ds_config=args.deepspeed_config, resume=args.resume, overwrite=args.overwrite,
-                   stop_at_step=args.stop_at_step)
+                   stop_at_step=args.stop_at_step,
+                   init_from=args.init_from)
     if result["is_main"]:  # the summary table is in the log already
         print(f"export: {result['export']}  samples: {Path(cfg.train.out_dir) / 'samples'}  "
               f"log: {Path(cfg.train.out_dir) / 'train.log'}")
@@ -199,7 +205,7 @@ def _to_device(batch: dict, backend: Backend) -> tuple:
 
 def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str] = None, overwrite: bool = False,
           stop_at_step: Optional[int] = None, callback: Optional[Callable[[dict], None]] = None,
-          loss_hook: Optional[Callable[[dict, dict], dict]] = None) -> dict:
+          loss_hook: Optional[Callable[[dict, dict], dict]] = None, init_from: Optional[str] = None) -> dict:
     """Train through ``cfg.stages``. Returns {"is_main", "global_step", "skipped", "summary", "export",
     "generator_state" (fp32 CPU state dict of the final generator)}.
 
@@ -208,7 +214,8 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
     ``callback(info)`` runs after every iteration on every rank (info: stage, resolution,
     step_in_stage, global_step, criterion, disc_active, skipped, terms as floats, generator: the
     training module). ``loss_hook(terms, info) -> terms`` may replace the generator's loss terms
-    before the finite check (a debug hook: the tests force a NaN through it).
+    before the finite check (a debug hook: the tests force a NaN through it). ``init_from``: see
+    :func:`_init_from` (used only when the run does not resume).
     """
     from hptransfer.models import LocalDiscriminator
 
@@ -238,6 +245,8 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
     impl = cfg.train.kernels
     state = dict(start)
     generator = _build_generator(cfg, cfg.stages[start["stage"]].resolution, fading=_fades(cfg, start["stage"]))
+    if init_from and ckpt_dir is None:
+        generator = _init_from(cfg, init_from)
     export_path = None
     g_engine: Optional[Engine] = None
     stopped = False
@@ -261,12 +270,12 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
         engines = {"generator": g_engine}
         d_engine = None
         if disc_active:
-            disc = backend.prepare(LocalDiscriminator(cfg.model, pose.descriptor_count(R), pose.crop_size(R)))
+            disc = backend.prepare(LocalDiscriminator(cfg.model, losses.descriptors_at(cfg.loss, R), pose.crop_size(R)))
             d_engine = backend.engine("discriminator", disc, _make_optimizer(cfg, disc.parameters(), cfg.loss.disc_lr),
                                       st.batch_size)
             engines["discriminator"] = d_engine
             log.info("stage %d: local discriminators on (%d descriptors, crop %d px)", stage_idx,
-                     pose.descriptor_count(R), pose.crop_size(R))
+                     losses.descriptors_at(cfg.loss, R), pose.crop_size(R))
         if state["stage"] != stage_idx:  # a new stage starts at its beginning
             state.update(stage=stage_idx, step=0, epoch=0, consumed=0)
         dataset = _dataset(cfg, cfg.data.train_split, R, cfg.data.flip)
@@ -345,6 +354,41 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
     return {"is_main": backend.is_main, "global_step": state["global_step"], "skipped": state["skipped"],
             "d_skipped": state["d_skipped"], "summary": table, "export": export_path, "generator_state": final_state,
             "stopped": stopped}
+
+
+def _init_from(cfg: Config, path: str):
+    """The generator of a new run from the weights at ``path`` only (no optimiser, RNG or step):
+    an export directory, a single-process checkpoint directory, or a run directory (its latest
+    checkpoint). A lower-resolution generator is grown to the first stage's resolution (new blocks
+    untrained, no input fade), as a progressive run grows between stages."""
+    from hptransfer.export import load_generator
+
+    p = Path(path)
+    if (p / "model.safetensors").is_file():
+        exported = load_generator(p)
+        state, source, resolution = exported.state_dict(), p, exported.resolution
+    else:
+        source = p if (p / "meta.json").is_file() else (ckpt.read_latest(p / "checkpoints") or ckpt.read_latest(p))
+        if source is None or not (source / "generator.pt").is_file():
+            raise ConfigError(f"--init-from {path}: no export (model.safetensors) or single-process checkpoint "
+                              f"(meta.json + generator.pt) there")
+        state = torch.load(source / "generator.pt", map_location="cpu", weights_only=True)["model"]
+        resolution = int(ckpt.read_meta(source)["arch"]["resolution"])
+    R0 = cfg.stages[0].resolution
+    if resolution > R0:
+        raise ConfigError(f"--init-from {path}: a {resolution}-px generator cannot start a run whose first stage "
+                          f"is {R0} px")
+    try:
+        g = _build_generator(cfg, resolution, state)
+    except RuntimeError as e:
+        raise ConfigError(f"--init-from {path}: weights do not fit this config's model section: {e}") from None
+    if g.fading:
+        g.fade_alpha = 1.0
+    while g.resolution < R0:
+        g.grow()
+    log.info("--init-from %s: %d-px generator weights%s (new run: fresh optimisers, step 0)", source, resolution,
+             f", grown to {R0} px" if resolution < R0 else "")
+    return g
 
 
 def _sample_batch(cfg: Config, resolution: int, n: int = 4) -> dict:

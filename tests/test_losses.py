@@ -186,7 +186,8 @@ def test_generator_loss_weights_and_stage_terms(tiny_cfg, rng):
     f = TwoLayerFeatures()
     fake = g(ref, kp_t)
     disc = LocalDiscriminator(tiny_cfg, 18, 8)
-    cfg = LossConfig(global_weight=2.0, local_weight=0.5, adv_weight=0.1, disc_at_resolution=64, local_min_crop=8)
+    cfg = LossConfig(global_weight=2.0, local_weight=0.5, adv_weight=0.1, disc_at_resolution=64, local_min_crop=8,
+                     local_perceptual_at_top=True)  # both local terms, to check the weighted sum
     out = losses.generator_loss(fake, tgt, kp_t, f, cfg, "l1", reference=ref, kp_reference=kp_r, disc=disc,
                                 impl="reference")
     assert set(out) == {"global", "local", "adv", "total"}

@@ -20,7 +20,7 @@ LAYERS = ["relu1_2", "relu2_2"]
 
 def _loss_cfg(disc: bool) -> LossConfig:
     return LossConfig(vgg_weights="random", layers=LAYERS, local_min_crop=8, adv_weight=0.1,
-                      disc_at_resolution=R if disc else 1024)
+                      disc_at_resolution=R if disc else 1024, local_perceptual_at_top=True)  # every term runs
 
 
 class _Cfg:  # train_step reads cfg.loss only

@@ -17,12 +17,10 @@ import argparse
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -31,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results"
 
-from bench.common import device_name, write_json  # noqa: E402
+from bench.common import device_name, environment, write_json  # noqa: E402
 
 log = logging.getLogger("bench_data")
 
@@ -173,9 +171,7 @@ def main(argv=None) -> int:
             row["loading_is_bottleneck"] = bool(best < tr["images_per_s"])
             rows.append(row)
 
-    payload = {"benchmark": "data", "device": device_name(), "torch": torch.__version__,
-               "python": platform.python_version(), "cpus": os.cpu_count(), "quick": quick,
-               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    payload = {"benchmark": "data", **environment(device), "quick": quick,
                "data": args.data or "synthetic (hptransfer data synth)",
                "note": "images/s = 2 images per pair; trainer images/s = 2 x pairs/s of generator fwd+bwd+VGG loss",
                "results": rows}

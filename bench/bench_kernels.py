@@ -98,14 +98,16 @@ def bench_gather(R, B, dtype, device, gpu):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a small subset (64/256 px, batch 1-2): CPU-sized")
+    ap.add_argument("--resolutions", type=int, nargs="+", default=None, help="override the resolutions")
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help="override the batch sizes")
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/kernels-<device>.json)")
     args = ap.parse_args(argv)
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
-    resolutions = (64, 256) if args.quick else (64, 128, 256, 512, 1024)
-    batches = (1, 2) if args.quick else (1, 4, 16)
+    resolutions = args.resolutions or ((64, 256) if args.quick else (64, 128, 256, 512, 1024))
+    batches = args.batches or ((1, 2) if args.quick else (1, 4, 16))
     bw = copy_bandwidth(device)
     rows = []
     for R in resolutions:
@@ -114,7 +116,7 @@ def main(argv=None) -> int:
             rows.extend(bench_gather(R, B, dtype, device, gpu))
     for r in rows:
         r["of_copy_bw"] = r["kernel_gbps"] / bw if (bw and r["kernel_gbps"]) else None
-    env = environment()
+    env = environment(device)
     print(f"device {env['device']}, dtype {dtype}, torch {env['torch']}, triton {env['triton']}; "
           f"copy bandwidth {bw:.0f} GB/s" if bw else f"device {env['device']}, dtype {dtype}: references only "
           "(the Triton kernels need a GPU; on the CPU they run in the interpreter, which is not a performance path)")

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -27,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results"
 
-from bench.common import device_name, nvtx, write_json  # noqa: E402
+from bench.common import device_name, environment, nvtx, write_json  # noqa: E402
 from bench.common import sync as _sync  # noqa: E402
 
 log = logging.getLogger("bench_local_loss")
@@ -67,19 +65,19 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=None)
     ap.add_argument("--batches", type=int, nargs="+", default=None)
     ap.add_argument("--repeat", type=int, default=None)
+    ap.add_argument("--vgg-layers", nargs="+", default=None, help="VGG taps (default: all five; fewer = a toy run)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from hptransfer import ops
     from hptransfer.models import VGG16Features
 
     sizes = args.sizes or ([256] if args.quick else [256, 512, 1024])
     batches = args.batches or ([1, 2] if args.quick else [1, 2, 4, 8])
     repeat = args.repeat or (3 if args.quick else 10)
     device = torch.device(args.device)
-    vgg = VGG16Features("random").to(device)
+    vgg = VGG16Features("random", **({"layers": args.vgg_layers} if args.vgg_layers else {})).to(device)
     rows = []
     for R in sizes:
         N = COUNTS.get(R) or (44 if R >= 1024 else 31 if R >= 256 else 18)
@@ -110,10 +108,8 @@ def main(argv=None) -> int:
               f"{r['speedup']} | {r['reference_peak_mib']} | {r['fast_peak_mib']} |")
     dev = device_name() if device.type == "cuda" else "cpu"
     payload = {
-        "bench": "local_loss", "device": dev, "host": platform.node(), "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "backends": ops.backend_status(), "criterion": "l1", "vgg": "VGG16Features(weights='random')",
-        "min_crop": 32, "repeat": repeat, "quick": args.quick, "rows": rows,
+        "bench": "local_loss", **environment(device), "device": dev, "criterion": "l1",
+        "vgg": f"VGG16Features(weights='random', layers={list(vgg.layers)})", "min_crop": 32, "repeat": repeat, "quick": args.quick, "rows": rows,
     }
     out = args.out or RESULTS / f"local_loss-{dev}.json"
     write_json(out, payload)

@@ -2,7 +2,8 @@
 
     python bench/bench_train.py --resolution 128 --mode both            # CPU default: width 0.125, batch 2
     python bench/bench_train.py --resolution 256 512 1024 --batch 8      # GPU: width 1.0, bf16
-    python bench/bench_train.py --resolution 256 --max-batch             # GPU only: largest batch, +/- checkpointing
+    python bench/bench_train.py --resolution 256 --max-batch             # largest batch, +/- checkpointing (GPU;
+                                                                          # the CPU only runs the search, up to 2)
 
 A step = generator forward, every loss of the stage (global perceptual; local perceptual with the
 stage's descriptor count; local discriminators with their D step at the top stage or with --disc),
@@ -19,18 +20,18 @@ per conv, shapes from a meta-device forward): generator, VGG on the fake image a
 discriminators, each forward x3 for forward + backward; VGG on the real image/crops runs without
 autograd and counts x1. MFU = achieved TFLOP/s / a large bf16 matmul's TFLOP/s measured in the same
 run (GPU only). Phase shares come from hptransfer.profiling timers (CUDA events on GPU) in separate
-timed steps. JSON: bench/results/train-<device>.json (atomically).
+timed steps. JSON: bench/results/train-<device>.json (atomically, after every resolution, with
+bench.common.environment(): versions, CPU flags, backend status).
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -40,7 +41,7 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results"
 
 from bench import naive  # noqa: E402
-from bench.common import device_name, git_commit, write_json  # noqa: E402
+from bench.common import device_name, environment, write_json  # noqa: E402
 from bench.common import sync as _sync  # noqa: E402
 from hptransfer import losses, pose, profiling  # noqa: E402
 from hptransfer.backend import SingleBackend  # noqa: E402
@@ -121,10 +122,14 @@ def matmul_tflops(device: torch.device) -> float | None:
 
 
 # ----------------------------------------------------------------------------- set-up
-def make_config(R: int, batch: int, width: float, disc: bool, compile_: bool, checkpointing: bool) -> Config:
+def make_config(R: int, batch: int, width: float, disc: bool, compile_: bool, checkpointing: bool,
+                vgg_layers: Optional[list] = None) -> Config:
+    """``vgg_layers``: the loss's VGG taps (default: the paper's five; a toy run takes fewer, a shorter VGG)."""
     cfg = Config()
     cfg.model.width = width
     cfg.loss.vgg_weights = "random"
+    if vgg_layers:
+        cfg.loss.layers = list(vgg_layers)
     if disc:
         cfg.loss.disc_at_resolution = min(cfg.loss.disc_at_resolution, R)
     cfg.stages = [StageConfig(R, 1000, batch)]
@@ -251,40 +256,92 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e)
 
 
-def max_batch(R: int, width: float, device: torch.device, checkpointing: bool, disc: bool, limit: int = 4096) -> int:
-    """Largest fast-mode batch that trains one step: doubling, then bisection; catches CUDA OOM."""
+def search_max_batch(peak_of: Callable[[int], Optional[int]], start: int, limit: int, capacity: Optional[int],
+                     tolerance: float = 1 / 16) -> tuple[int, list]:
+    """Largest batch in [0, ``limit``] for which ``peak_of(batch)`` (peak bytes; None = out of memory)
+    succeeds, in few tries (GPU time is short).
+
+    From ``start`` the batch doubles until two batches have fitted; with ``capacity`` (device bytes)
+    their peaks give a line (peak memory is close to affine in the batch), and the next try is the
+    batch that line puts at 97% of ``capacity``, then at 100% (at least ``tolerance`` more) while it
+    fits. Without ``capacity`` it keeps doubling. A failure brackets the answer; after a failed
+    prediction the next tries are 10% under the failure (twice at most), then bisection, until the
+    bracket is within ``tolerance``.
+    Returns (batch, [(batch tried, fitted)])."""
+    peaks: dict = {}
+    tries: list = []
+
     def fits(b: int) -> bool:
+        peak = peak_of(b)
+        tries.append((b, peak is not None))
+        if peak is not None and capacity:
+            peaks[b] = peak
+        return peak is not None
+
+    lo, hi, b, jumped = 0, None, max(1, min(start, limit)), False
+    while True:  # grow until a batch fails or the limit fits
+        if not fits(b):
+            hi = b
+            break
+        lo = b
+        if b >= limit:
+            break
+        if len(peaks) >= 2:
+            (b1, p1), (b2, p2) = sorted(peaks.items())[-2:]
+            target = (1.0 if jumped else 0.97) * capacity
+            predicted = int(b2 + (target - p2) * (b2 - b1) / (p2 - p1)) if p2 > p1 else 2 * b
+            b = max(int(b * (1 + tolerance)) if jumped else b, b + 1, predicted)
+            jumped = True
+        else:
+            b = 2 * b
+        b = min(b, limit)
+    near = 2 if jumped else 0  # a failed prediction is usually just above the answer: try 10% under it
+    while hi is not None and hi - lo > max(1, int(lo * tolerance)):
+        mid = (lo + hi) // 2
+        if near and lo < int(hi * 0.9) < hi:
+            mid, near = max(mid, int(hi * 0.9)), near - 1
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, tries
+
+
+def max_batch(R: int, width: float, device: torch.device, checkpointing: bool, disc: bool, start: int = 1,
+              limit: int = 4096, tolerance: float = 1 / 16, vgg_layers: Optional[list] = None) -> dict:
+    """Largest fast-mode batch (up to ``limit``) that trains two steps (the second holds the Adam
+    state), found by :func:`search_max_batch` (CUDA OOM = does not fit). Returns {"batch", "tries",
+    "tolerance"}."""
+    cuda = device.type == "cuda"
+
+    def peak_of(b: int) -> Optional[int]:
         run = None
         try:
-            run = Runner("fast", make_config(R, b, width, disc, False, checkpointing), R, b, device)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            run = Runner("fast", make_config(R, b, width, disc, False, checkpointing, vgg_layers), R, b, device)
             run.step()
             run.step()
             _sync(device)
-            return True
+            peak = torch.cuda.max_memory_allocated() if cuda else 0
         except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
             if not _is_oom(e):
                 raise
-            return False
+            peak = None
         finally:
             del run
-            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.empty_cache()
+        log.info("%d px max batch (checkpointing=%s): batch %d %s", R, checkpointing, b,
+                 "OOM" if peak is None else "fits")
+        return peak
 
-    lo, hi = 0, 1
-    while hi <= limit and fits(hi):
-        lo, hi = hi, hi * 2
-    if lo == 0:
-        return 0
-    hi = min(hi, limit + 1)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    capacity = torch.cuda.mem_get_info(device)[1] if cuda else None
+    batch, tries = search_max_batch(peak_of, start, limit, capacity, tolerance)
+    return {"batch": batch, "tries": tries, "tolerance": tolerance}
 
 
 # ----------------------------------------------------------------------------- main
 def bench_resolution(args, R: int, device: torch.device, peak_tflops) -> dict:
     modes = ["fast", "naive"] if args.mode == "both" else [args.mode]
-    cfg = make_config(R, args.batch, args.width, args.disc, args.compile, args.checkpointing)
+    cfg = make_config(R, args.batch, args.width, args.disc, args.compile, args.checkpointing, args.vgg_layers)
     disc = losses.active_terms(cfg.loss, R)["adv"]
     flops = step_flops(cfg, R, args.batch, disc)
     row = {"resolution": R, "batch": args.batch, "width": args.width, "descriptors": pose.descriptor_count(R),
@@ -293,14 +350,12 @@ def bench_resolution(args, R: int, device: torch.device, peak_tflops) -> dict:
         timed = {}
         for mode in modes:
             log.info("%d px %s: building", R, mode)
-            run = Runner(mode, make_config(R, args.batch, args.width, args.disc, args.compile, args.checkpointing),
-                         R, args.batch, device)
+            run = Runner(mode, cfg, R, args.batch, device)
             timed.update(time_runners({mode: run}, args.steps, args.warmup))
             del run
             torch.cuda.empty_cache()
     else:
-        runs = {m: Runner(m, make_config(R, args.batch, args.width, args.disc, args.compile, args.checkpointing),
-                          R, args.batch, device) for m in modes}
+        runs = {m: Runner(m, cfg, R, args.batch, device) for m in modes}
         timed = time_runners(runs, args.steps, args.warmup)
     for mode, res in timed.items():
         res["images_per_s"] = args.batch / (res["ms"] / 1e3)
@@ -310,11 +365,14 @@ def bench_resolution(args, R: int, device: torch.device, peak_tflops) -> dict:
     if "fast" in row["modes"] and "naive" in row["modes"]:
         row["speedup"] = row["modes"]["naive"]["ms"] / row["modes"]["fast"]["ms"]
     if args.max_batch:
-        if device.type != "cuda":
-            print("--max-batch: GPU only (CUDA OOM bisection); skipped on the CPU")
-        else:
-            row["max_batch"] = {"plain": max_batch(R, args.width, device, False, disc),
-                                "checkpointing": max_batch(R, args.width, device, True, disc)}
+        plain = max_batch(R, args.width, device, False, disc, start=args.batch, limit=args.max_batch_limit,
+                          vgg_layers=args.vgg_layers)
+        # checkpointing keeps fewer activations: at least the plain batch fits
+        ckpt = max_batch(R, args.width, device, True, disc, start=max(args.batch, plain["batch"]),
+                         limit=args.max_batch_limit, vgg_layers=args.vgg_layers)
+        row["max_batch"] = {"plain": plain["batch"], "checkpointing": ckpt["batch"], "limit": args.max_batch_limit,
+                            "tries": {"plain": plain["tries"], "checkpointing": ckpt["tries"]},
+                            "tolerance": plain["tolerance"]}
     return row
 
 
@@ -337,7 +395,8 @@ def print_table(rows: list, device: str, width: float, peak) -> None:
             print(f"      {mode} phases: {shares}")
         if "max_batch" in r:
             mb = r["max_batch"]
-            print(f"      max batch: {mb['plain']} (plain), {mb['checkpointing']} (checkpointing)")
+            print(f"      max batch: {mb['plain']} (plain), {mb['checkpointing']} (checkpointing); "
+                  f"limit {mb['limit']}, within {100 * mb['tolerance']:.0f}%")
 
 
 def main(argv=None) -> int:
@@ -352,7 +411,10 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (fast mode)")
     p.add_argument("--disc", action="store_true", help="local discriminators at every resolution benchmarked")
-    p.add_argument("--max-batch", action="store_true", help="largest batch per resolution (GPU only)")
+    p.add_argument("--vgg-layers", nargs="+", default=None, help="VGG taps of the losses (default: all five)")
+    p.add_argument("--max-batch", action="store_true", help="largest batch per resolution, +/- checkpointing")
+    p.add_argument("--max-batch-limit", type=int, default=None,
+                   help="largest batch tried (default 4096 on GPU, 2 on the CPU: there it only runs the search)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/train-<device>.json)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -360,22 +422,22 @@ def main(argv=None) -> int:
     args.steps = args.steps or (20 if cuda else 5)
     args.warmup = args.warmup if args.warmup is not None else ((10 if args.compile else 5) if cuda else 1)
     args.width = args.width or (1.0 if cuda else 0.125)
+    args.max_batch_limit = args.max_batch_limit or (4096 if cuda else 2)
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
         torch.backends.cudnn.benchmark = True
     peak = matmul_tflops(device)
-    rows = [bench_resolution(args, R, device, peak) for R in args.resolution]
     dev = device_name()
-    print_table(rows, dev, args.width, peak)
-    payload = {"device": dev, "torch": torch.__version__, "cuda": torch.version.cuda,
-               "python": platform.python_version(),
-               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "git_commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "args": vars(args), "matmul_bf16_tflops": peak,
-               "notes": "VGG-16 random weights; FLOPs = convs only, forward x3 for fwd+bwd, no-grad VGG passes x1",
-               "results": rows}
     out = Path(args.out) if args.out else RESULTS / f"train-{dev}.json"
-    write_json(out, payload)
+    rows = []
+    for R in args.resolution:
+        rows.append(bench_resolution(args, R, device, peak))
+        # rewritten after every resolution: a run stopped by a time limit keeps what it measured
+        write_json(out, {**environment(device), "args": vars(args), "matmul_bf16_tflops": peak,
+                         "notes": "VGG-16 random weights; FLOPs = convs only, forward x3 for fwd+bwd, "
+                                  "no-grad VGG passes x1", "complete": len(rows) == len(args.resolution),
+                         "results": rows})
+    print_table(rows, dev, args.width, peak)
     print(f"JSON: {out}")
     return 0
 

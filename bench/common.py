@@ -2,7 +2,8 @@
 
 Timing: on a GPU ``triton.testing.do_bench`` (median of many runs, with cache flushes between);
 on the CPU the median of repeated ``time.perf_counter`` runs after warm-up. Results go to
-``bench/results/<name>-<device>.json`` with the device, versions, git commit and date.
+``bench/results/<name>-<device>.json`` with :func:`environment` (device, versions, CPU flags, backend
+status, git commit and date).
 """
 from __future__ import annotations
 
@@ -57,22 +58,57 @@ def median_ms(fn: Callable[[], object], device, warmup: int = 3, repeat: int = 2
 
 
 def git_commit() -> str:
+    """HEAD's hash (+ "-dirty" with uncommitted changes to tracked files); where the tree came without
+    its git directory (a copy sent to a GPU machine) HPTRANSFER_GIT_COMMIT names it, else "unknown"."""
     try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - a tarball has no git
-        return "unknown"
+        dirty = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD"], capture_output=True).returncode
+        return head + ("-dirty" if dirty else "")
+    except Exception:  # noqa: BLE001 - a tarball or a copy has no git
+        return os.environ.get("HPTRANSFER_GIT_COMMIT", "unknown")
 
 
-def environment() -> dict:
-    """Device, versions, commit and date: stored with every result file."""
+def cpu_info() -> dict:
+    """The CPU's model, its instruction-set flags (from /proc/cpuinfo where there is one) and the
+    vector ISA torch dispatches to: CPU timings depend on them."""
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:  # x86 / Arm
+                flags = value.strip()
+    except OSError:  # not Linux
+        pass
+    return {"model": model, "flags": flags, "torch_capability": torch.backends.cpu.get_cpu_capability(),
+            "cores": os.cpu_count()}
+
+
+def gpu_info() -> dict | None:
+    if not torch.cuda.is_available():
+        return None
+    p = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1),
+            "multiprocessors": p.multi_processor_count, "count": torch.cuda.device_count()}
+
+
+def environment(device=None) -> dict:
+    """Device, versions, CPU (model and flags), GPU, ``hptransfer.ops.backend_status()``, commit and
+    date: stored with every result file. Call it after the timed work: backend_status lists the
+    fallbacks the run took."""
+    from hptransfer.ops import backend_status
+
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
     return {"device": device_name(), "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
-            "python": platform.python_version(), "cpu_threads": torch.get_num_threads(), "git_commit": git_commit(),
+            "python": platform.python_version(), "cpu_threads": torch.get_num_threads(), "cpu": cpu_info(),
+            "gpu": gpu_info(), "backend_status": backend_status(device), "git_commit": git_commit(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 

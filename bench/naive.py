@@ -69,7 +69,8 @@ def naive_step(generator, g_opt, vgg, cfg, reference, target, kp_ref, kp_tgt, cr
     weights = cfg.loss.layer_weights
     active = losses.active_terms(cfg.loss, R)
     with phase("global_vgg"):
-        total = cfg.loss.global_weight * losses.global_perceptual_loss(fake, target, vgg, criterion, weights)
+        global_term = losses.global_perceptual_loss(fake, target, vgg, criterion, weights, impl="reference")
+        total = cfg.loss.global_weight * global_term
     if active["local"]:
         with phase("local_vgg"):
             total = total + cfg.loss.local_weight * local_perceptual_loss_reference(

@@ -1,6 +1,8 @@
 // Local-loss ops of hptransfer._C, registered under torch.ops.hptransfer:
 //   perceptual_distance(fake, real, mask, p) -> (M,)  mean over (C,h,w) of |f-r|^p per crop, times mask
-//   perceptual_distance_backward(grad, fake, real, mask, p) -> grad_fake
+//   perceptual_distance_with_grad(fake, real, mask, p) -> (distance (M,), d distance.sum() / d fake)
+// Under autograd the gradient is computed in the forward pass, in the same read of fake and real as the
+// sum: backward is then one scale per crop, and neither fake nor real features need to be kept for it.
 //   gather_crops(images, centers, size, normalize) -> (B*N, C, s, s)      (CPU; CUDA uses the Triton kernel)
 //   gather_crops_backward(grad, centers, height, width, size, normalize) -> grad_images
 // CPU kernels here, CUDA kernels in local_loss_cuda.cu; autograd (Autograd key) here for both devices.
@@ -38,81 +40,70 @@ acc_t slab_sum(const scalar_t* f, const scalar_t* r, int64_t K) {
 
 }  // namespace
 
-at::Tensor perceptual_distance_cpu(const at::Tensor& fake_in, const at::Tensor& real_in, const at::Tensor& mask_in,
-                                   int64_t p) {
+namespace {
+
+// One pass over each crop's slab: the distance and, when gfake is given, its gradient
+// d(mask[m] * mean |f-r|^p)/df = mask[m] * p/K * (sign(f-r) | (f-r)), written beside the sum.
+template <typename scalar_t>
+void distance_pass_cpu(const at::Tensor& fake, const at::Tensor& real, const at::Tensor& mask, int64_t p, at::Tensor& out,
+                       at::Tensor* gfake) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using out_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t M = fake.size(0);
+  const int64_t K = M ? fake.numel() / M : 0;
+  const scalar_t* f = fake.const_data_ptr<scalar_t>();
+  const scalar_t* r = real.const_data_ptr<scalar_t>();
+  const out_t* mk = mask.const_data_ptr<out_t>();
+  out_t* o = out.mutable_data_ptr<out_t>();
+  scalar_t* g = gfake ? gfake->mutable_data_ptr<scalar_t>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const scalar_t* fm = f + m * K;
+      const scalar_t* rm = r + m * K;
+      acc_t s = p == 1 ? slab_sum<scalar_t, acc_t, 1>(fm, rm, K) : slab_sum<scalar_t, acc_t, 2>(fm, rm, K);
+      o[m] = static_cast<out_t>(s / static_cast<acc_t>(K)) * mk[m];
+      if (g == nullptr) continue;
+      const acc_t scale = static_cast<acc_t>(mk[m]) * static_cast<acc_t>(p) / static_cast<acc_t>(K);
+      scalar_t* gm = g + m * K;
+      for (int64_t i = 0; i < K; ++i) {
+        acc_t d = static_cast<acc_t>(fm[i]) - static_cast<acc_t>(rm[i]);
+        gm[i] = static_cast<scalar_t>(p == 1 ? scale * static_cast<acc_t>((d > 0) - (d < 0)) : scale * d);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> distance_cpu(const at::Tensor& fake_in, const at::Tensor& real_in, const at::Tensor& mask_in,
+                                                int64_t p, bool with_grad, const char* op) {
   auto fmt = check_distance_args(fake_in, real_in, mask_in, p);
-  TORCH_CHECK(fake_in.device().is_cpu(), "hptransfer::perceptual_distance (CPU kernel) got a ", fake_in.device(), " tensor");
+  TORCH_CHECK(fake_in.device().is_cpu(), op, " (CPU kernel) got a ", fake_in.device(), " tensor");
   auto fake = fake_in.contiguous(fmt);
   auto real = real_in.contiguous(fmt);
   const int64_t M = fake.size(0);
-  const int64_t K = M ? fake.numel() / M : 0;
   auto out_dtype = distance_dtype(fake);
   auto mask = mask_in.to(out_dtype).contiguous();
   auto out = at::empty({M}, fake.options().dtype(out_dtype));
-  if (M == 0) return out;
+  at::Tensor gfake = with_grad ? at::empty_like(fake) : at::Tensor();  // same dense layout: slab m is slab m
+  if (M == 0 || fake.numel() == 0) {
+    if (M) out.zero_();
+    return {out, gfake};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, fake.scalar_type(), "perceptual_distance_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    using out_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const scalar_t* f = fake.const_data_ptr<scalar_t>();
-    const scalar_t* r = real.const_data_ptr<scalar_t>();
-    const out_t* mk = mask.const_data_ptr<out_t>();
-    out_t* o = out.mutable_data_ptr<out_t>();
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
-    at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        acc_t s = p == 1 ? slab_sum<scalar_t, acc_t, 1>(f + m * K, r + m * K, K)
-                         : slab_sum<scalar_t, acc_t, 2>(f + m * K, r + m * K, K);
-        o[m] = static_cast<out_t>(s / static_cast<acc_t>(K)) * mk[m];
-      }
-    });
+    distance_pass_cpu<scalar_t>(fake, real, mask, p, out, with_grad ? &gfake : nullptr);
   });
-  return out;
+  return {out, gfake};
 }
 
-at::Tensor perceptual_distance_backward_cpu(const at::Tensor& grad_in, const at::Tensor& fake_in, const at::Tensor& real_in,
-                                            const at::Tensor& mask_in, int64_t p) {
-  auto fmt = check_distance_args(fake_in, real_in, mask_in, p);
-  TORCH_CHECK(fake_in.device().is_cpu(), "hptransfer::perceptual_distance_backward (CPU kernel) got a ", fake_in.device(),
-              " tensor");
-  TORCH_CHECK(grad_in.dim() == 1 && grad_in.size(0) == fake_in.size(0) && grad_in.device() == fake_in.device(),
-              "hptransfer::perceptual_distance_backward: grad must be (M,) on ", fake_in.device(), ", got ", grad_in.sizes());
-  auto fake = fake_in.contiguous(fmt);
-  auto real = real_in.contiguous(fmt);
-  const int64_t M = fake.size(0);
-  const int64_t K = M ? fake.numel() / M : 0;
-  auto acc_dtype = distance_dtype(fake);
-  // per-crop factor grad*mask*(p/K), so the inner loop is one multiply per element
-  auto scale = (grad_in.to(acc_dtype) * mask_in.to(acc_dtype) * (static_cast<double>(p) / std::max<int64_t>(K, 1))).contiguous();
-  auto gfake = at::empty_like(fake);  // same dense layout as fake: slab m of gfake is slab m of fake
-  if (fake.numel() == 0) return gfake;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, fake.scalar_type(), "perceptual_distance_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    using out_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const scalar_t* f = fake.const_data_ptr<scalar_t>();
-    const scalar_t* r = real.const_data_ptr<scalar_t>();
-    const out_t* sc = scale.const_data_ptr<out_t>();
-    scalar_t* g = gfake.mutable_data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
-    at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        const acc_t s = static_cast<acc_t>(sc[m]);
-        const scalar_t* fm = f + m * K;
-        const scalar_t* rm = r + m * K;
-        scalar_t* gm = g + m * K;
-        if (p == 1) {
-          for (int64_t i = 0; i < K; ++i) {
-            acc_t d = static_cast<acc_t>(fm[i]) - static_cast<acc_t>(rm[i]);
-            gm[i] = static_cast<scalar_t>(s * static_cast<acc_t>((d > 0) - (d < 0)));
-          }
-        } else {
-          for (int64_t i = 0; i < K; ++i) {
-            gm[i] = static_cast<scalar_t>(s * (static_cast<acc_t>(fm[i]) - static_cast<acc_t>(rm[i])));
-          }
-        }
-      }
-    });
-  });
-  return gfake;
+}  // namespace
+
+at::Tensor perceptual_distance_cpu(const at::Tensor& fake, const at::Tensor& real, const at::Tensor& mask, int64_t p) {
+  return std::get<0>(distance_cpu(fake, real, mask, p, false, "hptransfer::perceptual_distance"));
+}
+
+std::tuple<at::Tensor, at::Tensor> perceptual_distance_with_grad_cpu(const at::Tensor& fake, const at::Tensor& real,
+                                                                     const at::Tensor& mask, int64_t p) {
+  return distance_cpu(fake, real, mask, p, true, "hptransfer::perceptual_distance_with_grad");
 }
 
 namespace {
@@ -244,12 +235,13 @@ at::Tensor call_distance(const at::Tensor& f, const at::Tensor& r, const at::Ten
   return op.call(f, r, m, p);
 }
 
-at::Tensor call_distance_backward(const at::Tensor& g, const at::Tensor& f, const at::Tensor& r, const at::Tensor& m, int64_t p) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("hptransfer::perceptual_distance_backward", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
-  return op.call(g, f, r, m, p);
+std::tuple<at::Tensor, at::Tensor> call_distance_with_grad(const at::Tensor& f, const at::Tensor& r, const at::Tensor& m,
+                                                          int64_t p) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("hptransfer::perceptual_distance_with_grad", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                                 int64_t)>();
+  return op.call(f, r, m, p);
 }
 
 at::Tensor call_gather(const at::Tensor& images, const at::Tensor& centers, int64_t size, bool normalize) {
@@ -271,19 +263,18 @@ class PerceptualDistance : public torch::autograd::Function<PerceptualDistance> 
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& fake, const at::Tensor& real, const at::Tensor& mask,
                             int64_t p) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({fake, real, mask});
-    ctx->saved_data["p"] = p;
-    return call_distance(fake, real, mask, p);
+    auto [distance, dfake] = call_distance_with_grad(fake, real, mask, p);
+    ctx->save_for_backward({dfake});  // what backward needs: not fake, not real
+    return distance;
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const int64_t p = ctx->saved_data["p"].toInt();
-    at::Tensor gf, gr;
-    if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
-      gf = call_distance_backward(grads[0], saved[0], saved[1], saved[2], p);
-      if (ctx->needs_input_grad(1)) gr = -gf;  // d/dr |f-r|^p = -d/df |f-r|^p
-      if (!ctx->needs_input_grad(0)) gf = at::Tensor();
-    }
+    const at::Tensor dfake = ctx->get_saved_variables()[0];
+    // grad_fake[m] = grad[m] * d distance[m] / d fake[m]; one elementwise scale, layout of dfake kept
+    std::vector<int64_t> shape(dfake.dim(), 1);
+    shape[0] = dfake.size(0);
+    at::Tensor gf = dfake * grads[0].to(dfake.scalar_type()).view(shape);
+    at::Tensor gr = ctx->needs_input_grad(1) ? -gf : at::Tensor();  // d/dr |f-r|^p = -d/df |f-r|^p
+    if (!ctx->needs_input_grad(0)) gf = at::Tensor();
     return {gf, gr, at::Tensor(), at::Tensor()};
   }
 };
@@ -309,6 +300,10 @@ class GatherCrops : public torch::autograd::Function<GatherCrops> {
 };
 
 at::Tensor distance_autograd(const at::Tensor& fake, const at::Tensor& real, const at::Tensor& mask, int64_t p) {
+  if (!at::GradMode::is_enabled() || !(fake.requires_grad() || real.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView guard;  // no gradient wanted: the plain (forward-only) kernel
+    return call_distance(fake, real, mask, p);
+  }
   return PerceptualDistance::apply(fake, real, mask, p);
 }
 
@@ -321,14 +316,14 @@ at::Tensor gather_autograd(const at::Tensor& images, const at::Tensor& centers, 
 
 TORCH_LIBRARY(hptransfer, m) {
   m.def("perceptual_distance(Tensor fake, Tensor real, Tensor mask, int p) -> Tensor");
-  m.def("perceptual_distance_backward(Tensor grad, Tensor fake, Tensor real, Tensor mask, int p) -> Tensor");
+  m.def("perceptual_distance_with_grad(Tensor fake, Tensor real, Tensor mask, int p) -> (Tensor, Tensor)");
   m.def("gather_crops(Tensor images, Tensor centers, int size, bool normalize) -> Tensor");
   m.def("gather_crops_backward(Tensor grad, Tensor centers, int height, int width, int size, bool normalize) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hptransfer, CPU, m) {
   m.impl("perceptual_distance", &hptransfer::perceptual_distance_cpu);
-  m.impl("perceptual_distance_backward", &hptransfer::perceptual_distance_backward_cpu);
+  m.impl("perceptual_distance_with_grad", &hptransfer::perceptual_distance_with_grad_cpu);
   m.impl("gather_crops", &hptransfer::gather_crops_cpu);
   m.impl("gather_crops_backward", &hptransfer::gather_crops_backward_cpu);
 }

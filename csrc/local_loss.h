@@ -36,7 +36,7 @@ inline at::ScalarType distance_dtype(const at::Tensor& fake) {
 }
 
 at::Tensor perceptual_distance_cpu(const at::Tensor& fake, const at::Tensor& real, const at::Tensor& mask, int64_t p);
-at::Tensor perceptual_distance_backward_cpu(const at::Tensor& grad, const at::Tensor& fake, const at::Tensor& real,
-                                            const at::Tensor& mask, int64_t p);
+std::tuple<at::Tensor, at::Tensor> perceptual_distance_with_grad_cpu(const at::Tensor& fake, const at::Tensor& real,
+                                                                     const at::Tensor& mask, int64_t p);
 
 }  // namespace hptransfer

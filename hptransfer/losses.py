@@ -3,7 +3,7 @@
 - Criterion C: L2 in the first half of each stage's iterations, L1 in the second
   (:func:`criterion_for_step`). Per layer, C is the mean over (C, H, W) of the squared or absolute
   feature difference; layers are summed with ``loss.layer_weights`` (equal when unset). The global
-  and the local loss share this criterion (``ops.local_perceptual_loss.criterion_per_sample``), so a
+  and the local loss share this criterion (``ops.perceptual_distance``), so a
   crop covering the whole image gives the same number both ways.
 - Global perceptual loss (eq. 2): C over the whole image, mean over the batch.
 - Local perceptual loss (eq. 3): ``hptransfer.ops.local_perceptual_loss`` at the target's
@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 from hptransfer import ops, pose
 from hptransfer.config import LossConfig
-from hptransfer.ops.local_perceptual_loss import criterion_per_sample
 from hptransfer.profiling import phase
 
 
@@ -42,11 +41,12 @@ def criterion_for_step(step: int, iterations: int) -> str:
 
 
 def global_perceptual_loss(fake: torch.Tensor, real: torch.Tensor, vgg, criterion: str,
-                           layer_weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+                           layer_weights: Optional[Sequence[float]] = None, impl: str = "auto") -> torch.Tensor:
     """Eq. 2 on whole images: ``fake``, ``real`` (B, 3, H, W) in [-1, 1] -> fp32 scalar.
 
     sum_l w_l * mean over (C, H, W) of C(phi_l(fake), phi_l(real)), averaged over the batch;
-    ``real`` goes through VGG without autograd.
+    ``real`` goes through VGG without autograd. C per layer is ``ops.perceptual_distance`` (the fused
+    op of ``hptransfer._C`` under ``impl`` "auto"/"fast": no fp32 copies of full-resolution features).
     """
     if fake.shape != real.shape:
         raise ValueError(f"fake and real must have the same shape, got {tuple(fake.shape)} and {tuple(real.shape)}")
@@ -56,7 +56,7 @@ def global_perceptual_loss(fake: torch.Tensor, real: torch.Tensor, vgg, criterio
     weights = list(layer_weights) if layer_weights is not None else [1.0] * len(feats_fake)
     if len(weights) != len(feats_fake):
         raise ValueError(f"{len(weights)} layer weights for {len(feats_fake)} VGG layers")
-    per = sum(w * criterion_per_sample(a, b, criterion) for w, a, b in zip(weights, feats_fake, feats_real))
+    per = sum(w * ops.perceptual_distance(a, b, criterion, impl=impl) for w, a, b in zip(weights, feats_fake, feats_real))
     return per.mean()
 
 
@@ -112,10 +112,10 @@ def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def discriminator_loss(disc, pairs_real: torch.Tensor, pairs_fake: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Non-saturating discriminator loss, fp32 scalar: mean over valid descriptors of
     softplus(-D(real)) + softplus(D(fake)). ``pairs_*`` (B, N, 6, s, s); ``valid`` (B, N) bool.
-    ``pairs_fake`` is detached here (the generator gets no gradient from this loss).
+    ``pairs_fake`` is detached here (the generator gets no gradient from this loss). One discriminator
+    call on real and fake concatenated (it has no batch statistics, so this equals two calls).
     """
-    logits_real = disc(pairs_real).float()
-    logits_fake = disc(pairs_fake.detach()).float()
+    logits_real, logits_fake = disc(torch.cat([pairs_real, pairs_fake.detach()])).float().chunk(2)
     if valid.shape != logits_real.shape:
         raise ValueError(f"valid must be {tuple(logits_real.shape)}, got {tuple(valid.shape)}")
     return _masked_mean(F.softplus(-logits_real) + F.softplus(logits_fake), valid)
@@ -172,7 +172,7 @@ def generator_loss(fake: torch.Tensor, target: torch.Tensor, kp_target: torch.Te
     terms = active_terms(loss_cfg, R)
     zero = fake.new_zeros((), dtype=torch.float32)
     with phase("global_vgg"):  # profiling phases: NVTX ranges / timers, a flag check otherwise
-        out = {"global": global_perceptual_loss(fake, target, vgg, criterion, weights), "local": zero, "adv": zero}
+        out = {"global": global_perceptual_loss(fake, target, vgg, criterion, weights, impl), "local": zero, "adv": zero}
     if terms["local"]:
         with phase("local_vgg"):
             out["local"] = ops.local_perceptual_loss(fake, target, kp_target, vgg, criterion, impl=impl,

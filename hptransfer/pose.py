@@ -5,6 +5,7 @@ a missing keypoint is (-1, -1) (any negative coordinate counts as missing).
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Optional, Sequence
@@ -156,6 +157,28 @@ def heatmaps_multi(kp: torch.Tensor, image_size: Sequence[int], sizes: Sequence[
 
 # ---------------------------------------------------------------- local descriptors (section 3.2)
 
+def descriptor_matrix(count: int) -> np.ndarray:
+    """(count, 18) weights: descriptor d = sum_k W[d, k] * keypoint k. The first 18 rows are the identity;
+    then per fraction t of :data:`DESCRIPTOR_FRACTIONS` one row per limb (a, b) with 1 - t at a and t at b."""
+    if count not in DESCRIPTOR_FRACTIONS:
+        raise ValueError(f"descriptor count must be one of {sorted(DESCRIPTOR_FRACTIONS)}, got {count}")
+    rows = [np.eye(NUM_KEYPOINTS)]
+    for t in DESCRIPTOR_FRACTIONS[count]:
+        limb_rows = np.zeros((len(DESCRIPTOR_LIMBS), NUM_KEYPOINTS))
+        for i, (a, b) in enumerate(DESCRIPTOR_LIMBS):
+            limb_rows[i, a], limb_rows[i, b] = 1.0 - t, t
+        rows.append(limb_rows)
+    return np.concatenate(rows)
+
+
+@functools.lru_cache(maxsize=32)
+def _descriptor_constants(count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights (N, 18) float32 and their support (N, 18) float32 on ``device``, made once per device
+    (so a training step copies nothing from the host)."""
+    w = torch.from_numpy(descriptor_matrix(count)).to(torch.float32)
+    return w.to(device), (w != 0).to(torch.float32).to(device)
+
+
 def local_descriptors(kp: torch.Tensor, resolution: int, count: Optional[int] = None):
     """Descriptor centres for the local losses.
 
@@ -163,25 +186,19 @@ def local_descriptors(kp: torch.Tensor, resolution: int, count: Optional[int] = 
     resolution (or ``count``). The first 18 are the keypoints; the rest lie on
     :data:`DESCRIPTOR_LIMBS` at :data:`DESCRIPTOR_FRACTIONS` (midpoints for 31; thirds for 44).
     A descriptor is invalid when a keypoint it is made from is missing; invalid centres are -1.
+    Computed as one linear map, :func:`descriptor_matrix` (a per-device constant): no host sync.
     """
     n = count if count is not None else descriptor_count(resolution)
     if n not in DESCRIPTOR_FRACTIONS:
         raise ValueError(f"descriptor count must be one of {sorted(DESCRIPTOR_FRACTIONS)}, got {n}")
     kp = kp.to(torch.float32)
-    present = ~is_missing(kp)
-    centers = [kp]
-    valid = [present]
-    fractions = DESCRIPTOR_FRACTIONS[n]
-    if fractions:
-        a = torch.tensor([l[0] for l in DESCRIPTOR_LIMBS], device=kp.device)
-        b = torch.tensor([l[1] for l in DESCRIPTOR_LIMBS], device=kp.device)
-        pa, pb = kp[:, a], kp[:, b]
-        ok = present[:, a] & present[:, b]
-        for t in fractions:
-            centers.append(pa + (pb - pa) * t)
-            valid.append(ok)
-    centers = torch.cat(centers, dim=1)
-    valid = torch.cat(valid, dim=1)
+    weights, support = _descriptor_constants(n, kp.device)
+    missing = is_missing(kp).to(torch.float32)  # (B, 18)
+    valid = (missing.unsqueeze(1) * support).sum(-1) == 0  # no missing keypoint among a descriptor's endpoints
+    # missing keypoints are (-1, -1): zeroed first so an invalid descriptor's arithmetic stays finite.
+    # A broadcast product and sum, not torch.matmul: TF32 matmuls would move centres by up to ~1 px at 1024.
+    present_kp = torch.where(missing.bool().unsqueeze(-1), torch.zeros_like(kp), kp)
+    centers = (weights.unsqueeze(0).unsqueeze(-1) * present_kp.unsqueeze(1)).sum(2)
     centers = torch.where(valid.unsqueeze(-1), centers, torch.full_like(centers, MISSING))
     return centers, valid
 

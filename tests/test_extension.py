@@ -68,6 +68,35 @@ def test_distance_backward_matches_autograd(shape, p):
 
 
 @pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_distance_with_grad_gives_the_gradient_in_the_forward(shape, p):
+    """perceptual_distance_with_grad: the distance and d(sum of distances)/d fake from one pass."""
+    f, r, mask = _inputs(shape, seed=16)
+    got, dfake = torch.ops.hptransfer.perceptual_distance_with_grad(f, r, mask, p)
+    torch.testing.assert_close(got, dist(f, r, mask, p), rtol=0, atol=0)
+    f2 = f.double().requires_grad_()
+    dist_ref(f2, r, mask, p).sum().backward()
+    torch.testing.assert_close(dfake.double(), f2.grad, rtol=1e-6, atol=1e-9)
+    assert dfake.dtype == f.dtype and dfake.shape == f.shape
+
+
+def test_distance_backward_keeps_neither_fake_nor_real():
+    """The gradient is made in the forward: changing the features afterwards (freeing them, in effect)
+    cannot change the backward. Saving fake/real would raise autograd's in-place modification error."""
+    f, r, mask = _inputs((4, 8, 6, 6), seed=17)
+    want_f = f.clone().requires_grad_()
+    dist(want_f, r, mask, 2).sum().backward()
+    x, real = f.clone().requires_grad_(), r.clone()
+    features = x * 1.0  # a non-leaf, as VGG features are
+    loss = dist(features, real, mask, 2).sum()
+    with torch.no_grad():
+        features.zero_()
+        real.fill_(7.0)
+    loss.backward()
+    torch.testing.assert_close(x.grad, want_f.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("p", [1, 2])
 def test_distance_gradcheck_float64(p):
     f, r, mask = _inputs((3, 2, 3, 3), dtype=torch.float64, seed=3)
     f.requires_grad_()
@@ -202,7 +231,7 @@ def test_gather_cpu_op_errors():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", SHAPES + [(3, 3, 7, 7)])
+@pytest.mark.parametrize("shape", SHAPES + [(3, 3, 7, 7), (3, 16, 33, 33), (2, 64, 64, 64)])  # several chunks per crop
 @pytest.mark.parametrize("p", [1, 2])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_distance_cuda_matches_cpu(dtype, shape, p, layout):
@@ -218,3 +247,5 @@ def test_distance_cuda_matches_cpu(dtype, shape, p, layout):
     (dist(fr, r, mask, p) * g).sum().backward()
     tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-6)
     torch.testing.assert_close(fc.grad.cpu(), fr.grad, **tol)
+    again = dist(fc.detach(), rc, mask.cuda(), p)  # the chunk sums are added in a fixed order
+    assert torch.equal(again, got.detach())

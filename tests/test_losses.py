@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from conftest import random_keypoints
 from hptransfer import losses, ops, pose
-from hptransfer.config import LossConfig
+from hptransfer.config import LossConfig, ModelConfig
 from hptransfer.models import Generator, LocalDiscriminator, VGG16Features
 
 LAYERS = ["relu1_2", "relu2_2"]  # shallow random VGG keeps the gradient tests fast
@@ -50,6 +50,40 @@ def test_global_perceptual_loss_formula(criterion, rng):
     torch.testing.assert_close(equal, diff(a - b).mean() + diff(3 * a * a - 3 * b * b).mean())
     with pytest.raises(ValueError, match="layer weights"):
         losses.global_perceptual_loss(a, b, f, criterion, layer_weights=[1.0])
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2"])
+def test_global_loss_fused_distance_equals_reference(criterion, vgg, rng):
+    """impl "fast" (hptransfer._C's fused distance, gradient made in the forward) == the torch criterion."""
+    fake = torch.rand(2, 3, 32, 32, generator=rng) * 2 - 1
+    real = torch.rand(2, 3, 32, 32, generator=rng) * 2 - 1
+    out = {}
+    for impl in ("reference", "fast"):
+        x = fake.clone().requires_grad_()
+        loss = losses.global_perceptual_loss(x, real, vgg, criterion, layer_weights=[1.0, 0.5], impl=impl)
+        loss.backward()
+        out[impl] = (loss.detach(), x.grad)
+    torch.testing.assert_close(out["fast"][0], out["reference"][0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out["fast"][1], out["reference"][1], rtol=1e-4, atol=1e-7)
+
+
+def test_discriminator_loss_calls_the_discriminator_once(rng):
+    """Real and fake pairs go through the discriminators in one call; the loss equals two calls."""
+    calls = []
+    disc = LocalDiscriminator(ModelConfig(width=1 / 32, disc_channels=4), 3, 8)
+
+    def counted(pairs):
+        calls.append(pairs.shape[0])
+        return disc(pairs)
+
+    real = torch.randn(2, 3, 6, 8, 8, generator=rng)
+    fake = torch.randn(2, 3, 6, 8, 8, generator=rng)
+    valid = torch.tensor([[True, False, True], [True, True, True]])
+    got = losses.discriminator_loss(counted, real, fake, valid)
+    assert calls == [4]
+    lr, lf = disc(real).float(), disc(fake).float()
+    want = ((F.softplus(-lr) + F.softplus(lf)) * valid).sum() / valid.sum()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
 def test_global_and_local_share_the_criterion(vgg, rng):
@@ -121,8 +155,10 @@ class FixedLogits(nn.Module):
         self.offset = nn.Parameter(torch.zeros(()))
 
     def forward(self, pairs):
-        is_real = bool((pairs[:, :, 5] == 0).all())  # real pairs are marked by a zero channel below
-        base = self.real if is_real else self.fake
+        # per sample: real pairs are marked by a zero channel below (real and fake may share one call)
+        is_real = (pairs[:, :, 5] == 0).flatten(1).all(1)
+        idx = torch.arange(pairs.shape[0]) % self.real.shape[0]
+        base = torch.where(is_real[:, None], self.real[idx], self.fake[idx])
         return base + self.offset + 0 * pairs.sum(dim=(2, 3, 4))
 
 

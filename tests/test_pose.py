@@ -209,3 +209,32 @@ def test_flip(rng):
     arr = kp[1].numpy()
     assert np.allclose(pose.flip_keypoints(pose.flip_keypoints(arr, 64), 64), arr)
     assert isinstance(pose.flip_keypoints(arr, 64), np.ndarray)
+
+
+def _descriptors_by_limbs(kp, count):
+    """The geometry written out limb by limb (the implementation before the linear map): the spec."""
+    present = ~pose.is_missing(kp)
+    centers, valid = [kp], [present]
+    a = torch.tensor([limb[0] for limb in pose.DESCRIPTOR_LIMBS])
+    b = torch.tensor([limb[1] for limb in pose.DESCRIPTOR_LIMBS])
+    for t in pose.DESCRIPTOR_FRACTIONS[count]:
+        centers.append(kp[:, a] + (kp[:, b] - kp[:, a]) * t)
+        valid.append(present[:, a] & present[:, b])
+    centers, valid = torch.cat(centers, 1), torch.cat(valid, 1)
+    return torch.where(valid.unsqueeze(-1), centers, torch.full_like(centers, -1.0)), valid
+
+
+@pytest.mark.parametrize("count", [18, 31, 44])
+def test_descriptor_linear_map_equals_limb_geometry(count):
+    g = torch.Generator().manual_seed(count)
+    kp = torch.rand(5, 18, 2, generator=g) * 1023
+    kp[0, 3] = -1  # a missing elbow: its limbs' descriptors are invalid
+    kp[1, :] = -1  # nobody
+    kp[2, 9, 1] = -1  # one negative coordinate is missing too
+    centers, valid = pose.local_descriptors(kp, 1024, count)
+    want_c, want_v = _descriptors_by_limbs(kp, count)
+    assert torch.equal(valid, want_v)
+    torch.testing.assert_close(centers, want_c, rtol=0, atol=2e-4)  # fp32 rounding of a 1024-px image
+    assert (centers[~valid] == -1).all() and not valid[1].any()
+    w = pose.descriptor_matrix(count)
+    assert w.shape == (count, 18) and np.allclose(w.sum(1), 1.0)  # every descriptor is a convex combination

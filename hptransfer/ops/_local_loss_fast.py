@@ -29,7 +29,8 @@ import torch
 
 from hptransfer.ops._dispatch import extension, use_fast
 from hptransfer.ops.gather_crops import gather_crops
-from hptransfer.ops.local_perceptual_loss import CRITERIA, _prepare, criterion_per_sample, upsample_crops
+from hptransfer.ops.local_perceptual_loss import _prepare, upsample_crops
+from hptransfer.ops.perceptual_distance import CRITERIA, perceptual_distance
 
 
 def crop_dtype(device: torch.device, input_dtype: torch.dtype) -> torch.dtype:
@@ -63,7 +64,6 @@ def local_perceptual_loss_batched(fake: torch.Tensor, real: torch.Tensor, kp: to
     centers, valid, size, out_size = _prepare(fake, real, kp, min_crop, count)
     B, N = valid.shape
     M = B * N
-    p = 1 if criterion == "l1" else 2
     dtype = crop_dtype(fake.device, fake.dtype)
 
     images = torch.cat([fake, real.detach().to(fake.dtype)], dim=0)
@@ -94,10 +94,6 @@ def local_perceptual_loss_batched(fake: torch.Tensor, real: torch.Tensor, kp: to
         raise ValueError(f"{len(weights)} layer weights for {len(feats_fake)} VGG layers")
     total = None
     for w, a, b in zip(weights, feats_fake, feats_real):
-        if fused:
-            d = torch.ops.hptransfer.perceptual_distance(a, b.to(a.dtype), mask, p)  # (M,), 0 where invalid
-        else:
-            d = criterion_per_sample(a, b, criterion) * mask
-        d = w * d
+        d = w * perceptual_distance(a, b, criterion, mask, impl="fast" if fused else "reference")  # 0 where invalid
         total = d if total is None else total + d
     return (total.sum() / B).float()  # = mean over the batch of each image's sum over descriptors

@@ -19,18 +19,7 @@ import torch.nn.functional as F
 
 from hptransfer.ops._dispatch import IMPLS, device_of
 from hptransfer.ops.gather_crops import gather_crops_reference
-
-CRITERIA = ("l1", "l2")
-
-
-def criterion_per_sample(a: torch.Tensor, b: torch.Tensor, criterion: str) -> torch.Tensor:
-    """(B, ...) x2 -> (B,): mean over all but the first dim of |a-b| or (a-b)^2, in fp32."""
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-    d = a.float() - b.float()
-    d = d.abs() if criterion == "l1" else d * d
-    return d.flatten(1).mean(dim=1)
-
+from hptransfer.ops.perceptual_distance import criterion_per_sample
 
 @functools.lru_cache(maxsize=64)
 def _interpolation_matrix(src: int, dst: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

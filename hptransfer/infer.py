@@ -5,7 +5,7 @@ Pose sources (all become OpenPose-18 (18, 2) (y, x) pixels of the pose's own ima
 
 - our annotation CSV: ``poses.csv --pose-name NAME`` or ``poses.csv:NAME``;
 - an OpenPose JSON (COCO-18 or BODY_25) or a COCO-17 keypoint JSON;
-- an image: pose estimated with the optional ``mediapipe`` extra (``pip install "hptransfer[mediapipe]"``).
+- an image: pose estimated with the optional ``mediapipe`` extra (``pip install --no-deps -r requirements-mediapipe.txt``).
 
 The reference image is fitted to the generator's R x R input exactly as in training
 (:func:`hptransfer.data.dataset.fit_image`, white padding). The pose is placed in the model's square
@@ -64,7 +64,7 @@ def import_mediapipe():
         import mediapipe as mp
     except ImportError:
         raise MissingDependency("pose estimation from images needs MediaPipe: "
-                                'pip install "hptransfer[mediapipe]"') from None
+                                'pip install --no-deps -r requirements-mediapipe.txt') from None
     from google.protobuf import message_factory
     if not hasattr(message_factory.MessageFactory, "GetPrototype"):
         # mediapipe 0.10.21's C++ bindings call GetPrototype, gone since protobuf 5 (onnx needs >= 6):

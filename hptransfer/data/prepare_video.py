@@ -25,7 +25,8 @@ from hptransfer.errors import last_line
 
 log = logging.getLogger(__name__)
 
-MEDIAPIPE_HINT = 'MediaPipe is not installed: pip install "hptransfer[mediapipe]" (or give --openpose-json DIR)'
+MEDIAPIPE_HINT = ("MediaPipe is not installed: pip install --no-deps -r requirements-mediapipe.txt "
+                  "(or give --openpose-json DIR)")
 MIN_VISIBLE = 4  # frames with fewer visible keypoints are dropped (no usable person)
 FRAMES = ("person", "full")
 

@@ -307,8 +307,8 @@ def search_max_batch(peak_of: Callable[[int], Optional[int]], start: int, limit:
 def max_batch(R: int, width: float, device: torch.device, checkpointing: bool, disc: bool, start: int = 1,
               limit: int = 4096, tolerance: float = 1 / 16, vgg_layers: Optional[list] = None) -> dict:
     """Largest fast-mode batch (up to ``limit``) that trains two steps (the second holds the Adam
-    state), found by :func:`search_max_batch` (CUDA OOM = does not fit). Returns {"batch", "tries",
-    "tolerance"}."""
+    state), found by :func:`search_max_batch` (CUDA OOM = does not fit), with cudnn autotuning off.
+    Returns {"batch", "tries", "tolerance"}."""
     cuda = device.type == "cuda"
 
     def peak_of(b: int) -> Optional[int]:
@@ -334,7 +334,12 @@ def max_batch(R: int, width: float, device: torch.device, checkpointing: bool, d
         return peak
 
     capacity = torch.cuda.mem_get_info(device)[1] if cuda else None
-    batch, tries = search_max_batch(peak_of, start, limit, capacity, tolerance)
+    # cudnn autotuning would re-time every convolution at every new batch size (seconds per try)
+    benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+    try:
+        batch, tries = search_max_batch(peak_of, start, limit, capacity, tolerance)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
     return {"batch": batch, "tries": tries, "tolerance": tolerance}
 
 
@@ -364,16 +369,19 @@ def bench_resolution(args, R: int, device: torch.device, peak_tflops) -> dict:
         row["modes"][mode] = res
     if "fast" in row["modes"] and "naive" in row["modes"]:
         row["speedup"] = row["modes"]["naive"]["ms"] / row["modes"]["fast"]["ms"]
-    if args.max_batch:
-        plain = max_batch(R, args.width, device, False, disc, start=args.batch, limit=args.max_batch_limit,
-                          vgg_layers=args.vgg_layers)
-        # checkpointing keeps fewer activations: at least the plain batch fits
-        ckpt = max_batch(R, args.width, device, True, disc, start=max(args.batch, plain["batch"]),
-                         limit=args.max_batch_limit, vgg_layers=args.vgg_layers)
-        row["max_batch"] = {"plain": plain["batch"], "checkpointing": ckpt["batch"], "limit": args.max_batch_limit,
-                            "tries": {"plain": plain["tries"], "checkpointing": ckpt["tries"]},
-                            "tolerance": plain["tolerance"]}
     return row
+
+
+def max_batch_row(args, row: dict, device: torch.device) -> dict:
+    """{"plain", "checkpointing", "limit", "tries", "tolerance"}: the largest batches at row's resolution."""
+    R, disc = row["resolution"], row["disc"]
+    plain = max_batch(R, args.width, device, False, disc, start=args.batch, limit=args.max_batch_limit,
+                      vgg_layers=args.vgg_layers)
+    # checkpointing keeps fewer activations: at least the plain batch fits
+    ckpt = max_batch(R, args.width, device, True, disc, start=max(args.batch, plain["batch"]),
+                     limit=args.max_batch_limit, vgg_layers=args.vgg_layers)
+    return {"plain": plain["batch"], "checkpointing": ckpt["batch"], "limit": args.max_batch_limit,
+            "tries": {"plain": plain["tries"], "checkpointing": ckpt["tries"]}, "tolerance": plain["tolerance"]}
 
 
 def print_table(rows: list, device: str, width: float, peak) -> None:
@@ -429,14 +437,21 @@ def main(argv=None) -> int:
     peak = matmul_tflops(device)
     dev = device_name()
     out = Path(args.out) if args.out else RESULTS / f"train-{dev}.json"
-    rows = []
-    for R in args.resolution:
-        rows.append(bench_resolution(args, R, device, peak))
-        # rewritten after every resolution: a run stopped by a time limit keeps what it measured
+    rows: list = []
+
+    def save(complete: bool) -> None:
+        # rewritten after every part: a run stopped by a time limit keeps what it measured
         write_json(out, {**environment(device), "args": vars(args), "matmul_bf16_tflops": peak,
                          "notes": "VGG-16 random weights; FLOPs = convs only, forward x3 for fwd+bwd, "
-                                  "no-grad VGG passes x1", "complete": len(rows) == len(args.resolution),
-                         "results": rows})
+                                  "no-grad VGG passes x1", "complete": complete, "results": rows})
+
+    for R in args.resolution:  # step times first, then the (longer) max-batch searches
+        rows.append(bench_resolution(args, R, device, peak))
+        save(complete=len(rows) == len(args.resolution) and not args.max_batch)
+    if args.max_batch:
+        for i, row in enumerate(rows):
+            row["max_batch"] = max_batch_row(args, row, device)
+            save(complete=i == len(rows) - 1)
     print_table(rows, dev, args.width, peak)
     print(f"JSON: {out}")
     return 0

@@ -183,7 +183,7 @@ else
   run_step local_loss 90 "" "$PY" bench/bench_local_loss.py --repeat 5 --out "$OUTDIR/local_loss-$DEV.json"
   run_step profile 90 "" env PYTHON="$PY" PROFILE_OUT="$OUTDIR" STEPS=2 bash bench/profile.sh 1024
   run_step train 600 "JSON rewritten after each resolution" "$PY" bench/bench_train.py --resolution 256 512 1024 \
-      --mode both --max-batch --steps 5 --warmup 2 --out "$OUTDIR/train-$DEV.json"
+      --mode both --max-batch --steps 3 --warmup 1 --out "$OUTDIR/train-$DEV.json"
 fi
 
 {

@@ -234,11 +234,12 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
     start = {"stage": 0, "step": 0, "global_step": 0, "epoch": 0, "consumed": 0, "skipped": 0, "d_skipped": 0}
     if ckpt_dir is not None:
         start.update(meta["state"])
-        log.info("resuming from %s: stage %d step %d (global %d)", ckpt_dir, start["stage"], start["step"],
-                 start["global_step"])
 
     reporter = Reporter(out_dir, enabled=backend.is_main, tensorboard=cfg.train.tensorboard, total_steps=total,
                         initial_step=start["global_step"])
+    if ckpt_dir is not None:  # after the Reporter: train.log says where the run resumed
+        log.info("resuming from %s: stage %d step %d (global %d)", ckpt_dir, start["stage"], start["step"],
+                 start["global_step"])
     log.info("backend: %s", backend.description)
     log.info("fast paths and versions:\n%s", ops.format_backend_status(ops.backend_status(backend.device)))
     vgg = _build_vgg(cfg, backend)

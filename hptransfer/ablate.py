@@ -50,7 +50,8 @@ log = logging.getLogger("hptransfer.ablate")
 
 ABLATION_DIR = Path(__file__).resolve().parents[1] / "configs" / "ablation"
 DEFAULT_VARIANTS = "baseline,lpl,pt,pt_lpl,pt_lpl_ld"
-LABELS = {"baseline": "Baseline", "lpl": "LPL", "pt": "PT", "pt_lpl": "PT + LPL", "pt_lpl_ld": "PT + LPL + LD"}
+LABELS = {"baseline": "Baseline", "lpl": "LPL", "pt": "PT", "pt_lpl": "PT + LPL", "pt_lpl_ld": "PT + LPL + LD",
+          "pt_lpl_ld_both": "PT + LPL + LD, LPL kept at the top"}
 # table columns: (key in a run's flat scores, header, higher is better)
 COLUMNS = (
     ("ssim_gaussian", "SSIM", True),

@@ -218,7 +218,7 @@ def test_ablate_two_variants_two_seeds_killed_and_resumed(tmp_path):
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "runs" / "trunk_pt_lpl_seed0" / "done.json").read_text()) == trunk_done  # not retrained
-    assert "resuming from" in (killed_job / "train.log").read_text()
+    assert "resuming from" in (killed_job / "subprocess.log").read_text()  # before train.log is opened
     assert json.loads((killed_job / "done.json").read_text())["resumed"] is True
     # one trunk per seed shared by both variants, started with --init-from
     assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(

@@ -46,6 +46,8 @@ LOG=$OUTDIR/log.txt
 SUMMARY=$OUTDIR/summary.txt
 START=$(date +%s)
 : > "$LOG"
+SCRATCH=$(mktemp -d)  # outside OUTDIR, which holds at most 8 files
+trap 'rm -rf "$SCRATCH"' EXIT
 
 DEV=$("$PY" -c "import sys; sys.path.insert(0, '.'); from bench.common import device_name; print(device_name())") || {
   echo "gpu_check: $PY cannot import torch" | tee "$SUMMARY"; exit 1; }
@@ -83,9 +85,11 @@ run_step() {
   fi
   echo "== $name (time box ${box} s): $*" | tee -a "$LOG"
   t0=$(date +%s)
-  timeout --kill-after=10 "$box" "$@" >>"$LOG" 2>&1
+  timeout --kill-after=10 "$box" "$@" >"$SCRATCH/step.log" 2>&1
   rc=$?
   dt=$(($(date +%s) - t0))
+  cat "$SCRATCH/step.log" >>"$LOG"
+  [ "$rc" = 0 ] || tail -n 40 "$SCRATCH/step.log"  # the reason, where the caller sees it
   if [ "$rc" = 0 ]; then
     result="PASS"
   elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then

@@ -45,3 +45,15 @@ def test_gpu_check_refuses_a_machine_without_gpu(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "no CUDA device" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_gpu_check_spent_budget_fails_and_names_the_steps(tmp_path):
+    """A budget too small for any step: nothing runs, every step is reported, and the check fails."""
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_BUDGET_S="1")
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path), "--dry-run"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    summary = (tmp_path / "summary.txt").read_text()
+    for step in STEPS:
+        assert any(line.split()[:2] == [step, "SKIP"] for line in summary.splitlines()), (step, summary)
+    assert "FAILED" in summary and sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "summary.txt"]

@@ -11,7 +11,7 @@ NO_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/n
 DEMO_DIR ?= runs/synth_demo
 DEMO_DATA ?= data/synth_demo
 
-.PHONY: setup demo test ext clean help
+.PHONY: setup demo demo-garment test ext clean help
 help:
 	@echo "make setup  - create $(VENV), install the pinned stack and hptransfer (builds hptransfer._C)"
 	@echo "make demo   - setup, synthesize data, train synth_demo on the CPU, evaluate, export"
@@ -48,6 +48,10 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/hptransfer demo --data $(DEMO_DATA) --out $(DEMO_DIR)
+
+# garment transfer (paper 4.5): reuses $(DEMO_DIR)/export when `make demo` ran, else trains a small stand-in
+demo-garment: setup
+	$(VENV)/bin/hptransfer demo --garment --data $(DEMO_DATA) --out $(DEMO_DIR) --garment-out runs/garment_demo
 
 clean:
 	rm -rf build *.egg-info hptransfer/_C*.so $(VENV)

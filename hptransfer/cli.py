@@ -25,6 +25,7 @@ COMMANDS = {
     "export": ("hptransfer.export", "export a checkpoint as safetensors, ONNX or TorchScript"),
     "model-summary": ("hptransfer.models.summary", "table of stages: resolution, channels, parameters, FLOPs"),
     "demo": ("hptransfer.demo", "the end-to-end CPU demo behind `make demo`"),
+    "garment": ("hptransfer.garment", "garment transfer / virtual try-on with the transfer and appearance flow networks"),
     "doctor": ("hptransfer.doctor", "versions, and what each fast path will run on this machine"),
     "weights": ("hptransfer.weights", "download and verify the ImageNet weights (VGG-16, AlexNet, Inception)"),
 }

@@ -111,7 +111,25 @@ class TrainConfig:
 
 
 @dataclass
+class FlowConfig:
+    """The appearance flow network of ``task: garment_flow`` (hptransfer.models.AppearanceFlow, hptransfer.flow_losses)."""
+    levels: int = 4  # pyramid levels (coarsest flow at R / 2**levels)
+    channels: int = 32  # features at R/2, doubling per level up to max_channels
+    max_channels: int = 256
+    l1_weight: float = 1.0  # L1 inside the target garment mask
+    perceptual_weight: float = 1.0  # VGG (loss.layers) inside the target garment mask
+    mask_weight: float = 1.0  # 1 - soft IoU of warped and target masks
+    tv_weight: float = 0.01  # flow smoothness (total variation, pixels)
+    numbering: Literal["lip", "cihp", "atr"] = "lip"  # of the parsing maps
+    parsing_dir: str = "parsing"  # <data.root>/<parsing_dir>/<image stem>.png
+
+
+@dataclass
 class Config:
+    # transfer: the pose-transfer generator (the paper's network); garment_flow: the appearance flow
+    # network of garment transfer (section 4.5), trained by the same trainer (hptransfer.flow_task)
+    task: Literal["transfer", "garment_flow"] = "transfer"
+    flow: FlowConfig = field(default_factory=FlowConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -140,6 +158,10 @@ class Config:
             raise ConfigError(f"{source}: loss.layer_weights must have one weight per entry of loss.layers")
         if self.loss.descriptors not in ("auto", 0, 18, 31, 44):
             raise ConfigError(f"{source}: loss.descriptors must be auto, 0, 18, 31 or 44, got {self.loss.descriptors!r}")
+        if self.task == "garment_flow":
+            if self.data.loader == "dali":  # the DALI pipeline reads images and keypoints, not parsing maps
+                raise ConfigError(f"{source}: task garment_flow needs data.loader torch (or auto), not dali")
+            self.data.loader = "torch"
         if self.model.width <= 0:
             raise ConfigError(f"{source}: model.width must be > 0")
         if not 0.0 <= self.model.input_fade <= 1.0:

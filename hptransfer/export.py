@@ -250,6 +250,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from hptransfer import flow_task
+
+    if flow_task.is_flow_export(args.checkpoint):  # an appearance flow network (task: garment_flow)
+        return flow_task.run_export(args)
     g = load_any(args.checkpoint)
     if args.resolution is not None and args.resolution != g.resolution:
         print(f"error: {args.checkpoint} holds a {g.resolution}-px generator; --resolution {args.resolution} "

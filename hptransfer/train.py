@@ -38,6 +38,7 @@ from hptransfer.backend import Backend, Engine, make_backend
 from hptransfer.config import Config, ConfigError, load_config, save_config
 from hptransfer.report import Reporter, save_sample_grid
 from hptransfer.step import train_step
+from hptransfer import flow_task  # task: garment_flow (the appearance flow network)
 
 log = logging.getLogger("hptransfer.train")
 
@@ -114,6 +115,8 @@ def _make_optimizer(cfg: Config, params, lr: float) -> torch.optim.Optimizer:
 
 def _build_generator(cfg: Config, resolution: int, state: Optional[dict] = None, fading: bool = False):
     """A generator at ``resolution``, with the input fade's from-RGB when ``fading`` or ``state`` has it."""
+    if cfg.task == "garment_flow":
+        return flow_task.build_model(cfg, resolution, state)
     from hptransfer.models import Generator
 
     g = Generator(cfg.model, resolution)
@@ -156,6 +159,8 @@ def _build_vgg(cfg: Config, backend: Backend):
 
 
 def _dataset(cfg: Config, split: str, resolution: int, flip: bool):
+    if cfg.task == "garment_flow":
+        return flow_task.dataset(cfg, split, resolution, flip)
     from hptransfer.data import PairDataset
 
     return PairDataset(cfg.data.root, split, resolution, flip=flip, fit=cfg.data.fit, skip_bad=cfg.data.skip_bad,
@@ -267,7 +272,7 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
             elif hasattr(getattr(g_engine, "engine", None), "compile"):
                 g_engine.engine.compile()
         # From loss.disc_at_resolution on (the paper: the top stage only), as losses.active_terms says.
-        disc_active = losses.active_terms(cfg.loss, R)["adv"]
+        disc_active = cfg.task == "transfer" and losses.active_terms(cfg.loss, R)["adv"]
         engines = {"generator": g_engine}
         d_engine = None
         if disc_active:
@@ -295,12 +300,16 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
             step = state["step"]
             criterion = losses.criterion_for_step(step, st.iterations)
             generator.fade_alpha = _fade_alpha(cfg, stage_idx, step, st.iterations)
-            reference, target, kp_ref, kp_tgt = _to_device(batches.next(), backend)
+            batch = batches.next()
             info = {"stage": stage_idx, "resolution": R, "step_in_stage": step, "global_step": state["global_step"],
                     "criterion": criterion, "disc_active": d_engine is not None,
                     "fade_alpha": generator.fade_alpha}
-            out = train_step(g_engine, generator, vgg, cfg, reference, target, kp_ref, kp_tgt, criterion, impl,
-                             backend, d_engine=d_engine, loss_hook=loss_hook, info=info)
+            if cfg.task == "garment_flow":
+                out = flow_task.train_step(g_engine, generator, vgg, cfg, batch, backend, loss_hook=loss_hook, info=info)
+            else:
+                reference, target, kp_ref, kp_tgt = _to_device(batch, backend)
+                out = train_step(g_engine, generator, vgg, cfg, reference, target, kp_ref, kp_tgt, criterion, impl,
+                                 backend, d_engine=d_engine, loss_hook=loss_hook, info=info)
             terms, d_loss, skipped = out["terms"], out["d_loss"], out["skipped"]
             state["d_skipped"] += int(out["d_skipped"])
             if skipped:
@@ -394,6 +403,8 @@ def _init_from(cfg: Config, path: str):
 
 def _sample_batch(cfg: Config, resolution: int, n: int = 4) -> dict:
     """A fixed batch of up to ``n`` test pairs spread over the split (train if no test split), unflipped."""
+    if cfg.task == "garment_flow":
+        return flow_task.sample_batch(cfg, resolution, n)
     for split in (cfg.data.test_split, cfg.data.train_split):
         try:
             ds = _dataset(cfg, split, resolution, flip=False)
@@ -420,7 +431,11 @@ def _write_samples(cfg, backend, g_engine, generator, samples, reporter, state) 
     if not samples:
         return
     g = _eval_generator(cfg, backend, g_engine, generator)
-    if backend.is_main:
+    if backend.is_main and cfg.task == "garment_flow":
+        path = Path(cfg.train.out_dir) / "samples" / f"stage{generator.resolution}_step{state['global_step']}.png"
+        reporter.image("samples", flow_task.write_samples(g, samples, path), state["global_step"])
+        log.info("samples (source | garment | target region | flow | warped | target garment): %s", path)
+    elif backend.is_main:
         was_training = g.training
         g.eval()
         with torch.no_grad():
@@ -441,7 +456,8 @@ def _export(cfg, backend, g_engine, generator, out_dir: Path, state: dict) -> Pa
     path = out_dir / "export"
     if backend.is_main:
         was_training = g.training
-        export_generator(g, path, extra={"global_step": state["global_step"], "stage": state["stage"]})
+        write = flow_task.export_flow if cfg.task == "garment_flow" else export_generator
+        write(g, path, extra={"global_step": state["global_step"], "stage": state["stage"]})
         g.train(was_training)
         log.info("exported %d-px generator to %s", generator.resolution, path)
     backend.barrier()

@@ -1,0 +1,169 @@
+"""Garment transfer end to end at toy size: the trainer's garment_flow task, the pipeline's CLI (synthetic
+and file inputs, --steps, --back-to-pose), bad inputs, the try-on evaluation and its baselines."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hptransfer.cli import main
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    from hptransfer.config import ModelConfig
+    from hptransfer.data import read_annotations, synth
+    from hptransfer.export import export_generator
+    from hptransfer.flow_task import export_flow
+    from hptransfer.models import AppearanceFlow, Generator
+
+    root = tmp_path_factory.mktemp("garment")
+    synth.synthesize(root / "data", identities=4, poses=2, size=64, test_fraction=0.5, workers=1,
+                     views=("front",), framing="centred")
+    torch.manual_seed(0)
+    export_generator(Generator(ModelConfig(width=1 / 32), 64).eval(), root / "transfer")
+    export_flow(AppearanceFlow(64, levels=3, channels=8).eval(), root / "flow")
+    names = sorted(read_annotations(root / "data" / "annotations-test.csv"))
+    return {"root": root, "data": root / "data", "names": names}
+
+
+def _args(toy, person, garment, *extra):
+    return ["garment", "--person", str(toy["data"] / "images" / person), "--garment",
+            str(toy["data"] / "images" / garment), "--transfer", str(toy["root"] / "transfer"),
+            "--flow", str(toy["root"] / "flow"), *extra]
+
+
+def test_pipeline_on_synthetic_inputs_writes_result_and_steps(toy, tmp_path, capsys):
+    a, b = toy["names"][0], toy["names"][-1]
+    out, steps = tmp_path / "o.png", tmp_path / "steps"
+    rc = main(_args(toy, a, b, "--synthetic", str(toy["data"]), "--out", str(out), "--steps", str(steps),
+                    "--back-to-pose"))
+    assert rc == 0 and Image.open(out).size == (64, 64)
+    names = sorted(p.name for p in steps.glob("*.png"))
+    for part in ("person_frontal", "region", "garment_mask", "flow", "warped", "alpha", "composite", "result"):
+        assert any(part in n for n in names), part
+    # the untrained flow is the identity warp: the warped mask is the garment's own mask
+    wm = np.asarray(Image.open(next(steps.glob("*_warped_mask.png"))))[..., 0]
+    gm = np.asarray(Image.open(next(steps.glob("*_garment_mask.png"))))[..., 0]
+    assert np.array_equal(wm, gm)
+    assert "back in the person pose" in capsys.readouterr().out
+
+
+def test_pipeline_with_files_and_transported_region(toy, tmp_path):
+    """No synthetic shortcut: poses from the CSV, parsing PNGs, P's region carried to the frontal pose."""
+    a, b = toy["names"][0], toy["names"][-1]
+    ann = toy["data"] / "annotations-test.csv"
+    parse = lambda n: str(toy["data"] / "parsing" / n.replace(".jpg", ".png"))  # noqa: E731
+    out = tmp_path / "o.png"
+    rc = main(_args(toy, a, b, "--person-pose", f"{ann}:{a}", "--garment-pose", f"{ann}:{b}",
+                    "--person-parsing", parse(a), "--garment-parsing", parse(b), "--out", str(out)))
+    assert rc == 0 and out.is_file()
+
+
+def test_bad_inputs_name_the_file(toy, tmp_path, capsys):
+    a, b = toy["names"][0], toy["names"][-1]
+    ann = toy["data"] / "annotations-test.csv"
+    empty = tmp_path / "empty.png"
+    Image.fromarray(np.zeros((64, 64), np.uint8), mode="L").save(empty)
+    no_garment = tmp_path / "nogarment.png"
+    lab = np.zeros((64, 64), np.uint8)
+    lab[10:20, 10:20] = 13  # a face only
+    Image.fromarray(lab, mode="L").save(no_garment)
+    nopose = tmp_path / "nopose.json"
+    nopose.write_text(json.dumps({"people": [{"pose_keypoints_2d": [0.0] * 54}]}))
+    common = ["--person-pose", f"{ann}:{a}", "--garment-pose", f"{ann}:{b}", "--out", str(tmp_path / "o.png")]
+    cases = [(["--garment-parsing", str(empty), "--person-parsing", str(empty)],
+              "empty.png: the parsing map is all background"),
+             (["--garment-parsing", str(no_garment)], "nogarment.png: no upper garment")]
+    for extra, message in cases:
+        assert main(_args(toy, a, b, *common, *extra)) == 2
+        assert message in capsys.readouterr().err
+    rc = main(_args(toy, a, b, "--person-pose", str(nopose), "--garment-pose", f"{ann}:{b}", "--synthetic",
+                    str(toy["data"]), "--out", str(tmp_path / "o.png")))
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert a in err and "no usable person pose" in err
+
+
+def test_transport_labels_follows_the_pose():
+    from hptransfer.data.synth import frontal_keypoints
+    from hptransfer.garment import transport_labels
+
+    kp = frontal_keypoints(64)
+    mask = np.zeros((64, 64), bool)
+    mask[20:34, 26:38] = True  # a torso block
+    assert np.array_equal(transport_labels(mask, kp, kp), mask)
+    shifted = kp.copy()
+    shifted[:, 1] += 5  # the whole person 5 px to the right
+    moved = transport_labels(mask, kp, shifted)
+    assert np.array_equal(moved[:, 5:], mask[:, :-5])
+
+
+def test_affine_fit_recovers_a_scaled_shifted_mask():
+    import torch.nn.functional as F
+
+    from hptransfer.garment_eval import fit_affine, mask_iou
+
+    src = torch.zeros(64, 64)
+    src[16:40, 20:36] = 1
+    tgt = torch.zeros(64, 64)
+    tgt[24:54, 10:30] = 1  # another size and place
+    theta = fit_affine(src, tgt, steps=60)
+    grid = F.affine_grid(theta[None], [1, 1, 64, 64], align_corners=False)
+    warped = F.grid_sample(src[None, None], grid, align_corners=False)
+    assert float(mask_iou(warped, tgt[None, None])) > 0.9
+    assert float(mask_iou(src[None, None], tgt[None, None])) < 0.3
+
+
+@pytest.mark.slow
+def test_tryon_evaluation_scores_three_methods(toy, tmp_path):
+    from hptransfer.export import load_generator
+    from hptransfer.flow_task import load_flow
+    from hptransfer.garment_eval import METHODS, evaluate_tryon, format_table, masked_ssim, save_figure
+
+    res = evaluate_tryon(load_generator(toy["root"] / "transfer"), load_flow(toy["root"] / "flow"), toy["data"],
+                         count=2)
+    assert set(res["scores"]) == set(METHODS) and res["pairs"] == 2
+    for s in res["scores"].values():
+        assert 0 <= s["l1"] <= 1 and -1 <= s["ssim"] <= 1 and 0 <= s["iou"] <= 1 and "l1_pose" in s
+    # the ground truth scores perfectly against itself; the methods do not
+    gt, m = res["tensors"]["gt"], res["tensors"]["gt_mask"]
+    assert float(masked_ssim(gt, gt, m).min()) == pytest.approx(1.0)
+    assert res["scores"]["ours"]["ssim"] < 0.99
+    assert "(a) ours" in format_table(res["scores"])
+    assert save_figure(res, tmp_path / "fig.png").is_file()
+
+
+def test_garment_flow_task_trains_with_the_trainer(toy, tmp_path):
+    from hptransfer.config import load_config
+    from hptransfer.flow_task import is_flow_export, load_flow
+    from hptransfer.train import train
+
+    cfg = load_config("configs/garment_flow.yaml", [f"data.root={toy['data']}", f"train.out_dir={tmp_path / 'run'}",
+                                                    "stages.0.iterations=2", "stages.0.batch_size=2",
+                                                    "flow.channels=8", "flow.levels=3", "train.tensorboard=false"])
+    seen = []
+    result = train(cfg, callback=lambda info: seen.append(info["terms"]))
+    assert result["global_step"] == 2 and result["skipped"] == 0
+    assert {"l1", "mask", "tv", "perceptual", "total"} <= set(seen[-1])
+    assert is_flow_export(result["export"]) and load_flow(result["export"]).resolution == 64
+    assert sorted((tmp_path / "run" / "samples").glob("stage64_*.png"))
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists()
+
+
+@pytest.mark.slow
+def test_garment_demo_end_to_end(tmp_path, capsys):
+    """`make demo-garment` at toy size from nothing: data with parsing maps, a stand-in transfer network,
+    the flow network, the pipeline with --steps, the table and the figure."""
+    out = tmp_path / "garment"
+    rc = main(["demo", "--garment", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "no_demo"),
+               "--garment-out", str(out), "--identities", "10", "--poses", "3", "--size", "64",
+               "--transfer-iterations", "2", "--flow-iterations", "2", "--pairs", "2", "stages.0.batch_size=2"])
+    assert rc == 0
+    metrics = json.loads((out / "garment_metrics.json").read_text())
+    assert set(metrics["scores"]) == {"ours", "affine", "transfer_only"} and metrics["pairs"] == 2
+    assert (out / "garment_grid.png").is_file() and (out / "tryon.png").is_file()
+    assert len(list((out / "steps").glob("*.png"))) >= 10
+    printed = capsys.readouterr().out
+    assert "stand-in" in printed and "(a) ours" in printed

@@ -187,3 +187,38 @@ def test_garment_flow_task_resumes_exactly(toy, tmp_path):
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     assert not all(torch.equal(full[k], v) for k, v in train(cfg(tmp_path / "c"), stop_at_step=2)
                    ["generator_state"].items())  # 2 steps differ from 4: the comparison can fail
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_garment_flow_task_under_deepspeed_two_ranks(toy, tmp_path):
+    """The flow task through the deepspeed launcher (2 CPU ranks, gloo, ZeRO-2 bf16): trains, checkpoints
+    on every rank and exports a loadable flow network."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hptransfer.flow_task import load_flow
+
+    root = Path(__file__).resolve().parents[1]
+    launcher = Path(sys.executable).with_name("deepspeed")
+    launcher = launcher if launcher.exists() else shutil.which("deepspeed")
+    assert launcher, "the deepspeed launcher is not installed in this environment"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    env = dict(os.environ, HPTRANSFER_NO_BAR="1", OMP_NUM_THREADS="1")
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(port), str(root / "hptransfer" / "train.py"),
+           "--config", str(root / "configs" / "garment_flow.yaml"), "--deepspeed_config",
+           str(root / "configs" / "ds" / "zero2_bf16.json"), f"data.root={toy['data']}", f"train.out_dir={out}",
+           "stages.0.iterations=3", "stages.0.batch_size=2", "flow.channels=8", "flow.levels=3",
+           "train.checkpoint_every=2", "train.tensorboard=false"]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert load_flow(out / "export").levels == 3
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert "mask=" in (out / "train.log").read_text()

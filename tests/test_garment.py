@@ -222,3 +222,21 @@ def test_garment_flow_task_under_deepspeed_two_ranks(toy, tmp_path):
     assert load_flow(out / "export").levels == 3
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     assert "mask=" in (out / "train.log").read_text()
+
+
+def test_flow_pairs_flip_images_masks_and_keypoints_together(toy):
+    from hptransfer.data.garment_pairs import GarmentFlowDataset
+    from hptransfer.pose import flip_keypoints
+
+    plain = GarmentFlowDataset(toy["data"], "train", 64)
+    flipping = GarmentFlowDataset(toy["data"], "train", 64, flip=True, seed=3)
+    flipped = [i for i in range(len(plain)) if flipping.pairs_ds._flip_for(i)]
+    assert flipped and len(flipped) < len(plain)
+    i = flipped[0]
+    a, b = plain[i], flipping[i]
+    for k in ("source", "target", "source_mask", "target_mask", "target_region", "garment"):
+        assert torch.equal(b[k], a[k].flip(-1)), k
+    assert torch.equal(b["kp_source"], flip_keypoints(a["kp_source"], 64))
+    assert a["source_mask"].sum() > 0 and torch.equal(a["garment"], a["source"] * a["source_mask"])
+    # the garment lies inside the region it may occupy (clothes and arms)
+    assert ((a["target_mask"] > 0) & (a["target_region"] > 0)).sum() == a["target_mask"].sum()

@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hptransfer.data.dataset import PairDataset, fit_geometry, load_image
+from hptransfer.data.dataset import PairDataset, fit_geometry
+from hptransfer.data.formats import image_size
 from hptransfer.data.parsing import garment_masks, read_parsing
+from hptransfer.pose import flip_keypoints
 
 
 def fit_labels(labels: np.ndarray, resolution: int, fit: str = "pad") -> np.ndarray:
@@ -43,7 +45,8 @@ def parsing_path(root, name: str, parsing_dir: str = "parsing") -> Path:
 
 
 class GarmentFlowDataset(Dataset):
-    """Flow-network pairs of one split at resolution R (see the module docstring)."""
+    """Flow-network pairs of one split at resolution R (see the module docstring). ``skip_bad`` skips bad
+    annotation and pair rows; an unreadable image or parsing map is an error naming the file."""
 
     def __init__(self, root, split: str, resolution: int, numbering: str = "lip", parsing_dir: str = "parsing",
                  flip: bool = False, fit: str = "pad", skip_bad: bool = False, seed: int = 0):
@@ -63,24 +66,29 @@ class GarmentFlowDataset(Dataset):
         self.pairs_ds.set_epoch(epoch, seed)
 
     def _masks(self, name: str):
-        img = load_image(self.root / "images" / name)
         path = parsing_path(self.root, name, self.parsing_dir)
-        labels = fit_labels(read_parsing(path, self.numbering, (img.height, img.width)), self.resolution, self.fit)
+        size = image_size(self.root / "images" / name)  # (H, W) from the header, no decode
+        labels = fit_labels(read_parsing(path, self.numbering, size), self.resolution, self.fit)
         upper, region = garment_masks(labels, self.numbering, str(path))
         as_t = lambda m: torch.from_numpy(m.astype(np.float32))[None]  # noqa: E731
         return as_t(upper), as_t(region)
 
     def __getitem__(self, index: int) -> dict:
-        item = self.pairs_ds[index]  # images, keypoints, flip decided by (seed, epoch, index)
-        a, b = self.pairs_ds.pairs[int(index) % len(self.pairs_ds.pairs)]
-        flipped = self.pairs_ds._flip_for(int(index))
+        # Images and keypoints as PairDataset loads them (an unreadable file is an error naming it: a
+        # substituted pair would no longer match its parsing maps); flips from (seed, epoch, index).
+        index = int(index)
+        a, b = self.pairs_ds.pairs[index]
+        src, kp_src = self.pairs_ds._load(a)
+        tgt, kp_tgt = self.pairs_ds._load(b)
         src_mask, _ = self._masks(a)
         tgt_mask, tgt_region = self._masks(b)
-        if flipped:  # the images were mirrored by PairDataset; mirror the masks the same way
-            src_mask, tgt_mask, tgt_region = src_mask.flip(-1), tgt_mask.flip(-1), tgt_region.flip(-1)
-        return {"garment": item["reference"] * src_mask, "source_mask": src_mask, "target_region": tgt_region,
-                "target_mask": tgt_mask, "target": item["target"], "source": item["reference"],
-                "kp_source": item["kp_reference"], "kp_target": item["kp_target"], "index": item["index"]}
+        if self.pairs_ds._flip_for(index):
+            R = self.resolution
+            src, tgt, src_mask, tgt_mask, tgt_region = (t.flip(-1) for t in (src, tgt, src_mask, tgt_mask, tgt_region))
+            kp_src, kp_tgt = flip_keypoints(kp_src, R), flip_keypoints(kp_tgt, R)
+        return {"garment": src * src_mask, "source_mask": src_mask, "target_region": tgt_region,
+                "target_mask": tgt_mask, "target": tgt, "source": src, "kp_source": kp_src, "kp_target": kp_tgt,
+                "index": index}
 
 
 __all__ = ["GarmentFlowDataset", "fit_labels", "parsing_path"]

@@ -45,6 +45,7 @@ import yaml
 
 from hptransfer.config import Config, ConfigError, load_config, save_config
 from hptransfer.checkpoint import atomic_write_text
+from hptransfer.errors import UserError
 
 log = logging.getLogger("hptransfer.ablate")
 
@@ -189,8 +190,8 @@ def run_job(job: Job, out: Path, jobs: dict[str, Job]) -> dict:
         rc = _Child.proc.wait()
         _Child.proc = None
     wall = time.perf_counter() - t0
-    if rc != 0:
-        raise RuntimeError(f"job {job.name} failed (exit {rc}); see {run_dir / 'subprocess.log'}")
+    if rc != 0:  # its own error is in its log; rerunning the ablation retries (resumes) it
+        raise UserError(f"job {job.name} failed (exit {rc}); see {run_dir / 'subprocess.log'}")
     info = {"job": job.name, "wall_s": round(wall, 1), "resumed": resumed,
             "iterations": sum(s.iterations for s in job.cfg.stages), "time": time.time()}
     atomic_write_text(done, json.dumps(info, indent=1))

@@ -125,6 +125,14 @@ class DeepSpeedEngine(Engine):
         self.zero = engine.zero_optimization_stage() > 0
 
     def __call__(self, *args, **kwargs):
+        if not any(p.requires_grad for p in self.module.parameters()):
+            # A frozen use (the discriminator inside the generator's adversarial term): DeepSpeed's
+            # forward hooks its outputs and would run THIS engine's backward bookkeeping (gradient
+            # buckets, post-backward reduction) inside the other engine's backward.
+            from deepspeed.runtime.torch_autocast import autocast_if_enabled
+
+            with autocast_if_enabled(self.engine):
+                return self.module(*args, **kwargs)
         return self.engine(*args, **kwargs)  # the engine applies its torch_autocast section
 
     def backward(self, loss: torch.Tensor) -> None:

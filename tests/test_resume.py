@@ -245,3 +245,59 @@ def test_cpu_sync_batchnorm_equals_batchnorm_over_the_whole_batch(tmp_path):
         for g in got:  # identical running statistics on both ranks, those of the whole batch, fp32
             assert g["buffers"][f"0.{name}"].dtype == buf.dtype
             torch.testing.assert_close(g["buffers"][f"0.{name}"], buf, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the DeepSpeed engine wrapper
+class _FakeZeroOptimizer:
+    def __init__(self, scaler):
+        self.torch_autocast_gradscaler, self.overflow = scaler, False
+
+
+class _FakeDeepSpeed:
+    """The parts of a deepspeed.DeepSpeedEngine the wrapper touches."""
+
+    def __init__(self, module, scaler=None):
+        self.module, self.optimizer, self.calls = module, _FakeZeroOptimizer(scaler), 0
+
+    def zero_optimization_stage(self):
+        return 2
+
+    def torch_autocast_enabled(self):
+        return False
+
+    def step(self):
+        self.optimizer.overflow = True  # this step's gradients overflowed: DeepSpeed dropped it
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.module(*args)
+
+
+def test_fp16_loss_scale_backs_off_when_zero_drops_an_overflowing_step():
+    from hptransfer.backend import DeepSpeedEngine
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    scaler.scale(torch.ones(()))  # DeepSpeed's backward scales the loss first
+    eng = DeepSpeedEngine(_FakeDeepSpeed(nn.Linear(2, 2), scaler), "generator")
+    eng.step()
+    eng.step()
+    assert eng.loss_scale() == 256.0  # halved per dropped step, as GradScaler does after an inf
+    assert scaler.state_dict()["_growth_tracker"] == 0
+
+
+def test_frozen_discriminator_bypasses_the_deepspeed_forward():
+    """The generator's adversarial term runs the frozen discriminator; DeepSpeed's forward would hook
+    its outputs and run the discriminator engine's gradient reduction inside the generator's backward
+    (an IndexError in DeepSpeed 0.19's ZeRO-2 buckets)."""
+    from hptransfer.backend import DeepSpeedEngine
+    from hptransfer.losses import generator_adversarial_loss
+
+    fake = _FakeDeepSpeed(nn.Sequential(nn.Linear(4, 1), nn.Flatten(-2)))  # (B, N, 4) -> (B, N) logits
+    eng = DeepSpeedEngine(fake, "discriminator")
+    x = torch.randn(3, 4, requires_grad=True)
+    loss = generator_adversarial_loss(eng, x.unsqueeze(0), torch.ones(1, 3, dtype=torch.bool))
+    loss.backward()
+    assert fake.calls == 0 and x.grad is not None  # the module ran, the engine's forward did not
+    assert all(p.requires_grad and p.grad is None for p in fake.module.parameters())
+    eng(x.unsqueeze(0))  # trainable: DeepSpeed's forward
+    assert fake.calls == 1

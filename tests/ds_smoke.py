@@ -132,7 +132,7 @@ def _short(args, name: str, ds_name: str, iterations: int = 2) -> dict:
 
 
 def scenario_fp16(args) -> dict:
-    stages = "[{resolution: 64, iterations: 4, batch_size: 2}]"
+    stages = "[{resolution: 64, iterations: 3, batch_size: 2}]"
     ds = DS / "zero2_fp16.json"
     full, own = _run(_cfg(Path(args.out) / "fp16_full", args.data, stages), ds)
     out = Path(args.out) / "fp16"

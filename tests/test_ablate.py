@@ -82,6 +82,7 @@ def test_in_replacement_is_the_default_and_descriptors_setting():
         load_config(None, ["loss.descriptors=20"])
 
 
+@pytest.mark.slow  # 30-46 s on 2 shared cores
 def test_descriptors_setting_reaches_the_local_loss_and_the_discriminator_pairs(tiny_cfg, rng):
     from conftest import random_keypoints
     from hptransfer import ops
@@ -106,6 +107,7 @@ def test_descriptors_setting_reaches_the_local_loss_and_the_discriminator_pairs(
 
 # ---------------------------------------------------------------- --init-from
 
+@pytest.mark.slow  # 30-46 s on 2 shared cores
 def test_init_from_loads_weights_and_grows(tmp_path):
     from hptransfer import checkpoint as ckpt
     from hptransfer.data import synth

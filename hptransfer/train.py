@@ -146,9 +146,6 @@ def _fade_alpha(cfg: Config, stage_idx: int, step: int, iterations: int) -> floa
 def _build_vgg(cfg: Config, backend: Backend):
     from hptransfer.models import VGG16Features
 
-    if cfg.loss.vgg_weights == "random":
-        log.warning("!" * 72 + "\n  loss.vgg_weights=random: the perceptual losses use an UNTRAINED VGG-16.\n"
-                    "  Fine for tests and the CPU demo; real training needs the ImageNet weights.\n" + "!" * 72)
     vgg = VGG16Features(weights=cfg.loss.vgg_weights, layers=tuple(cfg.loss.layers))
     vgg = vgg.to(backend.device).eval()
     for p in vgg.parameters():  # frozen: not in any optimiser, not in checkpoints
@@ -229,6 +226,10 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
     out_dir = Path(cfg.train.out_dir)
     root = out_dir / "checkpoints"
     ckpt_dir, meta = _resume_point(resume, overwrite, out_dir, backend)  # before anything is written there
+    # What a user can get wrong is read before anything is written: bad training data or missing VGG
+    # weights stop the run with out_dir as it was.
+    _dataset(cfg, cfg.data.train_split, cfg.stages[0].resolution, flip=False)
+    vgg = _build_vgg(cfg, backend)
     if backend.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
@@ -247,7 +248,9 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
                  start["global_step"])
     log.info("backend: %s", backend.description)
     log.info("fast paths and versions:\n%s", ops.format_backend_status(ops.backend_status(backend.device)))
-    vgg = _build_vgg(cfg, backend)
+    if cfg.loss.vgg_weights == "random":
+        log.warning("!" * 72 + "\n  loss.vgg_weights=random: the perceptual losses use an UNTRAINED VGG-16.\n"
+                    "  Fine for tests and the CPU demo; real training needs the ImageNet weights.\n" + "!" * 72)
     impl = cfg.train.kernels
     state = dict(start)
     generator = _build_generator(cfg, cfg.stages[start["stage"]].resolution, fading=_fades(cfg, start["stage"]))

@@ -28,3 +28,9 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert sorted(p.name for p in (out / "samples").glob("stage128_*.png"))
     printed = capsys.readouterr().out
     assert "export:" in printed and "sample grids" in printed
+    # `make demo` twice: the rerun resumes the finished run (no retraining, no refusal) and scores again
+    argv = ["demo", "--data", str(data), "--out", str(out), "--identities", "5", "--poses", "3", "--size", "64",
+            "stages.0.iterations=2", "stages.1.iterations=2", "stages.0.batch_size=2", "stages.1.batch_size=2"]
+    assert main(argv) == 0
+    assert "resuming from the latest" in capsys.readouterr().out
+    assert json.loads((out / "demo_metrics.json").read_text())["model/ssim_gaussian"] == metrics["model/ssim_gaussian"]

@@ -94,7 +94,7 @@ def test_image_pose_without_mediapipe_says_how_to_install(tmp_path, monkeypatch)
         return real_import(name, *a, **kw)
     monkeypatch.setattr(builtins, "__import__", no_mediapipe)
     Image.new("RGB", (40, 60), (200, 10, 10)).save(tmp_path / "p.png")
-    with pytest.raises(ImportError, match=r'pip install "hptransfer\[mediapipe\]"'):
+    with pytest.raises(ImportError, match=r"pip install --no-deps -r requirements-mediapipe.txt"):
         infer.read_pose(str(tmp_path / "p.png"))
 
 

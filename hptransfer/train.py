@@ -462,7 +462,8 @@ def _export(cfg, backend, g_engine, generator, out_dir: Path, state: dict) -> Pa
         write = flow_task.export_flow if cfg.task == "garment_flow" else export_generator
         write(g, path, extra={"global_step": state["global_step"], "stage": state["stage"]})
         g.train(was_training)
-        log.info("exported %d-px generator to %s", generator.resolution, path)
+        what = "appearance-flow model" if cfg.task == "garment_flow" else "generator"
+        log.info("exported %d-px %s to %s", generator.resolution, what, path)
     backend.barrier()
     return path
 

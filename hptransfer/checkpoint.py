@@ -67,6 +67,35 @@ def atomic_torch_save(obj, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def write_dir_atomically(out_dir: str | Path, fill) -> Path:
+    """Write a whole directory at once: ``fill(tmp)`` writes the files into a temporary sibling, which
+    then replaces ``out_dir``. If anything fails, the previous ``out_dir`` stays as it was. Returns it."""
+    import tempfile
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp.", dir=out_dir.parent))
+    old = None
+    try:
+        fill(tmp)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.rmdir(old)
+            os.replace(out_dir, old)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if old is not None:  # put the previous directory back
+                os.replace(old, out_dir)
+                old = None
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
 def rng_state() -> dict:
     """All RNG states as tensors / plain lists (loadable with weights_only=True)."""
     version, mt, gauss = random.getstate()

@@ -13,7 +13,6 @@ import copy
 import json
 import logging
 import os
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from hptransfer.checkpoint import write_dir_atomically
 from hptransfer.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,7 @@ def export_generator(generator, out_dir: str | Path, extra: Optional[dict] = Non
 
     import hptransfer
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp.", dir=out_dir.parent))
-    old = None
-    try:
+    def fill(tmp: Path) -> None:
         state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
                  for k, v in generator.inference_state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -53,22 +49,8 @@ def export_generator(generator, out_dir: str | Path, extra: Optional[dict] = Non
                 "keypoints": KEYPOINT_CONVENTION, "image_range": [-1, 1],
                 "hptransfer_version": hptransfer.__version__, "extra": extra or {}}
         (tmp / "config.json").write_text(json.dumps(meta, indent=1))
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.rmdir(old)
-            os.replace(out_dir, old)
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if old is not None:  # put the previous export back
-                os.replace(old, out_dir)
-                old = None
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+
+    return write_dir_atomically(out_dir, fill)
 
 
 def read_export_config(path: str | Path) -> dict:

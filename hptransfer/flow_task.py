@@ -11,7 +11,6 @@ import copy
 import json
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
@@ -19,6 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from hptransfer.checkpoint import write_dir_atomically
 from hptransfer.errors import CheckpointError
 from hptransfer.flow_losses import flow_loss
 
@@ -166,11 +166,7 @@ def export_flow(model, out_dir, extra: Optional[dict] = None) -> Path:
 
     import hptransfer
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp.", dir=out_dir.parent))
-    old = None
-    try:
+    def fill(tmp: Path) -> None:
         state = {k: v.detach().float().cpu().contiguous() for k, v in model.inference_state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         meta = {"format_version": 1, "task": TASK, "arch": model.arch(), "resolution": int(model.resolution),
@@ -178,16 +174,8 @@ def export_flow(model, out_dir, extra: Optional[dict] = None) -> Path:
                 "flow_units": "grid_sample normalised offsets (x, y), align_corners=False",
                 "hptransfer_version": hptransfer.__version__, "extra": extra or {}}
         (tmp / "config.json").write_text(json.dumps(meta, indent=1))
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.rmdir(old)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+
+    return write_dir_atomically(out_dir, fill)
 
 
 def is_flow_export(path) -> bool:

@@ -215,6 +215,7 @@ def _sync_bn_worker(rank: int, port: int, x: torch.Tensor, out_dir: str) -> None
         dist.all_reduce(g_w)
         torch.save({"y": y.detach(), "dx": part.grad, "dw": g_w, "buffers": dict(bn.named_buffers())},
                    Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -11,7 +11,8 @@ DeepSpeed engines rebuilt), criterion L2 in the first half of the stage and L1 i
 descriptors 18/31/44, local discriminators (their own engine and optimiser, a D step then a G step
 each iteration) only at ``loss.disc_at_resolution``. A non-finite loss skips the step on every rank.
 Checkpoints every ``train.checkpoint_every`` steps and at stage ends; export and a sample grid at
-every stage end. Reads top to bottom: set-up, per stage (build, loop, finish), summary.
+every stage end. Reads top to bottom: :func:`train` (set-up, per stage: :func:`_begin_stage`,
+:func:`_train_stage` = the per-step loop, :func:`_end_stage`; summary), then resume, samples, export.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -35,7 +37,7 @@ import torch
 from hptransfer import checkpoint as ckpt
 from hptransfer import losses, ops, pose
 from hptransfer.backend import Backend, Engine, make_backend
-from hptransfer.config import Config, ConfigError, load_config, save_config
+from hptransfer.config import Config, ConfigError, StageConfig, load_config, save_config
 from hptransfer.report import Reporter, save_sample_grid
 from hptransfer.step import train_step
 from hptransfer import flow_task  # task: garment_flow (the appearance flow network)
@@ -204,6 +206,41 @@ def _to_device(batch: dict, backend: Backend) -> tuple:
 
 
 # ----------------------------------------------------------------------------- training
+@dataclass
+class _Run:
+    """What every stage of one run shares. ``state`` holds the counters a checkpoint saves and a resume
+    restores: stage, step (in the stage), global_step, epoch and consumed (the data position), skipped
+    and d_skipped (non-finite steps of the generator and the discriminators)."""
+
+    cfg: Config
+    backend: Backend
+    vgg: torch.nn.Module
+    reporter: Reporter
+    state: dict
+    stop_at_step: Optional[int]
+    callback: Optional[Callable[[dict], None]]
+    loss_hook: Optional[Callable[[dict, dict], dict]]
+
+    def stop_reached(self) -> bool:
+        return self.stop_at_step is not None and self.state["global_step"] >= self.stop_at_step
+
+
+@dataclass
+class _Stage:
+    """One stage's pieces, as :func:`_begin_stage` builds them."""
+
+    idx: int
+    spec: StageConfig
+    generator: torch.nn.Module  # the training module inside g_engine
+    g_engine: Engine
+    d_engine: Optional[Engine]  # the local discriminators, where they train
+    batches: _Batches
+    samples: dict  # the fixed batch of the sample grids
+
+    @property
+    def engines(self) -> dict:  # what a checkpoint holds, in the order it is saved and loaded
+        return {"generator": self.g_engine, **({"discriminator": self.d_engine} if self.d_engine is not None else {})}
+
 
 def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str] = None, overwrite: bool = False,
           stop_at_step: Optional[int] = None, callback: Optional[Callable[[dict], None]] = None,
@@ -219,13 +256,10 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
     before the finite check (a debug hook: the tests force a NaN through it). ``init_from``: see
     :func:`_init_from` (used only when the run does not resume).
     """
-    from hptransfer.models import LocalDiscriminator
-
     backend = make_backend(cfg, ds_config)
     _seed_everything(cfg.train.seed + backend.rank, cfg.train.deterministic)
     out_dir = Path(cfg.train.out_dir)
-    root = out_dir / "checkpoints"
-    ckpt_dir, meta = _resume_point(resume, overwrite, out_dir, backend)  # before anything is written there
+    resume_from, state = _where_to_start(resume, overwrite, out_dir, backend)  # before anything is written there
     # What a user can get wrong is read before anything is written: bad training data or missing VGG
     # weights stop the run with out_dir as it was.
     _dataset(cfg, cfg.data.train_split, cfg.stages[0].resolution, flip=False)
@@ -234,130 +268,28 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
     backend.barrier()
-    total = sum(s.iterations for s in cfg.stages)
+    reporter = Reporter(out_dir, enabled=backend.is_main, tensorboard=cfg.train.tensorboard,
+                        total_steps=sum(s.iterations for s in cfg.stages), initial_step=state["global_step"])
+    _log_run_start(cfg, backend, resume_from, state)  # after the Reporter: into train.log
+    run = _Run(cfg, backend, vgg, reporter, state, stop_at_step, callback, loss_hook)
 
-    # Where to start: a fresh run, or a checkpoint's stage / step / data position.
-    start = {"stage": 0, "step": 0, "global_step": 0, "epoch": 0, "consumed": 0, "skipped": 0, "d_skipped": 0}
-    if ckpt_dir is not None:
-        start.update(meta["state"])
-
-    reporter = Reporter(out_dir, enabled=backend.is_main, tensorboard=cfg.train.tensorboard, total_steps=total,
-                        initial_step=start["global_step"])
-    if ckpt_dir is not None:  # after the Reporter: train.log says where the run resumed
-        log.info("resuming from %s: stage %d step %d (global %d)", ckpt_dir, start["stage"], start["step"],
-                 start["global_step"])
-    log.info("backend: %s", backend.description)
-    log.info("fast paths and versions:\n%s", ops.format_backend_status(ops.backend_status(backend.device)))
-    if cfg.loss.vgg_weights == "random":
-        log.warning("!" * 72 + "\n  loss.vgg_weights=random: the perceptual losses use an UNTRAINED VGG-16.\n"
-                    "  Fine for tests and the CPU demo; real training needs the ImageNet weights.\n" + "!" * 72)
-    impl = cfg.train.kernels
-    state = dict(start)
-    generator = _build_generator(cfg, cfg.stages[start["stage"]].resolution, fading=_fades(cfg, start["stage"]))
-    if init_from and ckpt_dir is None:
+    # Built even where --init-from replaces it: its initialisation draws from the RNG, which later steps replay.
+    generator = _build_generator(cfg, cfg.stages[state["stage"]].resolution, fading=_fades(cfg, state["stage"]))
+    if init_from and resume_from is None:
         generator = _init_from(cfg, init_from)
-    export_path = None
-    g_engine: Optional[Engine] = None
-    stopped = False
-
-    for stage_idx in range(start["stage"], len(cfg.stages)):
-        st = cfg.stages[stage_idx]
-        R = st.resolution
-        # ---- build the stage: generator at R, engines (optimisers), data
-        if generator.resolution != R:
-            generator.grow(input_fade=_fades(cfg, stage_idx))
-        generator = backend.prepare(generator)
-        g_engine = backend.engine("generator", generator, _make_optimizer(cfg, generator.parameters(), cfg.train.lr),
-                                  st.batch_size)
-        if cfg.train.compile:  # optional; the first steps of every stage pay the compilation
-            if hasattr(g_engine, "forward_fn"):
-                g_engine.forward_fn = torch.compile(generator)
-            elif hasattr(getattr(g_engine, "engine", None), "compile"):
-                g_engine.engine.compile()
-        # From loss.disc_at_resolution on (the paper: the top stage only), as losses.active_terms says.
-        disc_active = cfg.task == "transfer" and losses.active_terms(cfg.loss, R)["adv"]
-        engines = {"generator": g_engine}
-        d_engine = None
-        if disc_active:
-            disc = backend.prepare(LocalDiscriminator(cfg.model, losses.descriptors_at(cfg.loss, R), pose.crop_size(R)))
-            d_engine = backend.engine("discriminator", disc, _make_optimizer(cfg, disc.parameters(), cfg.loss.disc_lr),
-                                      st.batch_size)
-            engines["discriminator"] = d_engine
-            log.info("stage %d: local discriminators on (%d descriptors, crop %d px)", stage_idx,
-                     losses.descriptors_at(cfg.loss, R), pose.crop_size(R))
-        if state["stage"] != stage_idx:  # a new stage starts at its beginning
-            state.update(stage=stage_idx, step=0, epoch=0, consumed=0)
-        dataset = _dataset(cfg, cfg.data.train_split, R, cfg.data.flip)
-        batches = _Batches(cfg, dataset, st.batch_size, cfg.train.seed + 1000 * stage_idx, backend,
-                           state["epoch"], state["consumed"])
-        samples = _sample_batch(cfg, R)
-        if ckpt_dir is not None:  # resuming inside this stage: weights, optimisers, scaler, then RNG last
-            backend.load_engines(ckpt_dir, engines)
-            ckpt.load_rng(ckpt_dir, backend.rank)
-            ckpt_dir = None
-        reporter.stage_start(stage_idx, R, st.iterations, state["step"])
-        generator.train()
-
-        # ---- the loop
-        while state["step"] < st.iterations:
-            step = state["step"]
-            criterion = losses.criterion_for_step(step, st.iterations)
-            generator.fade_alpha = _fade_alpha(cfg, stage_idx, step, st.iterations)
-            batch = batches.next()
-            info = {"stage": stage_idx, "resolution": R, "step_in_stage": step, "global_step": state["global_step"],
-                    "criterion": criterion, "disc_active": d_engine is not None,
-                    "fade_alpha": generator.fade_alpha}
-            if cfg.task == "garment_flow":
-                out = flow_task.train_step(g_engine, generator, vgg, cfg, batch, backend, loss_hook=loss_hook, info=info)
-            else:
-                reference, target, kp_ref, kp_tgt = _to_device(batch, backend)
-                out = train_step(g_engine, generator, vgg, cfg, reference, target, kp_ref, kp_tgt, criterion, impl,
-                                 backend, d_engine=d_engine, loss_hook=loss_hook, info=info)
-            terms, d_loss, skipped = out["terms"], out["d_loss"], out["skipped"]
-            state["d_skipped"] += int(out["d_skipped"])
-            if skipped:
-                state["skipped"] += 1
-                log.warning("stage %d step %d: non-finite loss (%s), step skipped (%d so far)", stage_idx, step,
-                            {k: float(v.detach()) for k, v in terms.items()}, state["skipped"])
-
-            state["step"] += 1
-            state["global_step"] += 1
-            state["epoch"], state["consumed"] = batches.epoch, batches.consumed
-            last = state["step"] == st.iterations
-            log_now = state["step"] % max(cfg.train.log_every, 1) == 0 or last or step == 0
-            values = None
-            if log_now or callback is not None:
-                values = {k: float(v.detach()) for k, v in terms.items()}
-                if d_loss is not None:
-                    values["d"] = float(d_loss.detach())
-                values = {"criterion": criterion, **values}
-            reporter.step(stage_idx, state["step"], state["global_step"], st.batch_size * backend.world_size,
-                          values or {}, skipped, log_now)
-            if callback is not None:
-                callback({**info, "skipped": skipped, "terms": values, "generator": generator})
-
-            stop = stop_at_step is not None and state["global_step"] >= stop_at_step
-            if cfg.train.sample_every > 0 and state["step"] % cfg.train.sample_every == 0 and not last:
-                _write_samples(cfg, backend, g_engine, generator, samples, reporter, state)
-            if last or stop or (cfg.train.checkpoint_every > 0 and state["global_step"] % cfg.train.checkpoint_every == 0):
-                _save_checkpoint(cfg, backend, root, engines, state, generator)
-            if stop and not last:
-                stopped = True
-                break
-
+    stage, export_path, stopped = None, None, False
+    for stage_idx in range(state["stage"], len(cfg.stages)):
+        stage = _begin_stage(run, stage_idx, generator, resume_from)
+        resume_from = None  # a resumed run loads its checkpoint into the first stage only
+        stopped = _train_stage(run, stage)
         if stopped:
             break
-        # ---- stage end: samples and export (the checkpoint was written on the last step)
-        _write_samples(cfg, backend, g_engine, generator, samples, reporter, state)
-        export_path = _export(cfg, backend, g_engine, generator, out_dir, state)
-        if stop_at_step is not None and state["global_step"] >= stop_at_step:
-            stopped = True
+        export_path, generator = _end_stage(run, stage)
+        stopped = run.stop_reached()
+        if stopped:
             break
-        if stage_idx + 1 < len(cfg.stages):
-            # Rebuild from the fp32 master weights (gathered under ZeRO-3), then grow.
-            generator = _build_generator(cfg, R, backend.full_state_dict(g_engine))
 
-    final_state = backend.full_state_dict(g_engine) if g_engine is not None else {}
+    final_state = backend.full_state_dict(stage.g_engine) if stage is not None else {}
     if stopped:
         log.info("stopped at global step %d (--stop_at_step)", state["global_step"])
     table = reporter.close()
@@ -369,103 +301,142 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
             "stopped": stopped}
 
 
-def _init_from(cfg: Config, path: str):
-    """The generator of a new run from the weights at ``path`` only (no optimiser, RNG or step):
-    an export directory, a single-process checkpoint directory, or a run directory (its latest
-    checkpoint). A lower-resolution generator is grown to the first stage's resolution (new blocks
-    untrained, no input fade), as a progressive run grows between stages."""
-    from hptransfer.export import load_generator
+def _train_stage(run: _Run, stage: _Stage) -> bool:
+    """The per-step loop of a stage, from ``run.state["step"]``; True where --stop_at_step stopped it."""
+    cfg, backend, state, iterations = run.cfg, run.backend, run.state, stage.spec.iterations
+    while state["step"] < iterations:
+        step = state["step"]
+        criterion = losses.criterion_for_step(step, iterations)
+        stage.generator.fade_alpha = _fade_alpha(cfg, stage.idx, step, iterations)
+        batch = stage.batches.next()
+        info = {"stage": stage.idx, "resolution": stage.spec.resolution, "step_in_stage": step,
+                "global_step": state["global_step"], "criterion": criterion, "disc_active": stage.d_engine is not None,
+                "fade_alpha": stage.generator.fade_alpha}
+        out = _step(run, stage, batch, criterion, info)
+        state["d_skipped"] += int(out["d_skipped"])
+        if out["skipped"]:
+            state["skipped"] += 1
+            log.warning("stage %d step %d: non-finite loss (%s), step skipped (%d so far)", stage.idx, step,
+                        {k: float(v.detach()) for k, v in out["terms"].items()}, state["skipped"])
 
-    p = Path(path)
-    if (p / "model.safetensors").is_file():
-        exported = load_generator(p)
-        state, source, resolution = exported.state_dict(), p, exported.resolution
-    else:
-        source = p if (p / "meta.json").is_file() else (ckpt.read_latest(p / "checkpoints") or ckpt.read_latest(p))
-        if source is None or not (source / "generator.pt").is_file():
-            raise ConfigError(f"--init-from {path}: no export (model.safetensors) or single-process checkpoint "
-                              f"(meta.json + generator.pt) there")
-        state = torch.load(source / "generator.pt", map_location="cpu", weights_only=True)["model"]
-        resolution = int(ckpt.read_meta(source)["arch"]["resolution"])
-    R0 = cfg.stages[0].resolution
-    if resolution > R0:
-        raise ConfigError(f"--init-from {path}: a {resolution}-px generator cannot start a run whose first stage "
-                          f"is {R0} px")
-    try:
-        g = _build_generator(cfg, resolution, state)
-    except RuntimeError as e:
-        raise ConfigError(f"--init-from {path}: weights do not fit this config's model section: {e}") from None
-    if g.fading:
-        g.fade_alpha = 1.0
-    while g.resolution < R0:
-        g.grow()
-    log.info("--init-from %s: %d-px generator weights%s (new run: fresh optimisers, step 0)", source, resolution,
-             f", grown to {R0} px" if resolution < R0 else "")
-    return g
+        state["step"] += 1
+        state["global_step"] += 1
+        state["epoch"], state["consumed"] = stage.batches.epoch, stage.batches.consumed
+        last = state["step"] == iterations
+        log_now = state["step"] % max(cfg.train.log_every, 1) == 0 or last or step == 0
+        values = _loss_values(criterion, out) if log_now or run.callback is not None else {}
+        run.reporter.step(stage.idx, state["step"], state["global_step"], stage.spec.batch_size * backend.world_size,
+                          values, out["skipped"], log_now)
+        if run.callback is not None:
+            run.callback({**info, "skipped": out["skipped"], "terms": values, "generator": stage.generator})
+
+        stop = run.stop_reached()
+        if cfg.train.sample_every > 0 and state["step"] % cfg.train.sample_every == 0 and not last:
+            _write_samples(run, stage)
+        if last or stop or (cfg.train.checkpoint_every > 0 and state["global_step"] % cfg.train.checkpoint_every == 0):
+            _save_checkpoint(run, stage)
+        if stop and not last:
+            return True
+    return False
 
 
-def _sample_batch(cfg: Config, resolution: int, n: int = 4) -> dict:
-    """A fixed batch of up to ``n`` test pairs spread over the split (train if no test split), unflipped."""
+def _step(run: _Run, stage: _Stage, batch: dict, criterion: str, info: dict) -> dict:
+    """One optimisation step of the task's model: {"terms", "d_loss", "skipped", "d_skipped", ...}."""
+    cfg, backend = run.cfg, run.backend
     if cfg.task == "garment_flow":
-        return flow_task.sample_batch(cfg, resolution, n)
-    for split in (cfg.data.test_split, cfg.data.train_split):
-        try:
-            ds = _dataset(cfg, split, resolution, flip=False)
-        except (FileNotFoundError, OSError, ValueError):
-            continue
-        picks = sorted({round(i * (len(ds) - 1) / max(n - 1, 1)) for i in range(n)}) if len(ds) else []
-        items = [ds[i] for i in picks]  # spread over the split: different people, not one person's pairs
-        if items:
-            return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in
-                    ("reference", "target", "kp_reference", "kp_target")}
-    return {}
+        return flow_task.train_step(stage.g_engine, stage.generator, run.vgg, cfg, batch, backend,
+                                    loss_hook=run.loss_hook, info=info)
+    reference, target, kp_ref, kp_tgt = _to_device(batch, backend)
+    return train_step(stage.g_engine, stage.generator, run.vgg, cfg, reference, target, kp_ref, kp_tgt, criterion,
+                      cfg.train.kernels, backend, d_engine=stage.d_engine, loss_hook=run.loss_hook, info=info)
 
 
-def _eval_generator(cfg: Config, backend: Backend, g_engine: Engine, generator):
-    """The generator in eval mode, fp32: the training module itself (single process) or a gathered copy."""
-    if not backend.distributed:
-        return generator
-    g = _build_generator(cfg, generator.resolution, backend.full_state_dict(g_engine))  # collective
-    g.fade_alpha = generator.fade_alpha
-    return g.to(backend.device)
+def _loss_values(criterion: str, out: dict) -> dict:
+    """The step's loss terms as floats for the log and the callback: criterion, terms, then "d"."""
+    values = {k: float(v.detach()) for k, v in out["terms"].items()}
+    if out["d_loss"] is not None:
+        values["d"] = float(out["d_loss"].detach())
+    return {"criterion": criterion, **values}
 
 
-def _write_samples(cfg, backend, g_engine, generator, samples, reporter, state) -> None:
-    if not samples:
-        return
-    g = _eval_generator(cfg, backend, g_engine, generator)
-    if backend.is_main and cfg.task == "garment_flow":
-        path = Path(cfg.train.out_dir) / "samples" / f"stage{generator.resolution}_step{state['global_step']}.png"
-        reporter.image("samples", flow_task.write_samples(g, samples, path), state["global_step"])
-        log.info("samples (source | garment | target region | flow | warped | target garment): %s", path)
-    elif backend.is_main:
-        was_training = g.training
-        g.eval()
-        with torch.no_grad():
-            ref = samples["reference"].to(backend.device, next(g.parameters()).dtype)
-            out = g(ref, samples["kp_target"].to(backend.device).float())
-        g.train(was_training)
-        path = Path(cfg.train.out_dir) / "samples" / f"stage{generator.resolution}_step{state['global_step']}.png"
-        save_sample_grid(path, samples["reference"], samples["kp_target"], out, samples["target"])
-        reporter.image("samples", path, state["global_step"])
-        log.info("samples: %s", path)
-    backend.barrier()
+def _log_run_start(cfg: Config, backend: Backend, resume_from: Optional[Path], state: dict) -> None:
+    """The head of train.log: where the run resumed, the backend, the fast paths, a random-VGG warning."""
+    if resume_from is not None:
+        log.info("resuming from %s: stage %d step %d (global %d)", resume_from, state["stage"], state["step"],
+                 state["global_step"])
+    log.info("backend: %s", backend.description)
+    log.info("fast paths and versions:\n%s", ops.format_backend_status(ops.backend_status(backend.device)))
+    if cfg.loss.vgg_weights == "random":
+        log.warning("!" * 72 + "\n  loss.vgg_weights=random: the perceptual losses use an UNTRAINED VGG-16.\n"
+                    "  Fine for tests and the CPU demo; real training needs the ImageNet weights.\n" + "!" * 72)
 
 
-def _export(cfg, backend, g_engine, generator, out_dir: Path, state: dict) -> Path:
-    from hptransfer.export import export_generator
+# ----------------------------------------------------------------------------- stages
+def _begin_stage(run: _Run, idx: int, generator, resume_from: Optional[Path]) -> _Stage:
+    """Stage ``idx`` ready to train: the generator grown to its resolution, fresh engines and optimisers,
+    the local discriminators where they train, the data from the stage's position, and, when resuming
+    inside it, the checkpoint's state."""
+    from hptransfer.models import LocalDiscriminator
 
-    g = _eval_generator(cfg, backend, g_engine, generator)
-    path = out_dir / "export"
-    if backend.is_main:
-        was_training = g.training
-        write = flow_task.export_flow if cfg.task == "garment_flow" else export_generator
-        write(g, path, extra={"global_step": state["global_step"], "stage": state["stage"]})
-        g.train(was_training)
-        what = "appearance-flow model" if cfg.task == "garment_flow" else "generator"
-        log.info("exported %d-px %s to %s", generator.resolution, what, path)
-    backend.barrier()
-    return path
+    cfg, backend, state = run.cfg, run.backend, run.state
+    st = cfg.stages[idx]
+    R = st.resolution
+    if generator.resolution != R:
+        generator.grow(input_fade=_fades(cfg, idx))
+    generator = backend.prepare(generator)
+    g_engine = backend.engine("generator", generator, _make_optimizer(cfg, generator.parameters(), cfg.train.lr),
+                              st.batch_size)
+    if cfg.train.compile:  # optional; the first steps of every stage pay the compilation
+        if hasattr(g_engine, "forward_fn"):
+            g_engine.forward_fn = torch.compile(generator)
+        elif hasattr(getattr(g_engine, "engine", None), "compile"):
+            g_engine.engine.compile()
+    d_engine = None
+    # From loss.disc_at_resolution on (the paper: the top stage only), as losses.active_terms says.
+    if cfg.task == "transfer" and losses.active_terms(cfg.loss, R)["adv"]:
+        n, crop = losses.descriptors_at(cfg.loss, R), pose.crop_size(R)
+        disc = backend.prepare(LocalDiscriminator(cfg.model, n, crop))
+        d_engine = backend.engine("discriminator", disc, _make_optimizer(cfg, disc.parameters(), cfg.loss.disc_lr),
+                                  st.batch_size)
+        log.info("stage %d: local discriminators on (%d descriptors, crop %d px)", idx, n, crop)
+    if state["stage"] != idx:  # a new stage starts at its beginning
+        state.update(stage=idx, step=0, epoch=0, consumed=0)
+    batches = _Batches(cfg, _dataset(cfg, cfg.data.train_split, R, cfg.data.flip), st.batch_size,
+                       cfg.train.seed + 1000 * idx, backend, state["epoch"], state["consumed"])
+    stage = _Stage(idx, st, generator, g_engine, d_engine, batches, _sample_batch(cfg, R))
+    if resume_from is not None:
+        _load_checkpoint(run, stage, resume_from)
+    run.reporter.stage_start(idx, R, st.iterations, state["step"])
+    generator.train()
+    return stage
+
+
+def _end_stage(run: _Run, stage: _Stage) -> tuple:
+    """Samples and the export (the stage's last step wrote its checkpoint, the Reporter holds its summary
+    row), then the hand-off: (export path, the next stage's generator or None where the run ends here)."""
+    _write_samples(run, stage)
+    export_path = _export(run, stage)
+    if run.stop_reached() or stage.idx + 1 == len(run.cfg.stages):
+        return export_path, None
+    # Rebuilt from the fp32 master weights (gathered under ZeRO-3); _begin_stage grows it.
+    return export_path, _build_generator(run.cfg, stage.spec.resolution, run.backend.full_state_dict(stage.g_engine))
+
+
+# ----------------------------------------------------------------------------- resume
+def _where_to_start(resume: Optional[str], overwrite: bool, out_dir: Path, backend: Backend) -> tuple:
+    """(checkpoint directory or None, the run's counters): a fresh run's, or the checkpoint's stage /
+    step / data position."""
+    ckpt_dir, meta = _resume_point(resume, overwrite, out_dir, backend)
+    state = {"stage": 0, "step": 0, "global_step": 0, "epoch": 0, "consumed": 0, "skipped": 0, "d_skipped": 0}
+    if ckpt_dir is not None:
+        state.update(meta["state"])
+    return ckpt_dir, state
+
+
+def _load_checkpoint(run: _Run, stage: _Stage, ckpt_dir: Path) -> None:
+    """Resume inside ``stage``: weights, optimisers, scaler, then the RNG last."""
+    run.backend.load_engines(ckpt_dir, stage.engines)
+    ckpt.load_rng(ckpt_dir, run.backend.rank)
 
 
 def _resume_point(resume: Optional[str], overwrite: bool, out_dir: Path, backend: Backend):
@@ -525,14 +496,117 @@ def _check_resumable(ckpt_dir: Path, meta: dict, backend: Backend, error) -> Non
                     backend.world_size)
 
 
-def _save_checkpoint(cfg, backend, root: Path, engines: dict, state: dict, generator) -> None:
+def _init_from(cfg: Config, path: str):
+    """The generator of a new run from the weights at ``path`` only (no optimiser, RNG or step):
+    an export directory, a single-process checkpoint directory, or a run directory (its latest
+    checkpoint). A lower-resolution generator is grown to the first stage's resolution (new blocks
+    untrained, no input fade), as a progressive run grows between stages."""
+    from hptransfer.export import load_generator
+
+    p = Path(path)
+    if (p / "model.safetensors").is_file():
+        exported = load_generator(p)
+        state, source, resolution = exported.state_dict(), p, exported.resolution
+    else:
+        source = p if (p / "meta.json").is_file() else (ckpt.read_latest(p / "checkpoints") or ckpt.read_latest(p))
+        if source is None or not (source / "generator.pt").is_file():
+            raise ConfigError(f"--init-from {path}: no export (model.safetensors) or single-process checkpoint "
+                              f"(meta.json + generator.pt) there")
+        state = torch.load(source / "generator.pt", map_location="cpu", weights_only=True)["model"]
+        resolution = int(ckpt.read_meta(source)["arch"]["resolution"])
+    R0 = cfg.stages[0].resolution
+    if resolution > R0:
+        raise ConfigError(f"--init-from {path}: a {resolution}-px generator cannot start a run whose first stage "
+                          f"is {R0} px")
+    try:
+        g = _build_generator(cfg, resolution, state)
+    except RuntimeError as e:
+        raise ConfigError(f"--init-from {path}: weights do not fit this config's model section: {e}") from None
+    if g.fading:
+        g.fade_alpha = 1.0
+    while g.resolution < R0:
+        g.grow()
+    log.info("--init-from %s: %d-px generator weights%s (new run: fresh optimisers, step 0)", source, resolution,
+             f", grown to {R0} px" if resolution < R0 else "")
+    return g
+
+
+# ----------------------------------------------------------------------------- samples, export, checkpoints
+def _sample_batch(cfg: Config, resolution: int, n: int = 4) -> dict:
+    """A fixed batch of up to ``n`` test pairs spread over the split (train if no test split), unflipped."""
+    if cfg.task == "garment_flow":
+        return flow_task.sample_batch(cfg, resolution, n)
+    for split in (cfg.data.test_split, cfg.data.train_split):
+        try:
+            ds = _dataset(cfg, split, resolution, flip=False)
+        except (FileNotFoundError, OSError, ValueError):
+            continue
+        picks = sorted({round(i * (len(ds) - 1) / max(n - 1, 1)) for i in range(n)}) if len(ds) else []
+        items = [ds[i] for i in picks]  # spread over the split: different people, not one person's pairs
+        if items:
+            return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in
+                    ("reference", "target", "kp_reference", "kp_target")}
+    return {}
+
+
+def _eval_generator(run: _Run, stage: _Stage):
+    """The generator in eval mode, fp32: the training module itself (single process) or a gathered copy."""
+    if not run.backend.distributed:
+        return stage.generator
+    g = _build_generator(run.cfg, stage.generator.resolution, run.backend.full_state_dict(stage.g_engine))  # collective
+    g.fade_alpha = stage.generator.fade_alpha
+    return g.to(run.backend.device)
+
+
+def _write_samples(run: _Run, stage: _Stage) -> None:
+    cfg, backend, samples, global_step = run.cfg, run.backend, stage.samples, run.state["global_step"]
+    if not samples:
+        return
+    g = _eval_generator(run, stage)
+    path = Path(cfg.train.out_dir) / "samples" / f"stage{stage.generator.resolution}_step{global_step}.png"
+    if backend.is_main and cfg.task == "garment_flow":
+        run.reporter.image("samples", flow_task.write_samples(g, samples, path), global_step)
+        log.info("samples (source | garment | target region | flow | warped | target garment): %s", path)
+    elif backend.is_main:
+        was_training = g.training
+        g.eval()
+        with torch.no_grad():
+            ref = samples["reference"].to(backend.device, next(g.parameters()).dtype)
+            out = g(ref, samples["kp_target"].to(backend.device).float())
+        g.train(was_training)
+        save_sample_grid(path, samples["reference"], samples["kp_target"], out, samples["target"])
+        run.reporter.image("samples", path, global_step)
+        log.info("samples: %s", path)
+    backend.barrier()
+
+
+def _export(run: _Run, stage: _Stage) -> Path:
+    from hptransfer.export import export_generator
+
+    cfg, backend, state = run.cfg, run.backend, run.state
+    g = _eval_generator(run, stage)
+    path = Path(cfg.train.out_dir) / "export"
+    if backend.is_main:
+        was_training = g.training
+        write = flow_task.export_flow if cfg.task == "garment_flow" else export_generator
+        write(g, path, extra={"global_step": state["global_step"], "stage": state["stage"]})
+        g.train(was_training)
+        what = "appearance-flow model" if cfg.task == "garment_flow" else "generator"
+        log.info("exported %d-px %s to %s", stage.generator.resolution, what, path)
+    backend.barrier()
+    return path
+
+
+def _save_checkpoint(run: _Run, stage: _Stage) -> None:
+    backend, state, engines = run.backend, run.state, stage.engines
+    root = Path(run.cfg.train.out_dir) / "checkpoints"
     tmp = ckpt.begin(root, state["global_step"], backend.is_main, backend.barrier)
-    meta = {"state": {k: v for k, v in state.items()}, "arch": generator.arch(), "world_size": backend.world_size,
+    meta = {"state": dict(state), "arch": stage.generator.arch(), "world_size": backend.world_size,
             "backend": "deepspeed" if backend.distributed else "single",
             "zero_stage": getattr(backend, "zero_stage", 0), "engines": sorted(engines), "time": time.time()}
     backend.save_engines(tmp, engines, client_state=meta)
     ckpt.save_rng(tmp, backend.rank)
-    ckpt.finish(root, tmp, meta, cfg.train.keep_checkpoints, backend.is_main, backend.barrier)
+    ckpt.finish(root, tmp, meta, run.cfg.train.keep_checkpoints, backend.is_main, backend.barrier)
 
 
 if __name__ == "__main__":

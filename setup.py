@@ -3,10 +3,13 @@
 The C++ CPU part of _C is always built; the CUDA part (csrc/*.cu, macro WITH_CUDA) is added when
 nvcc and a CUDA build of torch are present, or forced with HPTRANSFER_FORCE_CUDA=1.
 HPTRANSFER_NO_EXT=1 gives a pure-Python install (every op then runs its PyTorch reference).
+Flags take 1/true/yes/on or 0/false/no/off/empty, the run time's rule (hptransfer/_env.py); other values
+are an error.
 Install with ``pip install --no-build-isolation -e .`` so the extension compiles against the torch
 already in the environment.
 """
 import glob
+import importlib.util
 import os
 import shutil
 
@@ -16,13 +19,21 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"  # the one default; the Makefile leaves TORCH_CUDA_ARCH_LIST to it
 
 
-def _flag(name):
-    return os.environ.get(name, "0") not in ("", "0", "false", "False")
+def _load_env_module():
+    """hptransfer/_env.py by path (the package is not installed yet; the file imports nothing of it):
+    the build reads HPTRANSFER_* flags with the run time's rule."""
+    spec = importlib.util.spec_from_file_location("_hptransfer_env", os.path.join(ROOT, "hptransfer", "_env.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_flag = _load_env_module().flag
 
 
 def _extensions():
     if _flag("HPTRANSFER_NO_EXT"):
-        print("hptransfer: HPTRANSFER_NO_EXT=1, building without hptransfer._C")
+        print(f"hptransfer: HPTRANSFER_NO_EXT={os.environ['HPTRANSFER_NO_EXT']}, building without hptransfer._C")
         return [], {}
     # Before torch.utils.cpp_extension reads it: an nvcc on PATH in /usr/local/bin would otherwise
     # make torch guess CUDA_HOME=/usr/local, where cudart is not.

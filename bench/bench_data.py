@@ -174,13 +174,7 @@ def main(argv=None) -> int:
     payload = {"benchmark": "data", **environment(device), "quick": quick,
                "data": args.data or "synthetic (hptransfer data synth)",
                "note": "images/s = 2 images per pair; trainer images/s = 2 x pairs/s of generator fwd+bwd+VGG loss",
-               "results": rows}
-    try:
-        import nvidia.dali as dali
-
-        payload["dali"] = dali.__version__
-    except Exception:  # noqa: BLE001
-        pass
+               "results": rows}  # the DALI version: backend_status.versions.dali
     out = Path(args.out) if args.out else RESULTS / f"data-{device_name()}.json"
     write_json(out, payload)
 

@@ -106,9 +106,9 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"| {r['resolution']} | {r['descriptors']} | {r['batch']} | {r['reference_ms']} | {r['fast_ms']} | "
               f"{r['speedup']} | {r['reference_peak_mib']} | {r['fast_peak_mib']} |")
-    dev = device_name() if device.type == "cuda" else "cpu"
+    dev = device_name(device)
     payload = {
-        "bench": "local_loss", **environment(device), "device": dev, "criterion": "l1",
+        "bench": "local_loss", **environment(device), "criterion": "l1",
         "vgg": f"VGG16Features(weights='random', layers={list(vgg.layers)})", "min_crop": 32, "repeat": repeat, "quick": args.quick, "rows": rows,
     }
     out = args.out or RESULTS / f"local_loss-{dev}.json"

@@ -9,19 +9,19 @@ A step = generator forward, every loss of the stage (global perceptual; local pe
 stage's descriptor count; local discriminators with their D step at the top stage or with --disc),
 backward, optimiser steps. ``fast`` is the trainer's path (``hptransfer.step.train_step``: bf16
 autocast on GPU, Triton/extension kernels with impl="auto", channels_last on GPU; --compile and
---checkpointing optional). ``naive`` (bench/naive.py) is the research-code way: fp32, eager, numpy
+--checkpointing optional). ``naive`` (bench/naive.py) is the research-code way: fp32, eager,
 heatmaps per sample on the CPU, one VGG call per descriptor crop. Both run in the same process,
 after warm-up; times are medians (on the CPU the two
 modes' steps alternate, so load from other processes hits both alike). VGG-16 has random weights:
 the cost does not depend on them.
 
 FLOPs are counted analytically for the convolutions only (2 * Cin/groups * Cout * k * k * Hout * Wout
-per conv, shapes from a meta-device forward): generator, VGG on the fake image and crops, and the
-discriminators, each forward x3 for forward + backward; VGG on the real image/crops runs without
-autograd and counts x1. MFU = achieved TFLOP/s / a large bf16 matmul's TFLOP/s measured in the same
-run (GPU only). Phase shares come from hptransfer.profiling timers (CUDA events on GPU) in separate
-timed steps. JSON: bench/results/train-<device>.json (atomically, after every resolution, with
-bench.common.environment(): versions, CPU flags, backend status).
+per conv, shapes from a meta-device forward; ``hptransfer.models.summary.module_conv_flops``): generator,
+VGG on the fake image and crops, and the discriminators, each forward x3 for forward + backward; VGG on
+the real image/crops runs without autograd and counts x1. MFU = achieved TFLOP/s / a large bf16
+matmul's TFLOP/s measured in the same run (GPU only). Phase shares come from hptransfer.profiling
+timers (CUDA events on GPU) in separate timed steps. JSON: bench/results/train-<device>.json
+(atomically, after every resolution, with bench.common.environment(): versions, CPU flags, backend status).
 """
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn as nn
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -46,37 +45,16 @@ from bench.common import sync as _sync  # noqa: E402
 from hptransfer import losses, pose, profiling  # noqa: E402
 from hptransfer.backend import SingleBackend  # noqa: E402
 from hptransfer.config import Config, StageConfig  # noqa: E402
+from hptransfer.models.summary import conv_flops, module_conv_flops  # noqa: E402
 from hptransfer.step import PHASES, train_step  # noqa: E402
 
 log = logging.getLogger("bench_train")
 
 
 # ----------------------------------------------------------------------------- FLOPs
-def module_conv_flops(module: nn.Module, *inputs) -> int:
-    """FLOPs of every Conv2d of ``module`` in one forward of ``inputs``, whole batch (the formula of
-    hptransfer.models.summary.conv_flops, 2 * Cin/groups * Cout * kh * kw * Hout * Wout per image)."""
-    total = 0
-
-    def hook(m, _inp, out):
-        nonlocal total
-        kh, kw = m.kernel_size
-        per_image = 2 * (m.in_channels // m.groups) * m.out_channels * kh * kw * out.shape[-2] * out.shape[-1]
-        total += per_image * out.shape[0]
-
-    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            module(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return total
-
-
 def step_flops(cfg: Config, R: int, batch: int, disc: bool) -> dict:
     """Analytic conv FLOPs of one training step (see the module docstring)."""
     from hptransfer.models import Generator, LocalDiscriminator, VGG16Features
-    from hptransfer.models.summary import conv_flops
 
     with torch.device("meta"):
         g = Generator(cfg.model, R)

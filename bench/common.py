@@ -24,11 +24,15 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 
 
-def device_name() -> str:
-    """'cpu' or the GPU's name in lower case with dashes (e.g. 'nvidia-h100-80gb-hbm3')."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name().replace(" ", "-").lower()
-    return "cpu"
+def device_name(device=None) -> str:
+    """'cpu' or the GPU's name in lower case with dashes (e.g. 'nvidia-h100-80gb-hbm3') of ``device``;
+    by default the GPU where there is one."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "-").lower()
+    return device.type
 
 
 def sync(device) -> None:
@@ -96,9 +100,10 @@ def gpu_info() -> dict | None:
 
 
 def environment(device=None) -> dict:
-    """Device, versions, CPU (model and flags), GPU, ``hptransfer.ops.backend_status()``, commit and
-    date: stored with every result file. Call it after the timed work: backend_status lists the
-    fallbacks the run took."""
+    """Device (``device``'s name; default the GPU where there is one), versions, CPU (model and flags),
+    GPU, ``hptransfer.ops.backend_status()`` (with the versions of DeepSpeed and DALI), commit and date:
+    stored with every result file, the one place benchmarks take their metadata from. Call it after
+    the timed work: backend_status lists the fallbacks the run took."""
     from hptransfer.ops import backend_status
 
     try:
@@ -106,7 +111,7 @@ def environment(device=None) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {"device": device_name(), "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
+    return {"device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
             "python": platform.python_version(), "cpu_threads": torch.get_num_threads(), "cpu": cpu_info(),
             "gpu": gpu_info(), "backend_status": backend_status(device), "git_commit": git_commit(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -1,53 +1,36 @@
 """The research-code baseline of a training step, for bench_train.py: fp32, eager, no channels_last,
-pose heatmaps made per sample on the CPU with numpy and then copied to the device, the local
+pose heatmaps made per sample on the CPU and then copied to the device, the local
 perceptual loss as one VGG call per descriptor crop in a Python loop
 (``hptransfer.ops.local_perceptual_loss_reference``), local discriminator crops by the reference
 gather (python loop of slices), no fused ops. Same losses, same order as ``hptransfer.step.train_step``.
 """
 from __future__ import annotations
 
-import math
 import types
 
-import numpy as np
 import torch
 
-from hptransfer import losses, pose
+from hptransfer import losses
 from hptransfer.ops import local_perceptual_loss_reference
 from hptransfer.profiling import phase
 
 
-def _numpy_heatmaps(kp: np.ndarray, image_size: int, side: int, sigma: float) -> np.ndarray:
-    """(18, 2) (y, x) pixels of an image_size image -> (18, side, side) float32; missing (-1) = zeros."""
-    scale = side / image_size
-    ys, xs = np.meshgrid(np.arange(side, dtype=np.float32), np.arange(side, dtype=np.float32), indexing="ij")
-    out = np.zeros((kp.shape[0], side, side), np.float32)
-    for k, (y, x) in enumerate(kp):
-        if y < 0 or x < 0:
-            continue
-        cy, cx = (y + 0.5) * scale - 0.5, (x + 0.5) * scale - 0.5
-        out[k] = np.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * sigma * sigma))
-    return out
+def _pose_maps_per_sample(self, kp: torch.Tensor, dtype: torch.dtype) -> dict:
+    """Generator.pose_maps the research-code way: made for one sample at a time on the CPU, as a data
+    loader does, then copied to the device.
 
-
-def _pose_maps_numpy(self, kp: torch.Tensor, dtype: torch.dtype) -> dict:
-    """Generator.pose_maps the research-code way: per sample, on the CPU, copied to the device."""
-    R, b = self.resolution, self.cfg.bottleneck_size
-    sides = [b]
-    if self.cfg.pose_at_every_scale:
-        sides += [self.base * 2 ** i for i in range(int(math.log2(R // self.base)) + 1)]
-    kp_np = kp.detach().cpu().numpy()
-    maps = {}
-    for s in sides:
-        sigma = pose.default_sigma(s, self.cfg.pose_sigma, b)
-        per = [torch.from_numpy(_numpy_heatmaps(kp_np[i], R, s, sigma)) for i in range(kp_np.shape[0])]
-        maps[s] = torch.stack(per).to(kp.device, dtype)
-    return maps
+    Kept naive on purpose: where and how often the maps are made (per sample, on the host, plus the
+    copy) is the cost the baseline stands for. The maps themselves (which sides, which sigmas, the
+    Gaussian) come from the generator's own ``pose_maps``, in its dense torch reference
+    (``make_naive`` sets ``kernels="reference"``), not from a copy of them here."""
+    kp_cpu = kp.detach().cpu()
+    per = [type(self).pose_maps(self, kp_cpu[i:i + 1], torch.float32) for i in range(kp_cpu.shape[0])]
+    return {side: torch.cat([maps[side] for maps in per]).to(kp.device, dtype) for side in per[0]}
 
 
 def make_naive(generator) -> None:
     """Switch a generator to the naive heatmaps (instance attribute, the class is untouched)."""
-    generator.pose_maps = types.MethodType(_pose_maps_numpy, generator)
+    generator.pose_maps = types.MethodType(_pose_maps_per_sample, generator)
     generator.kernels = "reference"
 
 

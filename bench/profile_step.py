@@ -57,9 +57,10 @@ def main() -> int:
     prof.export_chrome_trace(str(base) + ".trace.json.gz")  # gzipped: a 1024-px trace is tens of MB
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=30)
+    env = environment(device)
     header = (f"torch.profiler: {steps} fast training steps at {R} px, batch {batch}, model.width {width:g}, "
-              f"{bench_train.device_name()}, torch {torch.__version__}; sorted by {key}\n"
-              f"environment: {json.dumps(environment(device))}\n")
+              f"{env['device']}, torch {env['torch']}; sorted by {key}\n"
+              f"environment: {json.dumps(env)}\n")
     tmp = Path(str(base) + ".txt.tmp")
     tmp.write_text(header + table + "\n")
     os.replace(tmp, str(base) + ".txt")

@@ -118,9 +118,10 @@ def mask_to_rgb(mask: torch.Tensor) -> np.ndarray:
 
 
 def image_to_rgb(image: torch.Tensor) -> np.ndarray:
-    from hptransfer.report import to_uint8
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
+    from hptransfer.images import to_uint8
 
-    return to_uint8(image[None])[0]
+    return to_uint8(image[None])[0].permute(1, 2, 0).cpu().numpy()
 
 
 def save_grid(path, rows: list[list[np.ndarray]], pad: int = 2) -> Path:

@@ -28,7 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hptransfer.constants import IMAGENET_MEAN, IMAGENET_STD
 from hptransfer.errors import WeightsError, WeightsUnavailable  # noqa: F401  (WeightsUnavailable: public name here)
+from hptransfer.images import to_uint8
 from hptransfer.weights import WEIGHTS, find, load_state_dict
 
 log = logging.getLogger(__name__)
@@ -43,13 +45,6 @@ WEIGHT_FILES = {k: (WEIGHTS[n].env, WEIGHTS[n].filename) for k, n in WEIGHT_NAME
 
 
 # ---------------------------------------------------------------- helpers
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [-1, 1] (B, 3, H, W) -> uint8 (B, 3, H, W), as they would be saved to PNG."""
-    if images.dtype == torch.uint8:
-        return images
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
 
 def parse_crop(text: Optional[str]) -> Optional[tuple[int, int]]:
     """``"40:216"`` -> (40, 216): the x range kept (e.g. the 176-wide DeepFashion protocol)."""
@@ -263,8 +258,8 @@ class InceptionFeatures:
         """(B, 3, H, W) uint8 or [-1, 1] -> (B, 2048) float64."""
         x = to_uint8(images).to(self.device, torch.float32) / 255.0
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        mean = torch.tensor((0.485, 0.456, 0.406), device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor((0.229, 0.224, 0.225), device=x.device).view(1, 3, 1, 1)
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
         return self.net((x - mean) / std).double().cpu()
 
 

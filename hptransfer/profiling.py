@@ -12,13 +12,14 @@ is set or :func:`enable` was called (and CUDA is there). Times are collected onl
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from typing import Optional
 
 import torch
 
-_nvtx_on = os.environ.get("HPTRANSFER_NVTX", "0") not in ("", "0")
+from hptransfer._env import flag
+
+_nvtx_on = flag("HPTRANSFER_NVTX")
 _timer: Optional["PhaseTimer"] = None
 
 

@@ -15,45 +15,14 @@ from typing import Optional
 import numpy as np
 import torch
 
+from hptransfer._env import flag
+from hptransfer.images import draw_skeleton, to_uint8
+
 log = logging.getLogger("hptransfer.train")
 
 
 def _fmt(v: float) -> str:
     return f"{v:.4g}" if math.isfinite(v) else str(v)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    x = images.detach().float().cpu().clamp(-1, 1)
-    return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def draw_skeleton(kp: torch.Tensor, size: int) -> np.ndarray:
-    """A (size, size, 3) uint8 picture of the limbs of ``kp`` (18, 2) (y, x) on a black canvas."""
-    from PIL import Image, ImageDraw
-
-    from hptransfer.pose import LIMB_PAIRS
-
-    img = Image.new("RGB", (size, size))
-    draw = ImageDraw.Draw(img)
-    pts = kp.detach().float().cpu().tolist()
-    width = max(1, size // 64)
-    for i, (a, b) in enumerate(LIMB_PAIRS):
-        (ya, xa), (yb, xb) = pts[a], pts[b]
-        if min(ya, xa, yb, xb) < 0:
-            continue  # a missing keypoint
-        hue = i / len(LIMB_PAIRS)
-        color = tuple(int(255 * c) for c in _hsv(hue))
-        draw.line([(xa, ya), (xb, yb)], fill=color, width=width)
-    for y, x in pts:
-        if y >= 0 and x >= 0:
-            draw.ellipse([x - width, y - width, x + width, y + width], fill=(255, 255, 255))
-    return np.asarray(img)
-
-
-def _hsv(h: float) -> tuple:
-    import colorsys
-    return colorsys.hsv_to_rgb(h, 0.9, 1.0)
 
 
 def save_sample_grid(path: str | Path, reference: torch.Tensor, kp_target: torch.Tensor, generated: torch.Tensor,
@@ -62,7 +31,7 @@ def save_sample_grid(path: str | Path, reference: torch.Tensor, kp_target: torch
     from PIL import Image
 
     R = reference.shape[-1]
-    ref, gen, gt = to_uint8(reference), to_uint8(generated), to_uint8(target)
+    ref, gen, gt = (to_uint8(x).permute(0, 2, 3, 1).cpu().numpy() for x in (reference, generated, target))
     pad = 2
     rows = []
     for i in range(ref.shape[0]):
@@ -107,7 +76,7 @@ class Reporter:
                 log.warning("TensorBoard disabled: %s", e)
         from tqdm import tqdm
         self.bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True, unit="it",
-                        disable=os.environ.get("HPTRANSFER_NO_BAR") == "1")
+                        disable=flag("HPTRANSFER_NO_BAR"))
 
     def stage_start(self, stage: int, resolution: int, iterations: int, step_in_stage: int = 0) -> None:
         if not self.enabled:

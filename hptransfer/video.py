@@ -97,33 +97,13 @@ def sequence_boxes(poses: list, window: int = SMOOTH_FRAMES) -> list:
     return out
 
 
-def draw_skeleton(kp: np.ndarray, resolution: int) -> np.ndarray:
-    """(18, 2) (y, x) at R -> (R, R, 3) uint8 skeleton on white (OpenPose limbs, one colour each)."""
-    from PIL import Image, ImageDraw
-
-    from hptransfer.pose import LIMB_PAIRS
-
-    img = Image.new("RGB", (resolution, resolution), (255, 255, 255))
-    d = ImageDraw.Draw(img)
-    width = max(1, resolution // 64)
-    for i, (a, b) in enumerate(LIMB_PAIRS):
-        if (kp[a] >= 0).all() and (kp[b] >= 0).all():
-            hue = i / len(LIMB_PAIRS)
-            colour = tuple(int(255 * (0.5 + 0.5 * np.cos(2 * np.pi * (hue + k / 3)))) for k in range(3))
-            d.line([(kp[a][1], kp[a][0]), (kp[b][1], kp[b][0])], fill=colour, width=width)
-    for y, x in kp:
-        if y >= 0 and x >= 0:
-            d.ellipse([x - width, y - width, x + width, y + width], fill=(0, 0, 0))
-    return np.asarray(img)
-
-
 def generate_frames(generator, reference: torch.Tensor, poses: torch.Tensor, batch_size: int = 8,
                     side_by_side: bool = False, progress: bool = True) -> Iterator[np.ndarray]:
     """Yield (R, R|2R, 3) uint8 frames: ``reference`` (3, R, R) in [-1, 1] in each pose of ``poses`` (T, 18, 2)."""
     from tqdm import tqdm
 
     from hptransfer.export import generate
-    from hptransfer.metrics import to_uint8
+    from hptransfer.images import RAINBOW_COLOURS, draw_skeleton, to_uint8
 
     R = generator.resolution
     bar = tqdm(total=len(poses), desc="frames", unit="frame", disable=not progress, leave=False)
@@ -133,7 +113,9 @@ def generate_frames(generator, reference: torch.Tensor, poses: torch.Tensor, bat
         for j in range(len(kp)):
             frame = out[j].permute(1, 2, 0).numpy()
             if side_by_side:
-                frame = np.concatenate([draw_skeleton(kp[j].numpy(), R), frame], axis=1)
+                skeleton = draw_skeleton(kp[j], R, background=(255, 255, 255), limb_colours=RAINBOW_COLOURS,
+                                         joint_colours=(0, 0, 0))
+                frame = np.concatenate([skeleton, frame], axis=1)
             yield frame
         bar.update(len(kp))
     bar.close()

@@ -23,10 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
+from hptransfer.constants import IMAGENET_MEAN, IMAGENET_STD
 from hptransfer.kernels._launch import device_guard
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# The ImageNet statistics as compile-time constants of the kernels (Triton reads globals only when they
+# are constexpr); the numbers themselves live once, in hptransfer.constants.
+_MEAN_R, _MEAN_G, _MEAN_B = (tl.constexpr(v) for v in IMAGENET_MEAN)
+_STD_R, _STD_G, _STD_B = (tl.constexpr(v) for v in IMAGENET_STD)
 
 
 def _blocks(size: int) -> tuple[int, int]:
@@ -39,8 +42,8 @@ def _blocks(size: int) -> tuple[int, int]:
 def _channel_affine(c, NORMALIZE: tl.constexpr):
     """(scale, shift) so that normalised = x * scale + shift = ((x + 1) / 2 - mean) / std."""
     if NORMALIZE:
-        mean = tl.where(c == 0, 0.485, tl.where(c == 1, 0.456, 0.406))
-        std = tl.where(c == 0, 0.229, tl.where(c == 1, 0.224, 0.225))
+        mean = tl.where(c == 0, _MEAN_R, tl.where(c == 1, _MEAN_G, _MEAN_B))
+        std = tl.where(c == 0, _STD_R, tl.where(c == 1, _STD_G, _STD_B))
         scale = 0.5 / std
         shift = (0.5 - mean) / std
     else:

@@ -16,10 +16,6 @@ log = logging.getLogger(__name__)
 
 JOINT_NAMES = ("nose", "neck", "r_sho", "r_elb", "r_wri", "l_sho", "l_elb", "l_wri", "r_hip", "r_kne", "r_ank",
                "l_hip", "l_kne", "l_ank", "r_eye", "l_eye", "r_ear", "l_ear")
-# OpenPose's limb colours (as its demo draws them), one per pose.LIMB_PAIRS entry.
-LIMB_COLOURS = ((255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0), (0, 255, 0),
-                (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255), (0, 0, 255), (85, 0, 255),
-                (170, 0, 255), (255, 0, 255), (255, 0, 170))
 
 
 def splits_in(root: Path) -> list[str]:
@@ -113,25 +109,6 @@ def run(args) -> int:
 
 # ---------------------------------------------------------------- show
 
-def draw_skeleton(img, kp: np.ndarray):
-    """Draw (18, 2) (y, x) keypoints (-1 = missing) and OpenPose limbs on a PIL image, in place."""
-    from PIL import ImageDraw
-
-    from hptransfer.pose import LIMB_PAIRS
-
-    d = ImageDraw.Draw(img)
-    w = max(1, round(img.width / 100))
-    vis = (kp >= 0).all(axis=1)
-    for (a, b), col in zip(LIMB_PAIRS, LIMB_COLOURS):
-        if vis[a] and vis[b]:
-            d.line((kp[a, 1], kp[a, 0], kp[b, 1], kp[b, 0]), fill=col, width=w)
-    r = w + 1
-    for j in np.flatnonzero(vis):
-        y, x = kp[j]
-        d.ellipse((x - r, y - r, x + r, y + r), fill=LIMB_COLOURS[j % len(LIMB_COLOURS)], outline=(0, 0, 0))
-    return img
-
-
 def draw_descriptors(img, kp: np.ndarray, resolution: int, count="auto", scale: float = 1.0):
     """Fig. 4, left: the local descriptors of (18, 2) (y, x) keypoints of an image of side ``resolution``
     (``count`` 18 / 31 / 44, "auto" = the paper's rule at that resolution) as centres with their
@@ -163,6 +140,8 @@ def show_grid(root, out, n: int = 16, split: str = "train", seed: int = 0, cell:
     returns the count drawn."""
     from PIL import Image
 
+    from hptransfer.images import OPENPOSE_COLOURS, draw_skeleton
+
     root = Path(root)
     ann = read_annotations(root / f"annotations-{split}.csv")
     names = sorted(ann)
@@ -187,7 +166,9 @@ def show_grid(root, out, n: int = 16, split: str = "train", seed: int = 0, cell:
         if s != 1:
             img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BILINEAR)
             kp[(kp >= 0).all(axis=1)] = (kp[(kp >= 0).all(axis=1)] + 0.5) * s - 0.5
-        draw_skeleton(img, kp)
+        w = max(1, round(img.width / 100))  # OpenPose's colours, joints outlined, on the photo
+        draw_skeleton(kp, img, limb_colours=OPENPOSE_COLOURS, joint_colours=OPENPOSE_COLOURS, joint_outline=(0, 0, 0),
+                      width=w, joint_radius=w + 1)
         grid.paste(img, ((i % cols) * cell, (i // cols) * cell))
     buf = io.BytesIO()
     grid.save(buf, format="PNG", optimize=True)

@@ -21,25 +21,32 @@ from hptransfer.models.generator import Generator
 log = logging.getLogger(__name__)
 
 
-def conv_flops(model: nn.Module, resolution: int) -> int:
-    """FLOPs of all Conv2d layers of ``model`` in one forward of one (3, R, R) image (meta device)."""
+def module_conv_flops(module: nn.Module, *inputs) -> int:
+    """FLOPs of every Conv2d of ``module`` in one forward of ``inputs`` (whole batch): per conv
+    2 * (Cin / groups) * Cout * kh * kw * Hout * Wout per image. Pass ``meta`` tensors: shapes only."""
     total = 0
 
     def hook(m: nn.Conv2d, inputs, output):
         nonlocal total
         kh, kw = m.kernel_size
-        total += 2 * (m.in_channels // m.groups) * m.out_channels * kh * kw * output.shape[-2] * output.shape[-1]
+        per_image = 2 * (m.in_channels // m.groups) * m.out_channels * kh * kw * output.shape[-2] * output.shape[-1]
+        total += per_image * output.shape[0]
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, nn.Conv2d)]
     try:
         with torch.no_grad():
-            x = torch.zeros(1, 3, resolution, resolution, device="meta")
-            kp = torch.full((1, 18, 2), resolution / 2, device="meta")
-            model(x, kp)
+            module(*inputs)
     finally:
         for h in handles:
             h.remove()
     return total
+
+
+def conv_flops(model: nn.Module, resolution: int) -> int:
+    """FLOPs of all Conv2d layers of the generator ``model`` in one forward of one (3, R, R) image (meta device)."""
+    x = torch.zeros(1, 3, resolution, resolution, device="meta")
+    kp = torch.full((1, 18, 2), resolution / 2, device="meta")
+    return module_conv_flops(model, x, kp)
 
 
 def stage_table(model_cfg: ModelConfig, resolution: int) -> list[dict]:

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from hptransfer.config import VGG_LAYERS
-from hptransfer.ops.gather_crops import IMAGENET_MEAN, IMAGENET_STD
+from hptransfer.constants import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from hptransfer._env import TRUE as ENV_TRUE, flag
+
 log = logging.getLogger(__name__)
 
 IMPLS = ("auto", "fast", "reference")
@@ -21,13 +23,13 @@ class FastPathUnavailable(RuntimeError):
 
 
 def _strict() -> bool:
-    return os.environ.get("HPTRANSFER_STRICT", "0") not in ("", "0", "false", "False")
+    return flag("HPTRANSFER_STRICT")
 
 
 @functools.lru_cache(maxsize=None)
 def _load_extension():
     """Import hptransfer._C once; remember the failure reason instead of retrying every call."""
-    if os.environ.get("HPTRANSFER_NO_EXT", "0") not in ("", "0"):
+    if flag("HPTRANSFER_NO_EXT"):
         return None, "disabled by HPTRANSFER_NO_EXT"
     try:
         from hptransfer import _C  # noqa: F401
@@ -47,7 +49,7 @@ def extension():
 @functools.lru_cache(maxsize=None)
 def _triton(op: str = ""):
     """Can Triton and the kernel module of ``op`` (``hptransfer.kernels.<op>``) be imported?"""
-    if os.environ.get("HPTRANSFER_NO_TRITON", "0") not in ("", "0"):
+    if flag("HPTRANSFER_NO_TRITON"):
         return False, "disabled by HPTRANSFER_NO_TRITON"
     try:
         import triton  # noqa: F401
@@ -64,7 +66,9 @@ def triton_available() -> bool:
 
 
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Will Triton run kernels in its interpreter? Triton's own reading of TRITON_INTERPRET: on for
+    1/true/yes/on in any case, off for anything else (no error: the variable is Triton's)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ENV_TRUE
 
 
 def deterministic() -> bool:

@@ -14,10 +14,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from hptransfer.constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (also imported from here)
 from hptransfer.ops._dispatch import use_fast
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def crop_origins(centers: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

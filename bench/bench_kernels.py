@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import environment, median_ms, nvtx, result_path, table, write_json  # noqa: E402
-from hptransfer.ops import gather_crops, gather_crops_reference  # noqa: E402
-from hptransfer.pose import crop_size, default_sigma, descriptor_count, heatmaps_multi, local_descriptors  # noqa: E402
+from hptransfer.ops import gather_crops, gather_crops_reference, heatmaps_multi  # noqa: E402
+from hptransfer.pose import crop_size, default_sigma, descriptor_count, local_descriptors  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 

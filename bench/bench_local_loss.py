@@ -34,13 +34,15 @@ COUNTS = {256: 31, 512: 31, 1024: 44}
 
 def time_step(impl, fake, real, kp, vgg, repeat, device):
     """Median seconds of forward + backward, and peak CUDA memory (MiB) or None."""
-    from hptransfer import ops
+    from hptransfer import ops, pose
+
+    centers, valid = pose.local_descriptors(kp.to(device), real.shape[-1])  # once per step, as the trainer does
 
     def step():
         x = fake.detach().requires_grad_()
         # the precision is the caller's (as in training): bf16 autocast on CUDA, fp32 on the CPU
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = ops.local_perceptual_loss(x, real, kp, vgg, "l1", impl=impl)
+            loss = ops.local_perceptual_loss(x, real, centers, valid, vgg, "l1", impl=impl)
         loss.backward()
         return loss
 

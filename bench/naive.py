@@ -38,14 +38,14 @@ def naive_step(generator, g_opt, vgg, cfg, reference, target, kp_ref, kp_tgt, cr
                d_opt=None) -> dict:
     """One fp32 eager iteration: (D step), G forward, global + local (loop) + adv losses, backward, Adam."""
     R = reference.shape[-1]
+    geometry = losses.step_geometry(cfg.loss, kp_ref, kp_tgt, R, device=reference.device)
     with phase("generator_forward"):
         fake = generator(reference, kp_tgt)
     if disc is not None:
         with phase("discriminator"):
-            valid = losses.pair_validity(kp_ref, kp_tgt, R)
-            real_pairs = losses.local_discriminator_pairs(reference, target, kp_ref, kp_tgt, R, "reference")
-            fake_pairs = losses.local_discriminator_pairs(reference, fake.detach(), kp_ref, kp_tgt, R, "reference")
-            d_loss = losses.discriminator_loss(disc, real_pairs, fake_pairs, valid)
+            real_pairs = losses.local_discriminator_pairs(reference, target, geometry, "reference")
+            fake_pairs = losses.local_discriminator_pairs(reference, fake.detach(), geometry, "reference")
+            d_loss = losses.discriminator_loss(disc, real_pairs, fake_pairs, geometry.pair_valid)
             d_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             d_opt.step()
@@ -57,12 +57,12 @@ def naive_step(generator, g_opt, vgg, cfg, reference, target, kp_ref, kp_tgt, cr
     if active["local"]:
         with phase("local_vgg"):
             total = total + cfg.loss.local_weight * local_perceptual_loss_reference(
-                fake, target, kp_tgt, vgg, criterion, weights, cfg.loss.local_min_crop)
+                fake, target, geometry.target_centers, geometry.target_valid, vgg, criterion, weights,
+                cfg.loss.local_min_crop)
     if active["adv"] and disc is not None:
         with phase("discriminator"):
-            pairs = losses.local_discriminator_pairs(reference, fake, kp_ref, kp_tgt, R, "reference")
-            total = total + cfg.loss.adv_weight * losses.generator_adversarial_loss(
-                disc, pairs, losses.pair_validity(kp_ref, kp_tgt, R))
+            pairs = losses.local_discriminator_pairs(reference, fake, geometry, "reference")
+            total = total + cfg.loss.adv_weight * losses.generator_adversarial_loss(disc, pairs, geometry.pair_valid)
     with phase("backward"):
         g_opt.zero_grad(set_to_none=True)
         total.backward()

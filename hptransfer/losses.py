@@ -12,7 +12,7 @@
   ``(X_d, X^_d)`` fake, following the text (the Fig. 6 caption's fake pair ``(X'_d, X^_d)`` would
   let a discriminator win by comparing two crops of the target pose, without the reference). ``X_d``
   is the reference cropped at the reference's own descriptor d (the same body part as in the
-  target); ``reference_at="target"`` crops it at the target's location instead. Losses are the
+  target); ``step_geometry(..., reference_at="target")`` crops it at the target's location instead. Losses are the
   non-saturating GAN losses with logits (softplus form of BCE), averaged over valid descriptors:
   a descriptor is valid when it is valid in both the reference and the target pose.
 
@@ -65,41 +65,30 @@ def descriptors_at(loss_cfg: LossConfig, resolution: int) -> int:
     return pose.descriptor_count(resolution, loss_cfg.descriptors)
 
 
-def pair_validity(kp_reference: torch.Tensor, kp_target: torch.Tensor, resolution: int,
-                  reference_at: str = "reference", count: Optional[int] = None) -> torch.Tensor:
-    """(B, N) bool: descriptor d usable for a discriminator pair (valid in both poses); N = ``count``
-    (default: the paper's rule at ``resolution``)."""
-    _, valid_t = pose.local_descriptors(kp_target, resolution, count)
-    if reference_at == "target":
-        return valid_t
-    _, valid_r = pose.local_descriptors(kp_reference, resolution, count)
-    return valid_r & valid_t
+def step_geometry(loss_cfg: LossConfig, kp_reference: torch.Tensor, kp_target: torch.Tensor, resolution: int,
+                  device: Optional[torch.device] = None, reference_at: str = "reference") -> pose.StepGeometry:
+    """The step's descriptor geometry (``pose.StepGeometry``) with ``loss.descriptors`` at ``resolution``:
+    built once per step, then passed to every local term."""
+    return pose.StepGeometry.from_keypoints(kp_reference, kp_target, resolution, descriptors_at(loss_cfg, resolution),
+                                            reference_at, device)
 
 
-def local_discriminator_pairs(reference: torch.Tensor, other: torch.Tensor, kp_reference: torch.Tensor,
-                              kp_target: torch.Tensor, resolution: int, impl: str = "auto",
-                              reference_at: str = "reference", count: Optional[int] = None) -> torch.Tensor:
-    """Crop pairs for the local discriminators: (B, N, 6, s, s), s = resolution / 8.
+def local_discriminator_pairs(reference: torch.Tensor, other: torch.Tensor, geometry: pose.StepGeometry,
+                              impl: str = "auto") -> torch.Tensor:
+    """Crop pairs for the local discriminators: (B, N, 6, s, s), s = ``geometry.crop``.
 
-    ``reference`` (B, 3, R, R) is cropped at the descriptors of ``kp_reference`` (or of
-    ``kp_target`` with ``reference_at="target"``); ``other`` (the target X' for real pairs, the
-    generated X^ for fake ones) at the descriptors of ``kp_target`` (B, 18, 2) (y, x); N = ``count``
-    descriptors (default: the paper's rule at ``resolution``). Channels 0-2
-    hold X_d, 3-5 the other crop. Invalid descriptors give zero crops (see :func:`pair_validity`).
+    ``reference`` (B, 3, R, R) is cropped at ``geometry.reference_centers``; ``other`` (the target X' for
+    real pairs, the generated X^ for fake ones) at ``geometry.target_centers``. Channels 0-2 hold X_d,
+    3-5 the other crop. Invalid descriptors give zero crops (``geometry.pair_valid`` masks them).
     Differentiable with respect to both images.
     """
-    if reference.shape != other.shape or reference.dim() != 4 or reference.shape[-1] != resolution:
-        raise ValueError(f"reference and other must both be (B, 3, {resolution}, {resolution}), "
+    R = geometry.resolution
+    if reference.shape != other.shape or reference.dim() != 4 or reference.shape[-1] != R:
+        raise ValueError(f"reference and other must both be (B, 3, {R}, {R}), "
                          f"got {tuple(reference.shape)} and {tuple(other.shape)}")
-    if reference_at not in ("reference", "target"):
-        raise ValueError(f"reference_at must be 'reference' or 'target', got {reference_at!r}")
-    B = reference.shape[0]
-    s = pose.crop_size(resolution)
-    centers_t, _ = pose.local_descriptors(kp_target, resolution, count)
-    centers_r = centers_t if reference_at == "target" else pose.local_descriptors(kp_reference, resolution, count)[0]
-    N = centers_t.shape[1]
-    crops_r = ops.gather_crops(reference, centers_r, s, impl=impl)
-    crops_o = ops.gather_crops(other, centers_t, s, impl=impl)
+    B, N, s = reference.shape[0], geometry.count, geometry.crop
+    crops_r = ops.gather_crops(reference, geometry.reference_centers, s, impl=impl)
+    crops_o = ops.gather_crops(other, geometry.target_centers, s, impl=impl)
     return torch.cat([crops_r, crops_o], dim=1).reshape(B, N, 6, s, s)
 
 
@@ -155,19 +144,20 @@ def active_terms(loss_cfg: LossConfig, resolution: int) -> dict:
     return {"local": has_local and loss_cfg.local_weight > 0 and keep_local, "adv": adv}
 
 
-def generator_loss(fake: torch.Tensor, target: torch.Tensor, kp_target: torch.Tensor, vgg, loss_cfg: LossConfig,
-                   criterion: str, *, reference: Optional[torch.Tensor] = None,
-                   kp_reference: Optional[torch.Tensor] = None, disc=None, impl: str = "auto",
-                   reference_at: str = "reference") -> dict:
+def generator_loss(fake: torch.Tensor, target: torch.Tensor, geometry: pose.StepGeometry, vgg, loss_cfg: LossConfig,
+                   criterion: str, *, reference: Optional[torch.Tensor] = None, disc=None,
+                   impl: str = "auto") -> dict:
     """All generator terms at the current stage as a dict of fp32 scalars.
 
     ``fake`` (generated X^), ``target`` (X') and ``reference`` (X): (B, 3, R, R) in [-1, 1];
-    ``kp_target``, ``kp_reference`` (B, 18, 2) (y, x) pixels at R. Returns {"global", "local",
+    ``geometry``: the step's descriptors (:func:`step_geometry`). Returns {"global", "local",
     "adv", "total"}: the unweighted terms (0 when inactive, see :func:`active_terms`) and
     total = global_weight * global + local_weight * local + adv_weight * adv. The adversarial term
-    needs ``disc``, ``reference`` and ``kp_reference``.
+    needs ``disc`` and ``reference``.
     """
     R = fake.shape[-1]
+    if geometry.resolution != R:
+        raise ValueError(f"geometry is for {geometry.resolution} px, the images are {R} px")
     weights = loss_cfg.layer_weights
     terms = active_terms(loss_cfg, R)
     zero = fake.new_zeros((), dtype=torch.float32)
@@ -175,18 +165,16 @@ def generator_loss(fake: torch.Tensor, target: torch.Tensor, kp_target: torch.Te
         out = {"global": global_perceptual_loss(fake, target, vgg, criterion, weights, impl), "local": zero, "adv": zero}
     if terms["local"]:
         with phase("local_vgg"):
-            out["local"] = ops.local_perceptual_loss(fake, target, kp_target, vgg, criterion, impl=impl,
-                                                     layer_weights=weights, min_crop=loss_cfg.local_min_crop,
-                                                     count=descriptors_at(loss_cfg, R))
+            out["local"] = ops.local_perceptual_loss(fake, target, geometry.target_centers, geometry.target_valid,
+                                                     vgg, criterion, impl=impl, layer_weights=weights,
+                                                     min_crop=loss_cfg.local_min_crop)
     if terms["adv"]:
-        if disc is None or reference is None or kp_reference is None:
+        if disc is None or reference is None:
             raise ValueError(f"the adversarial term is active at {R} px (loss.disc_at_resolution="
-                             f"{loss_cfg.disc_at_resolution}): pass disc, reference and kp_reference")
+                             f"{loss_cfg.disc_at_resolution}): pass disc and reference")
         with phase("discriminator"):
-            n = descriptors_at(loss_cfg, R)
-            pairs = local_discriminator_pairs(reference, fake, kp_reference, kp_target, R, impl, reference_at, n)
-            valid = pair_validity(kp_reference, kp_target, R, reference_at, n)
-            out["adv"] = generator_adversarial_loss(disc, pairs, valid)
+            pairs = local_discriminator_pairs(reference, fake, geometry, impl)
+            out["adv"] = generator_adversarial_loss(disc, pairs, geometry.pair_valid)
     out["total"] = (loss_cfg.global_weight * out["global"] + loss_cfg.local_weight * out["local"]
                     + loss_cfg.adv_weight * out["adv"])
     return out

@@ -1,10 +1,12 @@
-"""OpenPose-18 keypoints: names, flip and limb pairs, format conversion, heatmaps and local descriptors.
+"""OpenPose-18 keypoints: names, flip and limb pairs, format conversion, heatmap sigma, local descriptors and a
+step's descriptor geometry. Pure geometry: nothing here dispatches to a kernel (the heatmaps are ``ops.heatmaps``).
 
 Keypoints are tensors (B, 18, 2) holding (y, x) in pixels of the image they belong to;
 a missing keypoint is (-1, -1) (any negative coordinate counts as missing).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -95,64 +97,11 @@ def flip_keypoints(kp: torch.Tensor | np.ndarray, width: int):
     return t.numpy() if is_np else t
 
 
-# ---------------------------------------------------------------- heatmaps (eq. 1)
+# ---------------------------------------------------------------- heatmap width (eq. 1; the maps are ops.heatmaps)
 
 def default_sigma(map_size: int, bottleneck_sigma: float = 3.2, bottleneck_size: int = 32) -> float:
     """The paper's sigma=3.2 is read as pixels of the 32x32 bottleneck grid; it scales with the map."""
     return bottleneck_sigma * map_size / bottleneck_size
-
-
-def heatmaps_reference(kp: torch.Tensor, image_size: Sequence[int], size: Sequence[int],
-                       sigma: Optional[float] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Dense torch formula of eq. (1); the spec the fast kernel is tested against.
-
-    Keypoints in image pixels are mapped to map pixels with pixel centres aligned:
-    ``u_map = (u_img + 0.5) * map / image - 0.5``.
-    """
-    H, W = int(image_size[0]), int(image_size[1])
-    h, w = int(size[0]), int(size[1])
-    if sigma is None:
-        sigma = default_sigma(h)
-    kp = kp.to(torch.float32)
-    B, K, _ = kp.shape
-    cy = (kp[..., 0] + 0.5) * (h / H) - 0.5
-    cx = (kp[..., 1] + 0.5) * (w / W) - 0.5
-    ys = torch.arange(h, device=kp.device, dtype=torch.float32).view(1, 1, h, 1)
-    xs = torch.arange(w, device=kp.device, dtype=torch.float32).view(1, 1, 1, w)
-    d2 = (ys - cy.view(B, K, 1, 1)) ** 2 + (xs - cx.view(B, K, 1, 1)) ** 2
-    maps = torch.exp(-d2 / (2.0 * sigma * sigma))
-    maps = maps * (~is_missing(kp)).view(B, K, 1, 1).to(maps.dtype)
-    return maps.to(dtype)
-
-
-def heatmaps(kp: torch.Tensor, image_size: Sequence[int], size: Sequence[int],
-             sigma: Optional[float] = None, impl: str = "auto",
-             dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Gaussian pose maps (B, 18, h, w) for keypoints ``kp`` (B, 18, 2) (y, x) of an ``image_size`` image.
-
-    ``sigma`` is in pixels of the map (default: 3.2 on a 32x32 grid, scaled with ``size``).
-    ``impl``: "auto" uses the Triton kernel on CUDA tensors, "fast" requires it, "reference"
-    is the dense torch formula. Missing keypoints give all-zero maps.
-    """
-    return heatmaps_multi(kp, image_size, [size], None if sigma is None else [sigma], impl, dtype)[0]
-
-
-def heatmaps_multi(kp: torch.Tensor, image_size: Sequence[int], sizes: Sequence[Sequence[int]],
-                   sigmas: Optional[Sequence[float]] = None, impl: str = "auto",
-                   dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-    """Heatmaps at several map sizes at once (one kernel launch on the fast path)."""
-    if kp.dim() != 3 or kp.shape[1] != NUM_KEYPOINTS or kp.shape[2] != 2:
-        raise ValueError(f"keypoints must be (B, {NUM_KEYPOINTS}, 2), got {tuple(kp.shape)}")
-    sizes = [(int(s[0]), int(s[1])) for s in sizes]
-    if sigmas is None:
-        sigmas = [default_sigma(s[0]) for s in sizes]
-    if len(sigmas) != len(sizes):
-        raise ValueError("one sigma per map size")
-    from hptransfer import ops  # dispatch lives in ops (the layer that may reach kernels)
-    if ops.use_fast("heatmaps", kp, impl):
-        from hptransfer.kernels.heatmaps import heatmaps_triton
-        return heatmaps_triton(kp, image_size, sizes, sigmas, dtype)
-    return [heatmaps_reference(kp, image_size, s, sg, dtype) for s, sg in zip(sizes, sigmas)]
 
 
 # ---------------------------------------------------------------- local descriptors (section 3.2)
@@ -201,6 +150,56 @@ def local_descriptors(kp: torch.Tensor, resolution: int, count: Optional[int] = 
     centers = (weights.unsqueeze(0).unsqueeze(-1) * present_kp.unsqueeze(1)).sum(2)
     centers = torch.where(valid.unsqueeze(-1), centers, torch.full_like(centers, MISSING))
     return centers, valid
+
+
+@dataclasses.dataclass(frozen=True)
+class StepGeometry:
+    """A training step's local geometry, built once from the keypoints and handed to every local term.
+
+    ``target_centers`` / ``target_valid``: the target pose's descriptors (B, N, 2) / (B, N), where the
+    generated and target images are cropped. ``reference_centers`` / ``reference_valid``: where the
+    reference image is cropped for the discriminator pairs: the reference's own descriptors (the same
+    body part), or the target's with ``reference_at="target"``. ``crop``: the crop side, R / 8.
+    N = 0 (``loss.descriptors: 0``) gives empty tensors.
+    """
+
+    resolution: int
+    crop: int
+    target_centers: torch.Tensor
+    target_valid: torch.Tensor
+    reference_centers: torch.Tensor
+    reference_valid: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return self.target_centers.shape[1]
+
+    @property
+    def pair_valid(self) -> torch.Tensor:
+        """(B, N) bool: descriptor d usable for a discriminator pair (valid in both poses)."""
+        return self.reference_valid & self.target_valid
+
+    @classmethod
+    def from_keypoints(cls, kp_reference: torch.Tensor, kp_target: torch.Tensor, resolution: int,
+                       count: Optional[int] = None, reference_at: str = "reference",
+                       device: Optional[torch.device] = None) -> "StepGeometry":
+        """From (B, 18, 2) (y, x) keypoints at ``resolution`` (moved to ``device`` once when given);
+        ``count`` descriptors per image (default: the paper's rule at ``resolution``)."""
+        if reference_at not in ("reference", "target"):
+            raise ValueError(f"reference_at must be 'reference' or 'target', got {reference_at!r}")
+        if device is not None:
+            kp_reference, kp_target = kp_reference.to(device), kp_target.to(device)
+        n = descriptor_count(resolution) if count is None else count
+        if n == 0:
+            empty = kp_target.new_zeros(kp_target.shape[0], 0, 2, dtype=torch.float32)
+            none = empty.new_zeros(empty.shape[:2], dtype=torch.bool)
+            return cls(resolution, crop_size(resolution), empty, none, empty, none)
+        centers_t, valid_t = local_descriptors(kp_target, resolution, n)
+        if reference_at == "target":
+            centers_r, valid_r = centers_t, valid_t
+        else:
+            centers_r, valid_r = local_descriptors(kp_reference, resolution, n)
+        return cls(resolution, crop_size(resolution), centers_t, valid_t, centers_r, valid_r)
 
 
 # ---------------------------------------------------------------- conversion from other formats

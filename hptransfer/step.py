@@ -37,6 +37,7 @@ def train_step(g_engine, generator, vgg, cfg, reference: torch.Tensor, target: t
     None, "skipped": bool, "d_skipped": bool, "fake": (B, 3, R, R) detached}.
     """
     R = reference.shape[-1]
+    geometry = losses.step_geometry(cfg.loss, kp_ref, kp_tgt, R, device=reference.device)  # once per step
     # BatchNorm running stats change in forward: kept to restore them if this step is skipped.
     saved_buffers = [b.detach().clone() for b in generator.buffers()]
     with phase("generator_forward"):
@@ -46,11 +47,9 @@ def train_step(g_engine, generator, vgg, cfg, reference: torch.Tensor, target: t
     if d_engine is not None:  # D step first, on the detached fake
         with phase("discriminator"):
             with backend.loss_autocast():
-                n = losses.descriptors_at(cfg.loss, R)
-                valid = losses.pair_validity(kp_ref, kp_tgt, R, count=n)
-                real_pairs = losses.local_discriminator_pairs(reference, target, kp_ref, kp_tgt, R, impl, count=n)
-                fake_pairs = losses.local_discriminator_pairs(reference, fake.detach(), kp_ref, kp_tgt, R, impl, count=n)
-                d_loss = losses.discriminator_loss(d_engine, real_pairs, fake_pairs, valid)
+                real_pairs = losses.local_discriminator_pairs(reference, target, geometry, impl)
+                fake_pairs = losses.local_discriminator_pairs(reference, fake.detach(), geometry, impl)
+                d_loss = losses.discriminator_loss(d_engine, real_pairs, fake_pairs, geometry.pair_valid)
             if backend.any_true(not _finite(d_loss)):
                 d_engine.skip()
                 d_skipped = True
@@ -59,8 +58,8 @@ def train_step(g_engine, generator, vgg, cfg, reference: torch.Tensor, target: t
                 d_engine.step()
 
     with backend.loss_autocast():
-        terms = losses.generator_loss(fake, target, kp_tgt, vgg, cfg.loss, criterion, reference=reference,
-                                kp_reference=kp_ref, disc=d_engine, impl=impl)
+        terms = losses.generator_loss(fake, target, geometry, vgg, cfg.loss, criterion, reference=reference,
+                                      disc=d_engine, impl=impl)
     if loss_hook is not None:
         terms = loss_hook(terms, info or {})
     skipped = backend.any_true(not _finite(terms["total"]))  # same answer on every rank

@@ -2,7 +2,7 @@
 
 For keypoints (B, 18, 2) (y, x) in pixels of an H x W image, writes the Gaussian maps of every
 requested map size into one flat buffer and returns a (B, 18, h, w) view per size. Keypoints are
-mapped to map pixels inside the kernel exactly as ``hptransfer.pose.heatmaps_reference`` does:
+mapped to map pixels inside the kernel exactly as ``hptransfer.ops.heatmaps_reference`` does:
 ``u_map = (u_img + 0.5) * map / image - 0.5``; a keypoint with a negative coordinate gives zeros.
 Each output element is written once; the only other memory is a tiny per-launch tile table.
 

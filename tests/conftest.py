@@ -69,3 +69,9 @@ def random_keypoints(batch: int, resolution: int, gen: torch.Generator, missing:
 # the CPU runs them in the interpreter. One process cannot do both (TRITON_INTERPRET is read when a
 # kernel module is imported), so on a GPU machine the CUDA cases replace the CPU ones.
 KERNEL_DEVICES = [pytest.param("cuda", marks=pytest.mark.cuda)] + ([] if torch.cuda.is_available() else ["cpu"])
+
+
+def descriptors(kp: torch.Tensor, images: torch.Tensor, count=None):
+    """(centers, valid) of keypoints ``kp`` at the resolution of ``images``: the local loss's descriptor arguments."""
+    from hptransfer.pose import local_descriptors
+    return local_descriptors(kp, images.shape[-1], count)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hptransfer import losses
+from hptransfer import losses, pose
 from hptransfer.config import ConfigError, LossConfig, load_config, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,13 +96,16 @@ def test_descriptors_setting_reaches_the_local_loss_and_the_discriminator_pairs(
     kp_r, kp_t = random_keypoints(2, R, rng), random_keypoints(2, R, rng)
     fake = g(ref, kp_t)
     cfg = LossConfig(descriptors=44, local_min_crop=8, local_perceptual_at_top=True, disc_at_resolution=R)
-    out = losses.generator_loss(fake, tgt, kp_t, vgg, cfg, "l2", reference=ref, kp_reference=kp_r,
+    geometry = losses.step_geometry(cfg, kp_r, kp_t, R)
+    out = losses.generator_loss(fake, tgt, geometry, vgg, cfg, "l2", reference=ref,
                                 disc=LocalDiscriminator(tiny_cfg, 44, R // 8), impl="reference")
-    want = ops.local_perceptual_loss(fake, tgt, kp_t, vgg, "l2", impl="reference", min_crop=8, count=44)
-    default = ops.local_perceptual_loss(fake, tgt, kp_t, vgg, "l2", impl="reference", min_crop=8)
+    want = ops.local_perceptual_loss(fake, tgt, *pose.local_descriptors(kp_t, R, 44), vgg, "l2", impl="reference",
+                                     min_crop=8)
+    default = ops.local_perceptual_loss(fake, tgt, *pose.local_descriptors(kp_t, R), vgg, "l2", impl="reference",
+                                        min_crop=8)
     torch.testing.assert_close(out["local"], want)
     assert not torch.allclose(want, default)  # 44 descriptors, not the 18 of the rule at 64 px
-    assert losses.local_discriminator_pairs(ref, tgt, kp_r, kp_t, R, "reference", count=44).shape[1] == 44
+    assert geometry.count == 44 and losses.local_discriminator_pairs(ref, tgt, geometry, "reference").shape[1] == 44
 
 
 # ---------------------------------------------------------------- --init-from

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_keypoints
+from conftest import descriptors, random_keypoints
 from hptransfer import ops, pose
 from hptransfer.ops import _dispatch
 from hptransfer.ops._dispatch import FastPathUnavailable
@@ -60,7 +60,7 @@ def test_heatmaps_launch_under_the_keypoints_device(monkeypatch):
 
     seen = _record_guards(monkeypatch, kernel_module)
     kp = random_keypoints(2, 64, torch.Generator().manual_seed(0), missing=1)
-    pose.heatmaps_multi(kp, (64, 64), [(32, 32), (64, 64)], impl="fast")
+    ops.heatmaps_multi(kp, (64, 64), [(32, 32), (64, 64)], impl="fast")
     assert seen == [kp.device]
 
 
@@ -75,7 +75,7 @@ def test_device_guard_selects_the_cuda_index():
 def test_inputs_on_different_devices_are_refused_clearly():
     fake, real, kp = _case(1, 64, seed=0)
     with pytest.raises(ValueError, match="one device.*fake on cpu, real on meta"):
-        ops.local_perceptual_loss(fake, real.to("meta"), kp, SmallFeatures(), "l1")
+        ops.local_perceptual_loss(fake, real.to("meta"), *descriptors(kp, real.to("meta")), SmallFeatures(), "l1")
 
 
 @pytest.mark.cuda
@@ -90,11 +90,11 @@ def test_second_gpu_while_first_is_current():
     want = ops.gather_crops(fake, centers, 8, impl="reference", normalize=True)
     got = ops.gather_crops(fake.to(dev), centers, 8, impl="fast", normalize=True)  # centres on the CPU: moved
     torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-6)
-    maps = pose.heatmaps(kp.to(dev), (64, 64), (32, 32), impl="fast")
-    torch.testing.assert_close(maps.cpu(), pose.heatmaps(kp, (64, 64), (32, 32), impl="reference"), atol=1e-5, rtol=0)
+    maps = ops.heatmaps(kp.to(dev), (64, 64), (32, 32), impl="fast")
+    torch.testing.assert_close(maps.cpu(), ops.heatmaps(kp, (64, 64), (32, 32), impl="reference"), atol=1e-5, rtol=0)
     vgg = SmallFeatures()
-    ref = ops.local_perceptual_loss(fake, real, kp, vgg, "l2", impl="reference")
-    out = ops.local_perceptual_loss(fake.to(dev), real.to(dev), kp, vgg.to(dev), "l2", impl="fast")
+    ref = ops.local_perceptual_loss(fake, real, *descriptors(kp, real), vgg, "l2", impl="reference")
+    out = ops.local_perceptual_loss(fake.to(dev), real.to(dev), *descriptors(kp, real.to(dev)), vgg.to(dev), "l2", impl="fast")
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-6)
     assert torch.cuda.current_device() == 0
 
@@ -151,7 +151,7 @@ def test_local_loss_never_uses_bilinear_interpolate(monkeypatch):
     for impl in ("reference", "fast"):
         x = fake.clone().requires_grad_()
         with deterministic_mode():
-            ops.local_perceptual_loss(x, real, kp, SmallFeatures(), "l2", impl=impl, min_crop=16).backward()
+            ops.local_perceptual_loss(x, real, *descriptors(kp, real), SmallFeatures(), "l2", impl=impl, min_crop=16).backward()
         assert x.grad.abs().sum() > 0
 
 
@@ -180,12 +180,12 @@ def test_missing_extension_still_batches_vgg(monkeypatch, fresh_warnings):
     monkeypatch.setattr(_dispatch, "_load_extension", lambda: (None, "ImportError: simulated"))
     fake, real, kp = _case(2, 64, seed=4, missing=2)
     vgg = CountingFeatures()
-    want = ops.local_perceptual_loss(fake, real, kp, vgg, "l2", impl="reference")
+    want = ops.local_perceptual_loss(fake, real, *descriptors(kp, real), vgg, "l2", impl="reference")
     vgg.calls.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         x = fake.clone().requires_grad_()
-        got = ops.local_perceptual_loss(x, real, kp, vgg, "l2", impl="auto")
+        got = ops.local_perceptual_loss(x, real, *descriptors(kp, real), vgg, "l2", impl="auto")
         got.backward()
     assert len(vgg.calls) == 2, vgg.calls
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
@@ -260,7 +260,7 @@ def test_local_loss_crops_in_the_callers_precision(autocast_dtype):
     vgg = DtypeSpy()
     ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with ctx:
-        loss = ops.local_perceptual_loss(fake.clone().requires_grad_(), real, kp, vgg, "l1", impl="fast", min_crop=16)
+        loss = ops.local_perceptual_loss(fake.clone().requires_grad_(), real, *descriptors(kp, real), vgg, "l1", impl="fast", min_crop=16)
     assert vgg.dtypes == [autocast_dtype or torch.float32] * 2
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
@@ -270,9 +270,9 @@ def test_cuda_fp32_local_loss_is_fp32():
     """Without autocast the GPU path is fp32 (it forced bf16 before): it matches the reference closely."""
     vgg = DtypeSpy()
     fake, real, kp = _case(2, 64, seed=6)
-    ref = ops.local_perceptual_loss(fake, real, kp, vgg, "l2", impl="reference")
+    ref = ops.local_perceptual_loss(fake, real, *descriptors(kp, real), vgg, "l2", impl="reference")
     vgg.dtypes.clear()
     vc = vgg.cuda()
-    got = ops.local_perceptual_loss(fake.cuda(), real.cuda(), kp.cuda(), vc, "l2", impl="fast")
+    got = ops.local_perceptual_loss(fake.cuda(), real.cuda(), *descriptors(kp.cuda(), real.cuda()), vc, "l2", impl="fast")
     assert set(vc.dtypes) == {torch.float32}
     torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-6)

@@ -1,4 +1,4 @@
-"""Fused Triton heatmaps against the dense torch reference (``hptransfer.pose.heatmaps_reference``).
+"""Fused Triton heatmaps against the dense torch reference (``hptransfer.ops.heatmaps_reference``).
 
 On a machine without a GPU the kernel runs in Triton's interpreter (conftest sets TRITON_INTERPRET=1);
 ``cuda`` cases run the compiled kernel where a GPU is present.
@@ -10,7 +10,7 @@ import torch
 
 from conftest import KERNEL_DEVICES
 from hptransfer.ops import FastPathUnavailable
-from hptransfer.pose import heatmaps, heatmaps_multi, heatmaps_reference
+from hptransfer.ops import heatmaps, heatmaps_multi, heatmaps_reference
 
 # (dtype, atol): fp32 differs only by exp() rounding; bf16/fp16 by one unit in the last place
 # of values <= 1 (2^-8 for bf16, 2^-11 for fp16), since both round slightly different fp32 values.

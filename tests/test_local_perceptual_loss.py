@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import random_keypoints
-from hptransfer import ops
+from conftest import descriptors, random_keypoints
+from hptransfer import ops, pose
 from hptransfer.models import VGG16Features
 from hptransfer.ops import _dispatch
 from hptransfer.ops._dispatch import FastPathUnavailable
@@ -50,7 +50,7 @@ def _both(fake, real, kp, vgg, criterion, **kw):
     out = []
     for impl in ("reference", "fast"):
         x = fake.clone().requires_grad_()
-        loss = ops.local_perceptual_loss(x, real, kp, vgg, criterion, impl=impl, **kw)
+        loss = ops.local_perceptual_loss(x, real, *descriptors(kp, real), vgg, criterion, impl=impl, **kw)
         loss.backward()
         out.append((loss.detach(), x.grad))
     return out
@@ -92,8 +92,8 @@ def test_fast_without_autograd_and_count():
     vgg = SmallFeatures(1)
     fake, real, kp = _case(2, 128, seed=2)
     with torch.no_grad():
-        ref = ops.local_perceptual_loss(fake, real, kp, vgg, "l2", impl="reference", count=18, min_crop=16)
-        fast = ops.local_perceptual_loss(fake, real, kp, vgg, "l2", impl="fast", count=18, min_crop=16)
+        ref = ops.local_perceptual_loss(fake, real, *descriptors(kp, real, 18), vgg, "l2", impl="reference", min_crop=16)
+        fast = ops.local_perceptual_loss(fake, real, *descriptors(kp, real, 18), vgg, "l2", impl="fast", min_crop=16)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-7)
 
 
@@ -102,7 +102,7 @@ def test_all_descriptors_missing_gives_zero():
     fake, real, _ = _case(1, 64, seed=3)
     kp = torch.full((1, 18, 2), -1.0)
     x = fake.clone().requires_grad_()
-    loss = ops.local_perceptual_loss(x, real, kp, vgg, "l1", impl="fast")
+    loss = ops.local_perceptual_loss(x, real, *descriptors(kp, real), vgg, "l1", impl="fast")
     loss.backward()
     assert loss.item() == 0.0 and x.grad.abs().sum() == 0
 
@@ -110,12 +110,15 @@ def test_all_descriptors_missing_gives_zero():
 def test_fast_errors():
     vgg = SmallFeatures()
     fake, real, kp = _case(1, 64, seed=4)
+    centers, valid = pose.local_descriptors(kp, 64)
     with pytest.raises(ValueError, match="criterion"):
-        ops.local_perceptual_loss(fake, real, kp, vgg, "l3", impl="fast")
+        ops.local_perceptual_loss(fake, real, centers, valid, vgg, "l3", impl="fast")
     with pytest.raises(ValueError, match="layer weights"):
-        ops.local_perceptual_loss(fake, real, kp, vgg, "l1", impl="fast", layer_weights=[1.0])
+        ops.local_perceptual_loss(fake, real, centers, valid, vgg, "l1", impl="fast", layer_weights=[1.0])
     with pytest.raises(ValueError, match="same shape"):
-        ops.local_perceptual_loss(fake, real[..., :32, :32], kp, vgg, "l1", impl="fast")
+        ops.local_perceptual_loss(fake, real[..., :32, :32], centers, valid, vgg, "l1", impl="fast")
+    with pytest.raises(ValueError, match="centers must be"):
+        ops.local_perceptual_loss(fake, real, centers, valid[:, :5], vgg, "l1", impl="fast")
 
 
 @pytest.fixture
@@ -129,10 +132,10 @@ def broken_extension(monkeypatch):
 def test_auto_falls_back_with_one_warning(broken_extension):
     vgg = SmallFeatures()
     fake, real, kp = _case(1, 64, seed=5)
-    want = ops.local_perceptual_loss(fake, real, kp, vgg, "l2", impl="reference")
+    want = ops.local_perceptual_loss(fake, real, *descriptors(kp, real), vgg, "l2", impl="reference")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = [ops.local_perceptual_loss(fake, real, kp, vgg, "l2", impl="auto") for _ in range(3)]
+        got = [ops.local_perceptual_loss(fake, real, *descriptors(kp, real), vgg, "l2", impl="auto") for _ in range(3)]
     ours = [w for w in caught if "local_perceptual_loss" in str(w.message)]
     assert len(ours) == 1, [str(w.message) for w in caught]
     assert "simulated build failure" in str(ours[0].message) and issubclass(ours[0].category, RuntimeWarning)
@@ -147,14 +150,14 @@ def test_fast_raises_when_extension_missing(broken_extension):
     vgg = SmallFeatures()
     fake, real, kp = _case(1, 64, seed=6)
     with pytest.raises(FastPathUnavailable, match="impl='fast' cannot run here.*simulated build failure"):
-        ops.local_perceptual_loss(fake, real, kp, vgg, "l2", impl="fast")
+        ops.local_perceptual_loss(fake, real, *descriptors(kp, real), vgg, "l2", impl="fast")
 
 
 def test_strict_turns_fallback_into_error(broken_extension, monkeypatch):
     monkeypatch.setenv("HPTRANSFER_STRICT", "1")
     fake, real, kp = _case(1, 64, seed=7)
     with pytest.raises(FastPathUnavailable, match="HPTRANSFER_STRICT"):
-        ops.local_perceptual_loss(fake, real, kp, SmallFeatures(), "l2", impl="auto")
+        ops.local_perceptual_loss(fake, real, *descriptors(kp, real), SmallFeatures(), "l2", impl="auto")
 
 
 @pytest.mark.cuda
@@ -165,12 +168,12 @@ def test_fast_cuda_matches_cpu_reference(R, B, criterion):
     vgg = VGG16Features("random")
     fake, real, kp = _case(B, R, seed=8)
     x = fake.clone().requires_grad_()
-    ref = ops.local_perceptual_loss(x, real, kp, vgg, criterion, impl="reference")
+    ref = ops.local_perceptual_loss(x, real, *descriptors(kp, real), vgg, criterion, impl="reference")
     ref.backward()
     vc = vgg.cuda()
     xc = fake.cuda().requires_grad_()
     with torch.autocast("cuda", dtype=torch.bfloat16):  # the caller chooses the precision
-        got = ops.local_perceptual_loss(xc, real.cuda(), kp.cuda(), vc, criterion, impl="fast")
+        got = ops.local_perceptual_loss(xc, real.cuda(), *descriptors(kp.cuda(), real.cuda()), vc, criterion, impl="fast")
     got.backward()
     torch.testing.assert_close(got.cpu(), ref.detach(), rtol=3e-2, atol=1e-6)
     cos = torch.nn.functional.cosine_similarity(xc.grad.cpu().flatten(), x.grad.flatten(), dim=0)
@@ -192,12 +195,12 @@ def test_fast_batches_vgg_calls():
     descriptors); without autograd: one call on both halves. The reference calls VGG 2*N times."""
     fake, real, kp = _case(2, 64, seed=9, missing=2)  # 16 valid descriptors per image
     vgg = CountingFeatures()
-    ops.local_perceptual_loss(fake.clone().requires_grad_(), real, kp, vgg, "l2", impl="fast")
+    ops.local_perceptual_loss(fake.clone().requires_grad_(), real, *descriptors(kp, real), vgg, "l2", impl="fast")
     assert vgg.calls == [(32, True, True), (32, False, True)]
     vgg.calls.clear()
     with torch.no_grad():
-        ops.local_perceptual_loss(fake, real, kp, vgg, "l2", impl="fast")
+        ops.local_perceptual_loss(fake, real, *descriptors(kp, real), vgg, "l2", impl="fast")
     assert vgg.calls == [(64, False, True)]
     vgg.calls.clear()
-    ops.local_perceptual_loss(fake.clone().requires_grad_(), real, kp, vgg, "l2", impl="reference")
+    ops.local_perceptual_loss(fake.clone().requires_grad_(), real, *descriptors(kp, real), vgg, "l2", impl="reference")
     assert len(vgg.calls) == 2 * 18

@@ -98,7 +98,8 @@ def test_global_and_local_share_the_criterion(vgg, rng):
     cf = ops.gather_crops_reference(fake, centers[:, 4:5], s)
     cr = ops.gather_crops_reference(real, centers[:, 4:5], s)
     for crit in ("l1", "l2"):
-        local = ops.local_perceptual_loss(fake, real, kp, vgg, crit, impl="reference", min_crop=s)
+        local = ops.local_perceptual_loss(fake, real, *pose.local_descriptors(kp, R), vgg, crit, impl="reference",
+                                          min_crop=s)
         torch.testing.assert_close(local, losses.global_perceptual_loss(cf, cr, vgg, crit), rtol=1e-5, atol=1e-7)
 
 
@@ -110,7 +111,8 @@ def test_discriminator_pairs_geometry(rng):
     kp_t = random_keypoints(B, R, rng)
     kp_r[0, 3] = -1  # missing in the reference only
     kp_t[1, 7] = -1  # missing in the target only
-    pairs = losses.local_discriminator_pairs(ref, other, kp_r, kp_t, R, impl="reference")
+    geometry = pose.StepGeometry.from_keypoints(kp_r, kp_t, R)
+    pairs = losses.local_discriminator_pairs(ref, other, geometry, impl="reference")
     s, N = R // 8, 18
 
     def crop(img, cy, cx):
@@ -135,14 +137,15 @@ def test_discriminator_pairs_geometry(rng):
             ty, tx = (yt, xt) if kp_t[b, d, 0] >= 0 else (-1, -1)
             torch.testing.assert_close(pairs[b, d, :3], crop(ref[b], ry, rx), msg=f"X_d b={b} d={d}")
             torch.testing.assert_close(pairs[b, d, 3:], crop(other[b], ty, tx), msg=f"other b={b} d={d}")
-    valid = losses.pair_validity(kp_r, kp_t, R)
+    valid = geometry.pair_valid
     assert valid.shape == (B, N)
     assert not valid[0, 3] and not valid[1, 7] and valid[0, 7] and valid[1, 3]
     # limb descriptors at 256 px: invalid when a limb end is missing in either pose
-    v256 = losses.pair_validity(kp_r * 2, kp_t * 2, 256)
+    v256 = pose.StepGeometry.from_keypoints(kp_r * 2, kp_t * 2, 256).pair_valid
     assert v256.shape == (B, 31) and not v256[0, 18 + 3] and not v256[1, 18 + 6]  # limbs (3,4) and (6,7)
     # option: the reference cropped at the target's location
-    pt = losses.local_discriminator_pairs(ref, other, kp_r, kp_t, R, impl="reference", reference_at="target")
+    at_target = pose.StepGeometry.from_keypoints(kp_r, kp_t, R, reference_at="target")
+    pt = losses.local_discriminator_pairs(ref, other, at_target, impl="reference")
     torch.testing.assert_close(pt[1, 5, :3], crop(ref[1], *(int(torch.floor(v + 0.5)) for v in kp_t[1, 5])))
 
 
@@ -208,8 +211,8 @@ def test_gradients_reach_every_generator_parameter(term, tiny_cfg, vgg, rng):
                      disc_at_resolution=64 if term == "adv" else 1024, local_min_crop=16)
     disc = LocalDiscriminator(tiny_cfg, 18, 8)
     fake = g(ref, kp_t)
-    out = losses.generator_loss(fake, tgt, kp_t, vgg, cfg, "l2", reference=ref, kp_reference=kp_r,
-                                disc=disc, impl="reference")
+    out = losses.generator_loss(fake, tgt, losses.step_geometry(cfg, kp_r, kp_t, 64), vgg, cfg, "l2",
+                                reference=ref, disc=disc, impl="reference")
     assert float(out[term].detach()) > 0
     out[term].backward()
     for name, p in g.named_parameters():
@@ -224,18 +227,18 @@ def test_generator_loss_weights_and_stage_terms(tiny_cfg, rng):
     disc = LocalDiscriminator(tiny_cfg, 18, 8)
     cfg = LossConfig(global_weight=2.0, local_weight=0.5, adv_weight=0.1, disc_at_resolution=64, local_min_crop=8,
                      local_perceptual_at_top=True)  # both local terms, to check the weighted sum
-    out = losses.generator_loss(fake, tgt, kp_t, f, cfg, "l1", reference=ref, kp_reference=kp_r, disc=disc,
-                                impl="reference")
+    geometry = losses.step_geometry(cfg, kp_r, kp_t, 64)
+    out = losses.generator_loss(fake, tgt, geometry, f, cfg, "l1", reference=ref, disc=disc, impl="reference")
     assert set(out) == {"global", "local", "adv", "total"}
     assert all(float(out[k].detach()) > 0 for k in ("global", "local", "adv"))
     torch.testing.assert_close(out["total"], 2.0 * out["global"] + 0.5 * out["local"] + 0.1 * out["adv"])
     torch.testing.assert_close(out["global"], losses.global_perceptual_loss(fake, tgt, f, "l1"))
     # below the discriminator stage: no adversarial term, no disc needed
     cfg_low = LossConfig(disc_at_resolution=128, local_min_crop=8)
-    low = losses.generator_loss(fake, tgt, kp_t, f, cfg_low, "l2", impl="reference")
+    low = losses.generator_loss(fake, tgt, geometry, f, cfg_low, "l2", impl="reference")
     assert float(low["adv"]) == 0.0 and float(low["local"].detach()) > 0
     # at the discriminator stage "in replacement": local term off
     top = losses.active_terms(LossConfig(disc_at_resolution=64, local_perceptual_at_top=False), 64)
     assert top == {"local": False, "adv": True}
     with pytest.raises(ValueError, match="disc"):
-        losses.generator_loss(fake, tgt, kp_t, f, cfg, "l2", impl="reference")
+        losses.generator_loss(fake, tgt, geometry, f, cfg, "l2", impl="reference")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import random_keypoints
-from hptransfer import pose
+from hptransfer import ops, pose
 from hptransfer.ops import gather_crops_reference
 
 
@@ -22,7 +22,7 @@ def test_heatmap_maxima_at_keypoints():
     for i, (y, x) in enumerate(cells):
         kp[0, i] = torch.tensor([2 * y + 0.5, 2 * x + 0.5])
     kp[1, 7] = torch.tensor([2 * 7 + 0.5, 2 * 9 + 0.5])
-    maps = pose.heatmaps(kp, (64, 64), (32, 32), impl="reference")
+    maps = ops.heatmaps(kp, (64, 64), (32, 32), impl="reference")
     assert maps.shape == (2, 18, 32, 32) and maps.dtype == torch.float32
     for i, (y, x) in enumerate(cells):
         assert divmod(int(maps[0, i].argmax()), 32) == (y, x)
@@ -36,7 +36,7 @@ def test_missing_is_any_negative_coordinate():
     kp = torch.full((1, 18, 2), 10.0)
     kp[0, 0] = torch.tensor([-1.0, 5.0])
     kp[0, 1] = torch.tensor([5.0, -3.0])
-    maps = pose.heatmaps(kp, (32, 32), (32, 32), impl="reference")
+    maps = ops.heatmaps(kp, (32, 32), (32, 32), impl="reference")
     assert maps[0, :2].abs().max() == 0 and maps[0, 2:].amax(dim=(1, 2)).min() > 0.99
 
 
@@ -45,7 +45,7 @@ def test_sigma_honoured_fwhm(sigma):
     # the full width at half maximum of exp(-d^2 / 2 sigma^2) is 2 sqrt(2 ln 2) sigma
     kp = torch.full((1, 18, 2), -1.0)
     kp[0, 0] = torch.tensor([32.0, 32.0])
-    m = pose.heatmaps(kp, (64, 64), (64, 64), sigma=sigma, impl="reference")[0, 0]
+    m = ops.heatmaps(kp, (64, 64), (64, 64), sigma=sigma, impl="reference")[0, 0]
     row = m[32].double()
     xs = torch.arange(64, dtype=torch.float64)
     above = xs[row >= 0.5]
@@ -64,17 +64,17 @@ def test_default_sigma_scales_with_map():
     assert pose.default_sigma(128) == pytest.approx(12.8)
     kp = torch.full((1, 18, 2), -1.0)
     kp[0, 0] = torch.tensor([64.0, 64.0])
-    m = pose.heatmaps(kp, (128, 128), (128, 128), impl="reference")[0, 0]
+    m = ops.heatmaps(kp, (128, 128), (128, 128), impl="reference")[0, 0]
     assert float(m[64, 64 + 10]) == pytest.approx(math.exp(-100 / (2 * 12.8 ** 2)), rel=1e-5)
 
 
 def test_heatmaps_multi_matches_single(rng):
     kp = random_keypoints(2, 256, rng, missing=2)
-    multi = pose.heatmaps_multi(kp, (256, 256), [(32, 32), (64, 64)], impl="reference")
+    multi = ops.heatmaps_multi(kp, (256, 256), [(32, 32), (64, 64)], impl="reference")
     for m, s in zip(multi, (32, 64)):
-        torch.testing.assert_close(m, pose.heatmaps(kp, (256, 256), (s, s), impl="reference"))
+        torch.testing.assert_close(m, ops.heatmaps(kp, (256, 256), (s, s), impl="reference"))
     with pytest.raises(ValueError, match=r"\(B, 18, 2\)"):
-        pose.heatmaps(torch.zeros(1, 17, 2), (64, 64), (32, 32))
+        ops.heatmaps(torch.zeros(1, 17, 2), (64, 64), (32, 32))
 
 
 # ---------------------------------------------------------------- local descriptors

@@ -60,7 +60,8 @@ def test_generator_loss_marks_its_phases(tiny_cfg, vgg, rng):
     ref, tgt, kr, kt = _inputs(rng)
     fake = g(ref, kt)
     with PhaseTimer() as t:
-        a = losses.generator_loss(fake, tgt, kt, vgg, _loss_cfg(disc=True), "l1", reference=ref, kp_reference=kr,
+        cfg = _loss_cfg(disc=True)
+        a = losses.generator_loss(fake, tgt, losses.step_geometry(cfg, kr, kt, R), vgg, cfg, "l1", reference=ref,
                                   disc=d, impl="reference")
     assert {"global_vgg", "local_vgg", "discriminator"} <= set(t.totals())
     assert float(a["adv"].detach()) != 0 and float(a["local"].detach()) != 0
@@ -84,15 +85,18 @@ def test_train_step_matches_the_loop_written_out(tiny_cfg, vgg, rng, disc):
     fake = g2(ref, kt)
     if disc:
         do = torch.optim.Adam(d2.parameters(), lr=1e-3)
-        valid = losses.pair_validity(kr, kt, R)
-        d_loss = losses.discriminator_loss(d2, losses.local_discriminator_pairs(ref, tgt, kr, kt, R, "reference"),
-                                           losses.local_discriminator_pairs(ref, fake.detach(), kr, kt, R, "reference"),
-                                           valid)
+        # descriptors written out directly (not through losses.step_geometry)
+        centers_r, valid_r = pose.local_descriptors(kr, R)
+        centers_t, valid_t = pose.local_descriptors(kt, R)
+        geometry = pose.StepGeometry(R, R // 8, centers_t, valid_t, centers_r, valid_r)
+        d_loss = losses.discriminator_loss(d2, losses.local_discriminator_pairs(ref, tgt, geometry, "reference"),
+                                           losses.local_discriminator_pairs(ref, fake.detach(), geometry, "reference"),
+                                           valid_r & valid_t)
         d_loss.backward()
         do.step()
         torch.testing.assert_close(out["d_loss"], d_loss)
-    terms = losses.generator_loss(fake, tgt, kt, vgg, cfg, "l2", reference=ref, kp_reference=kr, disc=d2,
-                                  impl="reference")
+    geometry = pose.StepGeometry(R, R // 8, *pose.local_descriptors(kt, R), *pose.local_descriptors(kr, R))
+    terms = losses.generator_loss(fake, tgt, geometry, vgg, cfg, "l2", reference=ref, disc=d2, impl="reference")
     terms["total"].backward()
     go.step()
     torch.testing.assert_close(out["terms"]["total"], terms["total"])

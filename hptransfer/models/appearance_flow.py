@@ -5,7 +5,7 @@ layer that applies them.
 Inputs (B = batch, R = resolution): the masked garment image (B, 3, R, R) in [-1, 1] (zero outside
 its mask), the source garment mask (B, 1, R, R) in [0, 1], the target garment region (B, 1, R, R)
 (where the garment may lie on the target person: clothes and arms), and both poses as (B, 18, 2)
-(y, x) keypoints, turned into Gaussian heatmaps inside (:func:`hptransfer.pose.heatmaps`).
+(y, x) keypoints, turned into Gaussian heatmaps inside (:func:`hptransfer.ops.heatmaps`).
 
 Architecture (coarse-to-fine residual flows, as in appearance-flow peers such as ClothFlow/PF-AFN):
 two small encoders (garment + mask + source heatmaps; target region + target heatmaps) build feature
@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hptransfer import pose
+from hptransfer import ops, pose
 
 
 def base_grid(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -125,7 +125,7 @@ class AppearanceFlow(nn.Module):
     # ---- the network
     def heatmaps(self, kp: torch.Tensor, size: int, dtype) -> torch.Tensor:
         sigma = pose.default_sigma(size, self.pose_sigma)
-        return pose.heatmaps(kp.float(), (size, size), (size, size), sigma=sigma, impl=self.kernels).to(dtype)
+        return ops.heatmaps(kp.float(), (size, size), (size, size), sigma=sigma, impl=self.kernels).to(dtype)
 
     def forward(self, garment: torch.Tensor, source_mask: torch.Tensor, target_region: torch.Tensor,
                 kp_source: torch.Tensor, kp_target: torch.Tensor) -> dict:

@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from hptransfer import pose
+from hptransfer import ops, pose
 from hptransfer.config import ModelConfig, channels_at
 
 log = logging.getLogger(__name__)
@@ -289,7 +289,7 @@ class Generator(nn.Module):
         if self.cfg.pose_at_every_scale:
             sides += [self.base * 2 ** i for i in range(int(math.log2(R // self.base)) + 1)]
         sigmas = [pose.default_sigma(s, self.cfg.pose_sigma, b) for s in sides]
-        maps = pose.heatmaps_multi(kp, (R, R), [(s, s) for s in sides], sigmas, impl=self.kernels, dtype=dtype)
+        maps = ops.heatmaps_multi(kp, (R, R), [(s, s) for s in sides], sigmas, impl=self.kernels, dtype=dtype)
         return dict(zip(sides, maps))
 
     def forward(self, reference: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:

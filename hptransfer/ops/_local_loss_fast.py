@@ -29,7 +29,7 @@ import torch
 
 from hptransfer.ops._dispatch import extension, use_fast
 from hptransfer.ops.gather_crops import gather_crops
-from hptransfer.ops.local_perceptual_loss import _prepare, upsample_crops
+from hptransfer.ops._crops import prepare_crops, upsample_crops
 from hptransfer.ops.perceptual_distance import CRITERIA, perceptual_distance
 
 
@@ -49,11 +49,11 @@ def _gather(images: torch.Tensor, centers: torch.Tensor, size: int, impl: str, d
     return gather_crops(images, centers, size, impl="reference", normalize=True, out_dtype=dtype)
 
 
-def local_perceptual_loss_batched(fake: torch.Tensor, real: torch.Tensor, kp: torch.Tensor, vgg, criterion: str,
-                                  impl: str = "auto", layer_weights: Optional[Sequence[float]] = None,
-                                  min_crop: int = 32, count: Optional[int] = None) -> torch.Tensor:
+def local_perceptual_loss_batched(fake: torch.Tensor, real: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor,
+                                  vgg, criterion: str, impl: str = "auto",
+                                  layer_weights: Optional[Sequence[float]] = None, min_crop: int = 32) -> torch.Tensor:
     """Local perceptual loss, batched. Arguments and result as ``local_perceptual_loss``:
-    ``fake``, ``real`` (B, 3, R, R) in [-1, 1]; ``kp`` (B, 18, 2) (y, x) target keypoints at R;
+    ``fake``, ``real`` (B, 3, R, R) in [-1, 1]; ``centers`` (B, N, 2), ``valid`` (B, N) at R;
     ``vgg(x, input_normalized=True) -> list`` of (B*N, C_l, h_l, w_l) features. Returns a float32 scalar,
     differentiable with respect to ``fake`` (``real`` gets no gradient).
     """
@@ -61,7 +61,7 @@ def local_perceptual_loss_batched(fake: torch.Tensor, real: torch.Tensor, kp: to
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     fused = use_fast("local_perceptual_loss", fake, impl, backend="extension",
                      fallback_to="a torch criterion on the batched VGG features (no fused distance)")
-    centers, valid, size, out_size = _prepare(fake, real, kp, min_crop, count)
+    centers, valid, size, out_size = prepare_crops(fake, real, centers, valid, min_crop)
     B, N = valid.shape
     M = B * N
     dtype = crop_dtype(fake.device, fake.dtype)

@@ -1,7 +1,9 @@
 """Local perceptual loss (eq. 3): sum over descriptors d and VGG layers l of C(phi_l(X'_d), phi_l(X^_d)).
 
 Conventions shared by the reference and the fast path:
-- descriptors from ``hptransfer.pose.local_descriptors(kp, resolution)``; crop side resolution / 8;
+- crops centred at given descriptor centres (B, N, 2) (y, x) with a validity mask (B, N): a step's
+  ``pose.StepGeometry`` (``target_centers``, ``target_valid``) or ``pose.local_descriptors(kp, R)``;
+  crop side resolution / 8 (``pose.crop_size``);
 - crops are ImageNet-normalised as gathered, so pixels outside the image are 0 after normalisation;
 - crops smaller than ``min_crop`` are upsampled (bilinear, :func:`upsample_crops`) to ``min_crop`` before VGG;
 - C is the mean over (channels, h, w) of the squared ("l2") or absolute ("l1") difference, per crop;
@@ -11,59 +13,22 @@ Conventions shared by the reference and the fast path:
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from hptransfer.ops._dispatch import IMPLS, device_of
+from hptransfer.ops._crops import prepare_crops, upsample_crops  # noqa: F401  (upsample_crops: public here)
+from hptransfer.ops._dispatch import IMPLS
+from hptransfer.ops._local_loss_fast import local_perceptual_loss_batched
 from hptransfer.ops.gather_crops import gather_crops_reference
 from hptransfer.ops.perceptual_distance import criterion_per_sample
 
-@functools.lru_cache(maxsize=64)
-def _interpolation_matrix(src: int, dst: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(dst, src) weights of 1-D linear interpolation, align_corners=False: row i holds the weights
-    ``F.interpolate(mode="linear")`` gives output i (made by interpolating the identity, so the two agree)."""
-    eye = torch.eye(src, dtype=torch.float64).unsqueeze(0)  # channel c = one-hot input at c
-    weights = F.interpolate(eye, size=dst, mode="linear", align_corners=False)[0]  # (src, dst)
-    return weights.t().contiguous().to(device=device, dtype=dtype)
 
-
-def upsample_crops(crops: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear upsampling (align_corners=False) of (M, C, s, s) crops to (M, C, size, size), as
-    ``F.interpolate(crops, size, mode="bilinear")`` computes it, but as two small matmuls with a fixed
-    interpolation matrix A: ``A @ crop @ A^T``. Its backward is two matmuls too, so it is deterministic on
-    every device (``F.interpolate``'s bilinear backward uses atomics on CUDA and raises under
-    ``torch.use_deterministic_algorithms(True)``)."""
-    s = crops.shape[-1]
-    if crops.shape[-2] != s:
-        raise ValueError(f"crops must be square, got {tuple(crops.shape)}")
-    if size == s:
-        return crops
-    a = _interpolation_matrix(s, int(size), crops.device, crops.dtype if crops.is_floating_point() else torch.float32)
-    return torch.matmul(torch.matmul(a, crops), a.t())
-
-
-def _prepare(fake, real, kp, min_crop, count):
-    from hptransfer.pose import crop_size, local_descriptors  # pose is a sibling layer
-    if fake.shape != real.shape:
-        raise ValueError(f"fake and real must have the same shape, got {tuple(fake.shape)} and {tuple(real.shape)}")
-    device = device_of(fake, real, names=("fake", "real"))
-    if kp.device != device:  # keypoints from the CPU data pipeline: moved once
-        kp = kp.to(device)
-    resolution = fake.shape[-1]
-    centers, valid = local_descriptors(kp, resolution, count)
-    size = crop_size(resolution)
-    out_size = max(size, int(min_crop or 0))
-    return centers, valid, size, out_size
-
-
-def local_perceptual_loss_reference(fake: torch.Tensor, real: torch.Tensor, kp: torch.Tensor, vgg, criterion: str,
-                                    layer_weights: Optional[Sequence[float]] = None, min_crop: int = 32,
-                                    count: Optional[int] = None) -> torch.Tensor:
+def local_perceptual_loss_reference(fake: torch.Tensor, real: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor,
+                                    vgg, criterion: str, layer_weights: Optional[Sequence[float]] = None,
+                                    min_crop: int = 32) -> torch.Tensor:
     """The research-code way, kept as the spec: one VGG call per descriptor in a Python loop."""
-    centers, valid, size, out_size = _prepare(fake, real, kp, min_crop, count)
+    centers, valid, size, out_size = prepare_crops(fake, real, centers, valid, min_crop)
     B, N = valid.shape
     total = fake.new_zeros(B, dtype=torch.float32)
     for d in range(N):
@@ -81,11 +46,12 @@ def local_perceptual_loss_reference(fake: torch.Tensor, real: torch.Tensor, kp: 
     return total.mean()
 
 
-def local_perceptual_loss(fake: torch.Tensor, real: torch.Tensor, kp: torch.Tensor, vgg, criterion: str,
-                          impl: str = "auto", layer_weights: Optional[Sequence[float]] = None,
-                          min_crop: int = 32, count: Optional[int] = None) -> torch.Tensor:
-    """Local perceptual loss of ``fake`` against ``real`` (B, 3, R, R) in [-1, 1] at the descriptors
-    of the target keypoints ``kp`` (B, 18, 2) (y, x) pixels. Returns a scalar (fp32).
+def local_perceptual_loss(fake: torch.Tensor, real: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor, vgg,
+                          criterion: str, impl: str = "auto", layer_weights: Optional[Sequence[float]] = None,
+                          min_crop: int = 32) -> torch.Tensor:
+    """Local perceptual loss of ``fake`` against ``real`` (B, 3, R, R) in [-1, 1] at the target's descriptor
+    ``centers`` (B, N, 2) (y, x) pixels; descriptors with ``valid`` (B, N) False contribute nothing.
+    Returns a scalar (fp32).
 
     impl "auto"/"fast": all 2*B*N crops gathered in one batch, VGG once per half (the real half without
     autograd), then per crop the fused distance of ``hptransfer._C``; where that cannot run, "auto"
@@ -96,6 +62,5 @@ def local_perceptual_loss(fake: torch.Tensor, real: torch.Tensor, kp: torch.Tens
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "reference":
-        return local_perceptual_loss_reference(fake, real, kp, vgg, criterion, layer_weights, min_crop, count)
-    from hptransfer.ops._local_loss_fast import local_perceptual_loss_batched
-    return local_perceptual_loss_batched(fake, real, kp, vgg, criterion, impl, layer_weights, min_crop, count)
+        return local_perceptual_loss_reference(fake, real, centers, valid, vgg, criterion, layer_weights, min_crop)
+    return local_perceptual_loss_batched(fake, real, centers, valid, vgg, criterion, impl, layer_weights, min_crop)

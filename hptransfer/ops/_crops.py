@@ -1,0 +1,49 @@
+"""Crop conventions shared by the local perceptual loss's reference and batched paths: input checks,
+crop sizes, and the deterministic bilinear upsampling of small crops."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from hptransfer.ops._dispatch import device_of
+from hptransfer.pose import crop_size
+
+
+@functools.lru_cache(maxsize=64)
+def _interpolation_matrix(src: int, dst: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(dst, src) weights of 1-D linear interpolation, align_corners=False: row i holds the weights
+    ``F.interpolate(mode="linear")`` gives output i (made by interpolating the identity, so the two agree)."""
+    eye = torch.eye(src, dtype=torch.float64).unsqueeze(0)  # channel c = one-hot input at c
+    weights = F.interpolate(eye, size=dst, mode="linear", align_corners=False)[0]  # (src, dst)
+    return weights.t().contiguous().to(device=device, dtype=dtype)
+
+
+def upsample_crops(crops: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear upsampling (align_corners=False) of (M, C, s, s) crops to (M, C, size, size), as
+    ``F.interpolate(crops, size, mode="bilinear")`` computes it, but as two small matmuls with a fixed
+    interpolation matrix A: ``A @ crop @ A^T``. Its backward is two matmuls too, so it is deterministic on
+    every device (``F.interpolate``'s bilinear backward uses atomics on CUDA and raises under
+    ``torch.use_deterministic_algorithms(True)``)."""
+    s = crops.shape[-1]
+    if crops.shape[-2] != s:
+        raise ValueError(f"crops must be square, got {tuple(crops.shape)}")
+    if size == s:
+        return crops
+    a = _interpolation_matrix(s, int(size), crops.device, crops.dtype if crops.is_floating_point() else torch.float32)
+    return torch.matmul(torch.matmul(a, crops), a.t())
+
+
+def prepare_crops(fake, real, centers, valid, min_crop):
+    """Checked inputs of a local loss: (centers, valid) on the images' device, crop side R/8, VGG input side."""
+    if fake.shape != real.shape:
+        raise ValueError(f"fake and real must have the same shape, got {tuple(fake.shape)} and {tuple(real.shape)}")
+    if centers.dim() != 3 or centers.shape[-1] != 2 or valid.shape != centers.shape[:2] or centers.shape[0] != fake.shape[0]:
+        raise ValueError(f"centers must be (B, N, 2) and valid (B, N) with B = {fake.shape[0]}, "
+                         f"got {tuple(centers.shape)} and {tuple(valid.shape)}")
+    device = device_of(fake, real, names=("fake", "real"))
+    centers, valid = centers.to(device), valid.to(device)  # no-ops for a step's geometry (built on the device)
+    size = crop_size(fake.shape[-1])
+    out_size = max(size, int(min_crop or 0))
+    return centers, valid, size, out_size

@@ -5,7 +5,7 @@ Public entry points for users of exported models::
     g = hptransfer.load_generator("runs/x/export")   # eval mode, CPU, no training code
     out = hptransfer.generate(g, reference, kp)      # reference (B,3,R,R) in [-1,1], kp (B,18,2) (y,x)
 """
-__version__ = "0.1.0"
+from hptransfer._version import __version__  # noqa: F401
 
 import torch as _torch  # noqa: F401  (loads libc10/libtorch before the extension hptransfer._C)
 

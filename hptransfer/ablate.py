@@ -41,8 +41,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
 from hptransfer.config import Config, ConfigError, load_config, save_config
 from hptransfer.checkpoint import atomic_write_text
 from hptransfer.errors import UserError

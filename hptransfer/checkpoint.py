@@ -26,6 +26,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from hptransfer.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
@@ -232,7 +234,6 @@ def read_meta(path: str | Path) -> dict:
     try:
         return json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        from hptransfer.errors import CheckpointError
         raise CheckpointError(f"{p}: unreadable checkpoint metadata ({e})") from None
 
 
@@ -246,3 +247,18 @@ def load_rng(directory: Path, rank: int) -> None:
         log.warning("%s missing: RNG not restored (resuming with a different process count?)", path)
         return
     set_rng_state(torch.load(path, weights_only=True))
+
+
+def read_export_config(path: str | Path) -> dict:
+    """The ``config.json`` of an export directory, with a clear error when it is not one."""
+    path = Path(path)
+    for name in ("config.json", "model.safetensors"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path}: not an hptransfer export (missing {name})")
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / 'config.json'}: not valid JSON: {e}") from None
+    if "arch" not in meta:
+        raise CheckpointError(f"{path / 'config.json'}: no 'arch' entry; not an hptransfer export")
+    return meta

@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hptransfer import __version__, ops
+    from hptransfer import ops
+    from hptransfer._version import __version__
 
     status = ops.backend_status(args.device)
     if args.json:

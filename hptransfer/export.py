@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch
 
-from hptransfer.checkpoint import write_dir_atomically
+from hptransfer._version import __version__
+from hptransfer.checkpoint import read_export_config, write_dir_atomically
 from hptransfer.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -39,33 +40,16 @@ def export_generator(generator, out_dir: str | Path, extra: Optional[dict] = Non
     """
     from safetensors.torch import save_file
 
-    import hptransfer
-
     def fill(tmp: Path) -> None:
         state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
                  for k, v in generator.inference_state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         meta = {"format_version": FORMAT_VERSION, "arch": generator.arch(), "resolution": int(generator.resolution),
                 "keypoints": KEYPOINT_CONVENTION, "image_range": [-1, 1],
-                "hptransfer_version": hptransfer.__version__, "extra": extra or {}}
+                "hptransfer_version": __version__, "extra": extra or {}}
         (tmp / "config.json").write_text(json.dumps(meta, indent=1))
 
     return write_dir_atomically(out_dir, fill)
-
-
-def read_export_config(path: str | Path) -> dict:
-    """The ``config.json`` of an export directory, with a clear error when it is not one."""
-    path = Path(path)
-    for name in ("config.json", "model.safetensors"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path}: not an hptransfer export (missing {name})")
-    try:
-        meta = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path / 'config.json'}: not valid JSON: {e}") from None
-    if "arch" not in meta:
-        raise CheckpointError(f"{path / 'config.json'}: no 'arch' entry; not an hptransfer export")
-    return meta
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu"):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from hptransfer.ops.local_perceptual_loss import criterion_per_sample
+from hptransfer.ops import criterion_per_sample
 
 
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, eps: float = 1.0) -> torch.Tensor:

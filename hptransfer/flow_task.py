@@ -18,7 +18,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from hptransfer.checkpoint import write_dir_atomically
+from hptransfer._version import __version__
+from hptransfer.checkpoint import read_export_config, write_dir_atomically
 from hptransfer.errors import CheckpointError
 from hptransfer.flow_losses import flow_loss
 
@@ -165,15 +166,13 @@ def export_flow(model, out_dir, extra: Optional[dict] = None) -> Path:
     """``model.safetensors`` + ``config.json`` (task, arch, resolution) into ``out_dir``, atomically."""
     from safetensors.torch import save_file
 
-    import hptransfer
-
     def fill(tmp: Path) -> None:
         state = {k: v.detach().float().cpu().contiguous() for k, v in model.inference_state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         meta = {"format_version": 1, "task": TASK, "arch": model.arch(), "resolution": int(model.resolution),
                 "keypoints": "openpose18 (y, x) pixels; missing = (-1, -1)", "image_range": [-1, 1],
                 "flow_units": "grid_sample normalised offsets (x, y), align_corners=False",
-                "hptransfer_version": hptransfer.__version__, "extra": extra or {}}
+                "hptransfer_version": __version__, "extra": extra or {}}
         (tmp / "config.json").write_text(json.dumps(meta, indent=1))
 
     return write_dir_atomically(out_dir, fill)
@@ -191,7 +190,6 @@ def load_flow(path, device="cpu"):
     """An exported flow network in eval mode (safetensors + JSON only; nothing unpickled)."""
     from safetensors.torch import load_file
 
-    from hptransfer.export import read_export_config
     from hptransfer.models import AppearanceFlow
 
     path = Path(path)

@@ -72,25 +72,6 @@ def parse_methods(items: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
-def crop_batches(batches, crop: Optional[tuple[int, int]]):
-    """(pred, gt, kp) batches with columns crop[0]:crop[1] kept; keypoints (y, x) shifted to the kept
-    frame, those outside it marked missing (-1)."""
-    for pred, gt, kp in batches:
-        if crop is None:
-            yield pred, gt, kp
-            continue
-        x0, x1 = crop
-        if x1 > pred.shape[-1]:
-            raise ConfigError(f"--crop {x0}:{x1} is wider than the images ({pred.shape[-1]} px)")
-        if kp is not None:
-            kp = kp.clone().float()
-            missing = (kp < 0).any(-1)
-            kp[..., 1] -= x0
-            outside = missing | (kp[..., 1] < 0) | (kp[..., 1] > x1 - x0 - 1)
-            kp[outside] = -1.0
-        yield pred[..., x0:x1].contiguous(), gt[..., x0:x1].contiguous(), kp
-
-
 def compare(gt: str | Path, methods: list[tuple[str, Path]], crop: Optional[tuple[int, int]] = None,
             data: Optional[str] = None, split: str = "test", metrics: Optional[set] = None,
             data_range: str = "255", lpips_net: str = "alex", lpips_weights=None, inception_weights=None,
@@ -113,9 +94,9 @@ def compare(gt: str | Path, methods: list[tuple[str, Path]], crop: Optional[tupl
     results = {}
     for name, folder in methods:
         pairs = match_folders(folder, gt)
-        batches = crop_batches(_folder_batches(pairs, gt, annotations, batch_size), crop)
+        batches = _folder_batches(pairs, gt, annotations, batch_size)
         log.info("scoring %s: %d images", name, len(pairs))
-        results[name] = evaluate(batches, list(M.PROTOCOLS), None, set(wanted), explicit, device, lpips_net,
+        results[name] = evaluate(batches, list(M.PROTOCOLS), crop, set(wanted), explicit, device, lpips_net,
                                  lpips_weights, inception_weights, math.ceil(len(pairs) / batch_size), data_range)
     return results
 

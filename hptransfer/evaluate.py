@@ -15,6 +15,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ def add_arguments(p) -> None:
     p.add_argument("--protocol", default="both", choices=["gaussian", "uniform51", "both"])
     p.add_argument("--data-range", default="255", choices=["255", "pred"],
                    help="SSIM data range: 255, or each prediction's max-min (PATN/GFLA Gaussian SSIM scripts)")
-    p.add_argument("--crop", default=None, help="x0:x1 columns kept for SSIM/MS-SSIM (e.g. 40:216)")
+    p.add_argument("--crop", default=None, help="x0:x1 columns kept for every metric (e.g. 40:216: DeepFashion's 176-wide frame)")
     p.add_argument("--metrics", default=None, help=f"comma list from {','.join(ALL_METRICS)}; "
                    "listed metrics must run (missing weights = error); default: all that can")
     p.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"])
@@ -140,10 +141,30 @@ def _generated_batches(args, device):
 
 # ---------------------------------------------------------------- scoring
 
+def crop_batches(batches, crop: Optional[tuple[int, int]]):
+    """(pred, gt, kp) batches with columns crop[0]:crop[1] kept; keypoints (y, x) shifted to the kept
+    frame, those outside it marked missing (-1)."""
+    for pred, gt, kp in batches:
+        if crop is None:
+            yield pred, gt, kp
+            continue
+        x0, x1 = crop
+        if x1 > pred.shape[-1]:
+            raise InputError(f"--crop {x0}:{x1} is wider than the images ({pred.shape[-1]} px)")
+        if kp is not None:
+            kp = kp.clone().float()
+            missing = (kp < 0).any(-1)
+            kp[..., 1] -= x0
+            outside = missing | (kp[..., 1] < 0) | (kp[..., 1] > x1 - x0 - 1)
+            kp[outside] = -1.0
+        yield pred[..., x0:x1].contiguous(), gt[..., x0:x1].contiguous(), kp
+
+
 def evaluate(batches, protocols, crop, wanted, explicit: bool, device, lpips_net="alex",
              lpips_weights=None, inception_weights=None, total=None, data_range="255") -> dict:
     """Score (pred uint8, gt uint8, kp or None) batches. Returns {metric: {"value", "n"} | {"unavailable"}}.
 
+    ``crop`` = (x0, x1) keeps those columns of every image for EVERY metric (:func:`crop_batches`).
     An unavailable metric gets a short reason; a longer one (where weights go) is logged once. A
     metric in ``wanted`` with ``explicit`` raises :class:`UserError` instead."""
     from tqdm import tqdm
@@ -178,12 +199,12 @@ def evaluate(batches, protocols, crop, wanted, explicit: bool, device, lpips_net
         except (M.WeightsUnavailable, ImportError, ValueError) as e:
             unavailable("fid", e)
     feats = {"pred": [], "gt": []}
-    for pred, gt, kp in tqdm(batches, total=total, desc="eval", unit="batch", leave=False):
+    for pred, gt, kp in tqdm(crop_batches(batches, crop), total=total, desc="eval", unit="batch", leave=False):
         x, y = pred.to(device), gt.to(device)
         if "ssim" in wanted:
             for p in list(protocols):
                 try:
-                    v = M.ssim(x, y, p, crop, data_range=data_range if data_range == "pred" else 255.0).cpu()
+                    v = M.ssim(x, y, p, data_range=data_range if data_range == "pred" else 255.0).cpu()
                     per.setdefault(f"ssim_{p}", []).append(v)
                 except ValueError as e:  # e.g. a 51-px window on smaller images
                     if explicit:
@@ -193,7 +214,7 @@ def evaluate(batches, protocols, crop, wanted, explicit: bool, device, lpips_net
                     results[f"ssim_{p}"] = {"unavailable": str(e)}
         if "ms_ssim" in wanted:
             try:
-                v = M.ms_ssim(x, y, crop).cpu()
+                v = M.ms_ssim(x, y).cpu()
                 per.setdefault("ms_ssim", []).append(v)
             except ValueError as e:
                 unavailable("ms_ssim", str(e))

@@ -11,7 +11,8 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 
 from hptransfer.cli import main
-from hptransfer.compare import compare, crop_batches
+from hptransfer.compare import compare
+from hptransfer.evaluate import crop_batches
 
 SK = {"gaussian": dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False),
       "uniform51": dict(win_size=51)}
@@ -91,3 +92,20 @@ def test_method_argument_errors(tmp_path):
     dirs, _ = _folders(tmp_path, n=1)
     assert main(["compare", "--gt", str(dirs["gt"]), "--method", str(dirs["a"])]) == 2  # no NAME=
     assert main(["compare", "--gt", str(dirs["gt"]), "--method", f"A={dirs['a']}", "--method", f"A={dirs['b']}"]) == 2
+
+
+def test_eval_crop_applies_to_every_metric_not_only_ssim():
+    """Images equal inside the kept columns and different outside: every metric that runs says 'equal'."""
+    from hptransfer.evaluate import evaluate
+
+    g = torch.Generator().manual_seed(0)
+    gt = (torch.rand(2, 3, 64, 64, generator=g) * 255).to(torch.uint8)
+    pred = gt.clone()
+    pred[..., :8] = 255 - pred[..., :8]  # columns 0..7 differ; 8..63 are kept
+    kp = torch.full((2, 18, 2), -1.0)
+    kp[:, :4] = torch.tensor([[10.0, 4.0], [20.0, 30.0], [40.0, 40.0], [50.0, 20.0]])  # the first outside
+    wanted = {"ssim", "local_ssim"}
+    whole = evaluate([(pred, gt, kp)], ["gaussian"], None, set(wanted), True, torch.device("cpu"))
+    kept = evaluate([(pred, gt, kp)], ["gaussian"], (8, 64), set(wanted), True, torch.device("cpu"))
+    assert whole["ssim_gaussian"]["value"] < 0.99 and whole["local_ssim"]["value"] < 0.99
+    assert kept["ssim_gaussian"]["value"] == pytest.approx(1.0) and kept["local_ssim"]["value"] == pytest.approx(1.0)

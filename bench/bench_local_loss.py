@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     dev = device_name(device)
     payload = {
         "bench": "local_loss", **environment(device), "criterion": "l1",
-        "vgg": f"VGG16Features(weights='random', layers={list(vgg.layers)})", "min_crop": 32, "repeat": repeat, "quick": args.quick, "rows": rows,
+        "vgg": f"VGG16Features(weights='random', layers={list(vgg.layers)})", "local_min_crop": 32, "repeat": repeat, "quick": args.quick, "rows": rows,
     }
     out = args.out or RESULTS / f"local_loss-{dev}.json"
     write_json(out, payload)

@@ -52,14 +52,14 @@ log = logging.getLogger("bench_train")
 
 
 # ----------------------------------------------------------------------------- FLOPs
-def step_flops(cfg: Config, R: int, batch: int, disc: bool) -> dict:
+def step_flops(cfg: Config, R: int, batch: int, with_discriminators: bool) -> dict:
     """Analytic conv FLOPs of one training step (see the module docstring)."""
     from hptransfer.models import Generator, LocalDiscriminator, VGG16Features
 
     with torch.device("meta"):
         g = Generator(cfg.model, R)
         vgg = VGG16Features(weights="random", layers=tuple(cfg.loss.layers))
-    g.kernels = "reference"
+    g.impl = "reference"
     gen = conv_flops(g, R)
     vgg_img = module_conv_flops(vgg.features, torch.zeros(1, 3, R, R, device="meta"))
     side = max(pose.crop_size(R), int(cfg.loss.local_min_crop or 0))
@@ -68,11 +68,11 @@ def step_flops(cfg: Config, R: int, batch: int, disc: bool) -> dict:
     active = losses.active_terms(cfg.loss, R)
     out = {"generator": 3 * gen, "global_vgg": 3 * vgg_img + vgg_img,
            "local_vgg": (3 + 1) * n * vgg_crop if active["local"] else 0, "discriminator": 0}
-    if disc:
+    if with_discriminators:
         with torch.device("meta"):
-            d = LocalDiscriminator(cfg.model, n, pose.crop_size(R))
+            discriminator = LocalDiscriminator(cfg.model, n, pose.crop_size(R))
         s = pose.crop_size(R)
-        per = module_conv_flops(d, torch.zeros(1, n, 6, s, s, device="meta"))
+        per = module_conv_flops(discriminator, torch.zeros(1, n, 6, s, s, device="meta"))
         out["discriminator"] = 3 * 2 * per + 3 * per  # D step on real+fake, G's adversarial pass
     out = {k: v * batch for k, v in out.items()}
     out["total"] = sum(out.values())
@@ -100,7 +100,7 @@ def matmul_tflops(device: torch.device) -> float | None:
 
 
 # ----------------------------------------------------------------------------- set-up
-def make_config(R: int, batch: int, width: float, disc: bool, compile_: bool, checkpointing: bool,
+def make_config(R: int, batch: int, width: float, with_discriminators: bool, compile_: bool, checkpointing: bool,
                 vgg_layers: Optional[list] = None) -> Config:
     """``vgg_layers``: the loss's VGG taps (default: the paper's five; a toy run takes fewer, a shorter VGG)."""
     cfg = Config()
@@ -108,7 +108,7 @@ def make_config(R: int, batch: int, width: float, disc: bool, compile_: bool, ch
     cfg.loss.vgg_weights = "random"
     if vgg_layers:
         cfg.loss.layers = list(vgg_layers)
-    if disc:
+    if with_discriminators:
         cfg.loss.disc_at_resolution = min(cfg.loss.disc_at_resolution, R)
     cfg.stages = [StageConfig(R, 1000, batch)]
     cfg.train.compile, cfg.train.activation_checkpointing = compile_, checkpointing
@@ -142,13 +142,13 @@ class Runner:
         vgg = VGG16Features(weights="random", layers=tuple(cfg.loss.layers)).to(device).eval()
         for p in vgg.parameters():
             p.requires_grad_(False)
-        disc_on = losses.active_terms(cfg.loss, R)["adv"]
-        d = LocalDiscriminator(cfg.model, pose.descriptor_count(R), pose.crop_size(R)) if disc_on else None
+        discriminator = (LocalDiscriminator(cfg.model, pose.descriptor_count(R), pose.crop_size(R))
+                         if losses.active_terms(cfg.loss, R)["adv"] else None)
         opt = lambda ps, lr: torch.optim.Adam([p for p in ps if p.requires_grad], lr=lr,  # noqa: E731
                                               weight_decay=cfg.train.weight_decay)
         self.criterion = "l2"
         if fast:
-            g.kernels = "auto"
+            g.impl = "auto"
             g.set_activation_checkpointing(cfg.train.activation_checkpointing)
             self.g = self.backend.prepare(g)
             if device.type == "cuda":
@@ -157,15 +157,16 @@ class Runner:
             if cfg.train.compile:
                 self.g_engine.forward_fn = torch.compile(self.g)
             self.d_engine = None
-            if d is not None:
-                d = self.backend.prepare(d)
-                self.d_engine = self.backend.engine("discriminator", d, opt(d.parameters(), cfg.loss.disc_lr), batch)
+            if discriminator is not None:
+                discriminator = self.backend.prepare(discriminator)
+                self.d_engine = self.backend.engine("discriminator", discriminator,
+                                                    opt(discriminator.parameters(), cfg.loss.disc_lr), batch)
         else:
             naive.make_naive(g)
             self.g = g.to(device)
             self.g_opt = opt(self.g.parameters(), cfg.train.lr)
-            self.d = d.to(device) if d is not None else None
-            self.d_opt = opt(self.d.parameters(), cfg.loss.disc_lr) if d is not None else None
+            self.discriminator = discriminator.to(device) if discriminator is not None else None
+            self.d_opt = opt(self.discriminator.parameters(), cfg.loss.disc_lr) if discriminator is not None else None
         self.vgg = vgg
         self.g.train()
         ref, tgt, kr, kt = make_inputs(R, batch, device)
@@ -181,8 +182,8 @@ class Runner:
             train_step(self.g_engine, self.g, self.vgg, self.cfg, ref, tgt, kr, kt, self.criterion, "auto",
                        self.backend, d_engine=self.d_engine)
         else:
-            naive.naive_step(self.g, self.g_opt, self.vgg, self.cfg, ref, tgt, kr, kt, self.criterion, self.d,
-                             self.d_opt)
+            naive.naive_step(self.g, self.g_opt, self.vgg, self.cfg, ref, tgt, kr, kt, self.criterion,
+                             self.discriminator, self.d_opt)
 
 
 def _phases(run: "Runner", n: int) -> dict:
@@ -282,8 +283,8 @@ def search_max_batch(peak_of: Callable[[int], Optional[int]], start: int, limit:
     return lo, tries
 
 
-def max_batch(R: int, width: float, device: torch.device, checkpointing: bool, disc: bool, start: int = 1,
-              limit: int = 4096, tolerance: float = 1 / 16, vgg_layers: Optional[list] = None) -> dict:
+def max_batch(R: int, width: float, device: torch.device, checkpointing: bool, with_discriminators: bool,
+              start: int = 1, limit: int = 4096, tolerance: float = 1 / 16, vgg_layers: Optional[list] = None) -> dict:
     """Largest fast-mode batch (up to ``limit``) that trains two steps (the second holds the Adam
     state), found by :func:`search_max_batch` (CUDA OOM = does not fit), with cudnn autotuning off.
     Returns {"batch", "tries", "tolerance"}."""
@@ -294,7 +295,8 @@ def max_batch(R: int, width: float, device: torch.device, checkpointing: bool, d
         try:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            run = Runner("fast", make_config(R, b, width, disc, False, checkpointing, vgg_layers), R, b, device)
+            cfg = make_config(R, b, width, with_discriminators, False, checkpointing, vgg_layers)
+            run = Runner("fast", cfg, R, b, device)
             run.step()
             run.step()
             _sync(device)
@@ -325,10 +327,10 @@ def max_batch(R: int, width: float, device: torch.device, checkpointing: bool, d
 def bench_resolution(args, R: int, device: torch.device, peak_tflops) -> dict:
     modes = ["fast", "naive"] if args.mode == "both" else [args.mode]
     cfg = make_config(R, args.batch, args.width, args.disc, args.compile, args.checkpointing, args.vgg_layers)
-    disc = losses.active_terms(cfg.loss, R)["adv"]
-    flops = step_flops(cfg, R, args.batch, disc)
+    with_discriminators = losses.active_terms(cfg.loss, R)["adv"]
+    flops = step_flops(cfg, R, args.batch, with_discriminators)
     row = {"resolution": R, "batch": args.batch, "width": args.width, "descriptors": pose.descriptor_count(R),
-           "disc": disc, "flops": flops, "modes": {}}
+           "disc": with_discriminators, "flops": flops, "modes": {}}
     if device.type == "cuda":  # one mode at a time: its own peak memory
         timed = {}
         for mode in modes:
@@ -352,11 +354,11 @@ def bench_resolution(args, R: int, device: torch.device, peak_tflops) -> dict:
 
 def max_batch_row(args, row: dict, device: torch.device) -> dict:
     """{"plain", "checkpointing", "limit", "tries", "tolerance"}: the largest batches at row's resolution."""
-    R, disc = row["resolution"], row["disc"]
-    plain = max_batch(R, args.width, device, False, disc, start=args.batch, limit=args.max_batch_limit,
+    R, with_discriminators = row["resolution"], row["disc"]
+    plain = max_batch(R, args.width, device, False, with_discriminators, start=args.batch, limit=args.max_batch_limit,
                       vgg_layers=args.vgg_layers)
     # checkpointing keeps fewer activations: at least the plain batch fits
-    ckpt = max_batch(R, args.width, device, True, disc, start=max(args.batch, plain["batch"]),
+    ckpt = max_batch(R, args.width, device, True, with_discriminators, start=max(args.batch, plain["batch"]),
                      limit=args.max_batch_limit, vgg_layers=args.vgg_layers)
     return {"plain": plain["batch"], "checkpointing": ckpt["batch"], "limit": args.max_batch_limit,
             "tries": {"plain": plain["tries"], "checkpointing": ckpt["tries"]}, "tolerance": plain["tolerance"]}

@@ -22,7 +22,7 @@ def _pose_maps_per_sample(self, kp: torch.Tensor, dtype: torch.dtype) -> dict:
     Kept naive on purpose: where and how often the maps are made (per sample, on the host, plus the
     copy) is the cost the baseline stands for. The maps themselves (which sides, which sigmas, the
     Gaussian) come from the generator's own ``pose_maps``, in its dense torch reference
-    (``make_naive`` sets ``kernels="reference"``), not from a copy of them here."""
+    (``make_naive`` sets ``impl="reference"``), not from a copy of them here."""
     kp_cpu = kp.detach().cpu()
     per = [type(self).pose_maps(self, kp_cpu[i:i + 1], torch.float32) for i in range(kp_cpu.shape[0])]
     return {side: torch.cat([maps[side] for maps in per]).to(kp.device, dtype) for side in per[0]}
@@ -31,21 +31,21 @@ def _pose_maps_per_sample(self, kp: torch.Tensor, dtype: torch.dtype) -> dict:
 def make_naive(generator) -> None:
     """Switch a generator to the naive heatmaps (instance attribute, the class is untouched)."""
     generator.pose_maps = types.MethodType(_pose_maps_per_sample, generator)
-    generator.kernels = "reference"
+    generator.impl = "reference"
 
 
-def naive_step(generator, g_opt, vgg, cfg, reference, target, kp_ref, kp_tgt, criterion: str, disc=None,
-               d_opt=None) -> dict:
+def naive_step(generator, g_opt, vgg, cfg, reference, target, kp_ref, kp_tgt, criterion: str,
+               discriminator=None, d_opt=None) -> dict:
     """One fp32 eager iteration: (D step), G forward, global + local (loop) + adv losses, backward, Adam."""
     R = reference.shape[-1]
     geometry = losses.step_geometry(cfg.loss, kp_ref, kp_tgt, R, device=reference.device)
     with phase("generator_forward"):
         fake = generator(reference, kp_tgt)
-    if disc is not None:
+    if discriminator is not None:
         with phase("discriminator"):
             real_pairs = losses.local_discriminator_pairs(reference, target, geometry, "reference")
             fake_pairs = losses.local_discriminator_pairs(reference, fake.detach(), geometry, "reference")
-            d_loss = losses.discriminator_loss(disc, real_pairs, fake_pairs, geometry.pair_valid)
+            d_loss = losses.discriminator_loss(discriminator, real_pairs, fake_pairs, geometry.pair_valid)
             d_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             d_opt.step()
@@ -59,10 +59,11 @@ def naive_step(generator, g_opt, vgg, cfg, reference, target, kp_ref, kp_tgt, cr
             total = total + cfg.loss.local_weight * local_perceptual_loss_reference(
                 fake, target, geometry.target_centers, geometry.target_valid, vgg, criterion, weights,
                 cfg.loss.local_min_crop)
-    if active["adv"] and disc is not None:
+    if active["adv"] and discriminator is not None:
         with phase("discriminator"):
             pairs = losses.local_discriminator_pairs(reference, fake, geometry, "reference")
-            total = total + cfg.loss.adv_weight * losses.generator_adversarial_loss(disc, pairs, geometry.pair_valid)
+            adv = losses.generator_adversarial_loss(discriminator, pairs, geometry.pair_valid)
+            total = total + cfg.loss.adv_weight * adv
     with phase("backward"):
         g_opt.zero_grad(set_to_none=True)
         total.backward()

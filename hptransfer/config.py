@@ -11,11 +11,13 @@ A config file has the sections below (every key optional, defaults are the paper
 Overrides are ``section.key=value`` (value parsed as YAML, so ``train.lr=1e-4``,
 ``data.flip=false``, ``loss.layers=[relu1_2,relu2_2]``); ``stages.0.iterations=100`` addresses a
 stage. An unknown key or a value of the wrong type raises :class:`ConfigError` naming the key and
-where it came from.
+where it came from. A key that was renamed (:data:`RENAMED_KEYS`) still loads under its new name, with
+one warning per file naming the file and the new key (saved configs of older runs resume as they are).
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,7 +28,11 @@ import yaml
 
 from hptransfer.errors import ConfigError  # noqa: F401  (public name here)
 
+log = logging.getLogger(__name__)
+
 RESOLUTIONS = (64, 128, 256, 512, 1024)
+# old "section.key" -> new "section.key" (same section): read the old name, write only the new
+RENAMED_KEYS = {"train.kernels": "train.impl"}
 VGG_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
 
 
@@ -94,7 +100,7 @@ class TrainConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     optimizer: Literal["adam", "adamw"] = "adam"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    kernels: Literal["auto", "fast", "reference"] = "auto"
+    impl: Literal["auto", "fast", "reference"] = "auto"
     activation_checkpointing: bool = False
     channels_last: bool = True  # applied on GPU only
     compile: bool = False
@@ -231,6 +237,25 @@ def _build(cls, data: Any, prefix: str, source: str):
     return cls(**kwargs)
 
 
+def _rename_old_keys(raw: dict, source: str) -> dict:
+    """``raw`` (one file's sections, or a dict) with the keys of :data:`RENAMED_KEYS` under their new
+    names; one warning naming ``source`` and the new keys. Both names in one source: ConfigError."""
+    renamed = []
+    for old, new in RENAMED_KEYS.items():
+        (section, old_key), new_key = old.split("."), new.split(".")[1]
+        node = raw.get(section)
+        if not isinstance(node, dict) or old_key not in node:
+            continue
+        if new_key in node:
+            raise ConfigError(f"{source}: both {old} (its old name) and {new}; keep {new} only")
+        raw[section] = {(new_key if k == old_key else k): v for k, v in node.items()}
+        renamed.append(f"{old} -> {new}")
+    if renamed:
+        log.warning("%s: renamed config key%s %s (loaded under the new name; update the file)", source,
+                    "s" if len(renamed) > 1 else "", ", ".join(renamed))
+    return raw
+
+
 def _set_override(raw: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node: Any = raw
@@ -287,18 +312,23 @@ def load_config(path: Optional[str | Path | list] = None, overrides: Optional[li
     source = " + ".join(str(p) for p in paths) if paths else "<defaults>"
     raw: dict = {}
     for p in paths:
-        raw = merge_overlay(raw, _read_yaml(p))
+        raw = merge_overlay(raw, _rename_old_keys(_read_yaml(p), str(p)))
     if "stages" not in raw:
         raw["stages"] = [dataclasses.asdict(s) for s in Config().stages]
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, text = item.split("=", 1)
+        key = key.strip()
+        if key in RENAMED_KEYS:
+            log.warning("override %s: renamed config key %s -> %s (applied under the new name)", item, key,
+                        RENAMED_KEYS[key])
+            key = RENAMED_KEYS[key]
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
             value = text
-        _set_override(raw, key.strip(), value)
+        _set_override(raw, key, value)
     where = source + (" (with overrides)" if overrides else "")
     return _build(Config, raw, "", where).validate(where)
 
@@ -312,6 +342,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def config_from_dict(data: dict, source: str = "<dict>") -> Config:
+    data = _rename_old_keys(dict(data), source) if isinstance(data, dict) else data
     return _build(Config, data, "", source).validate(source)
 
 

@@ -81,27 +81,27 @@ def generate(generator, reference: torch.Tensor, kp: torch.Tensor, impl: str = "
     """``reference`` (B, 3, R, R) float in [-1, 1], ``kp`` (B, 18, 2) (y, x) pixels of the R x R target
     -> (B, 3, R, R) float in [-1, 1] on the generator's device. ``impl`` picks the heatmap path.
 
-    Runs in eval mode (BatchNorm running statistics); the generator's mode, ``kernels`` and buffers
+    Runs in eval mode (BatchNorm running statistics); the generator's mode, ``impl`` and buffers
     are as given afterwards (a train-mode forward would update the running statistics)."""
-    was_training, kernels = generator.training, generator.kernels
+    was_training, own_impl = generator.training, generator.impl
     p = next(generator.parameters())
     try:
         generator.eval()
-        generator.kernels = impl
+        generator.impl = impl
         return generator(reference.to(p.device, p.dtype), kp.to(p.device).float())
     finally:
-        generator.kernels = kernels
+        generator.impl = own_impl
         generator.train(was_training)
 
 
 class _Traceable(torch.nn.Module):
     """A CPU copy of the generator with reference heatmaps, so tracing records plain tensor ops and the
-    caller's generator keeps its device, mode and ``kernels``."""
+    caller's generator keeps its device, mode and ``impl``."""
 
     def __init__(self, generator):
         super().__init__()
         self.generator = copy.deepcopy(generator).cpu().eval()
-        self.generator.kernels = "reference"
+        self.generator.impl = "reference"
         # eval here too: exporters restore the wrapper's mode afterwards, and a wrapper left in
         # train mode would flip the generator's BatchNorm to batch statistics
         self.eval()

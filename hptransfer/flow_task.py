@@ -38,7 +38,7 @@ def build_model(cfg, resolution: int, state: Optional[dict] = None):
                            num_keypoints=cfg.model.num_keypoints, pose_sigma=cfg.model.pose_sigma)
     if state is not None:
         model.load_state_dict(state)
-    model.kernels = cfg.train.kernels
+    model.impl = cfg.train.impl
     return model
 
 
@@ -211,7 +211,7 @@ class _Traceable(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = copy.deepcopy(model).cpu().eval()
-        self.model.kernels = "reference"
+        self.model.impl = "reference"
         self.eval()
 
     def forward(self, garment, source_mask, target_region, kp_source, kp_target):

@@ -98,30 +98,31 @@ def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (values * w).sum() / w.sum().clamp_min(1.0)
 
 
-def discriminator_loss(disc, pairs_real: torch.Tensor, pairs_fake: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def discriminator_loss(discriminator, pairs_real: torch.Tensor, pairs_fake: torch.Tensor,
+                       valid: torch.Tensor) -> torch.Tensor:
     """Non-saturating discriminator loss, fp32 scalar: mean over valid descriptors of
     softplus(-D(real)) + softplus(D(fake)). ``pairs_*`` (B, N, 6, s, s); ``valid`` (B, N) bool.
     ``pairs_fake`` is detached here (the generator gets no gradient from this loss). One discriminator
     call on real and fake concatenated (it has no batch statistics, so this equals two calls).
     """
-    logits_real, logits_fake = disc(torch.cat([pairs_real, pairs_fake.detach()])).float().chunk(2)
+    logits_real, logits_fake = discriminator(torch.cat([pairs_real, pairs_fake.detach()])).float().chunk(2)
     if valid.shape != logits_real.shape:
         raise ValueError(f"valid must be {tuple(logits_real.shape)}, got {tuple(valid.shape)}")
     return _masked_mean(F.softplus(-logits_real) + F.softplus(logits_fake), valid)
 
 
-def generator_adversarial_loss(disc, pairs_fake: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def generator_adversarial_loss(discriminator, pairs_fake: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Non-saturating generator loss, fp32 scalar: mean over valid descriptors of softplus(-D(fake)).
 
     The discriminator's parameters are taken as constants for this call (their ``requires_grad`` is
     switched off during the forward), so only the generator receives gradients: a generator
     backward never touches discriminator gradients (which a separate DeepSpeed engine owns).
     """
-    params = [p for p in disc.parameters() if p.requires_grad]
+    params = [p for p in discriminator.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
     try:
-        logits = disc(pairs_fake).float()
+        logits = discriminator(pairs_fake).float()
     finally:
         for p in params:
             p.requires_grad_(True)
@@ -145,7 +146,7 @@ def active_terms(loss_cfg: LossConfig, resolution: int) -> dict:
 
 
 def generator_loss(fake: torch.Tensor, target: torch.Tensor, geometry: pose.StepGeometry, vgg, loss_cfg: LossConfig,
-                   criterion: str, *, reference: Optional[torch.Tensor] = None, disc=None,
+                   criterion: str, *, reference: Optional[torch.Tensor] = None, discriminator=None,
                    impl: str = "auto") -> dict:
     """All generator terms at the current stage as a dict of fp32 scalars.
 
@@ -153,7 +154,7 @@ def generator_loss(fake: torch.Tensor, target: torch.Tensor, geometry: pose.Step
     ``geometry``: the step's descriptors (:func:`step_geometry`). Returns {"global", "local",
     "adv", "total"}: the unweighted terms (0 when inactive, see :func:`active_terms`) and
     total = global_weight * global + local_weight * local + adv_weight * adv. The adversarial term
-    needs ``disc`` and ``reference``.
+    needs ``discriminator`` (the module, or its engine) and ``reference``.
     """
     R = fake.shape[-1]
     if geometry.resolution != R:
@@ -167,14 +168,14 @@ def generator_loss(fake: torch.Tensor, target: torch.Tensor, geometry: pose.Step
         with phase("local_vgg"):
             out["local"] = ops.local_perceptual_loss(fake, target, geometry.target_centers, geometry.target_valid,
                                                      vgg, criterion, impl=impl, layer_weights=weights,
-                                                     min_crop=loss_cfg.local_min_crop)
+                                                     local_min_crop=loss_cfg.local_min_crop)
     if terms["adv"]:
-        if disc is None or reference is None:
+        if discriminator is None or reference is None:
             raise ValueError(f"the adversarial term is active at {R} px (loss.disc_at_resolution="
-                             f"{loss_cfg.disc_at_resolution}): pass disc and reference")
+                             f"{loss_cfg.disc_at_resolution}): pass discriminator and reference")
         with phase("discriminator"):
             pairs = local_discriminator_pairs(reference, fake, geometry, impl)
-            out["adv"] = generator_adversarial_loss(disc, pairs, geometry.pair_valid)
+            out["adv"] = generator_adversarial_loss(discriminator, pairs, geometry.pair_valid)
     out["total"] = (loss_cfg.global_weight * out["global"] + loss_cfg.local_weight * out["local"]
                     + loss_cfg.adv_weight * out["adv"])
     return out

@@ -59,7 +59,7 @@ def train_step(g_engine, generator, vgg, cfg, reference: torch.Tensor, target: t
 
     with backend.loss_autocast():
         terms = losses.generator_loss(fake, target, geometry, vgg, cfg.loss, criterion, reference=reference,
-                                      disc=d_engine, impl=impl)
+                                      discriminator=d_engine, impl=impl)
     if loss_hook is not None:
         terms = loss_hook(terms, info or {})
     skipped = backend.any_true(not _finite(terms["total"]))  # same answer on every rank

@@ -126,7 +126,7 @@ def _build_generator(cfg: Config, resolution: int, state: Optional[dict] = None,
         g.add_input_fade()
     if state is not None:
         g.load_state_dict(state)
-    g.kernels = cfg.train.kernels
+    g.impl = cfg.train.impl
     g.set_activation_checkpointing(cfg.train.activation_checkpointing)
     return g
 
@@ -348,7 +348,7 @@ def _step(run: _Run, stage: _Stage, batch: dict, criterion: str, info: dict) -> 
                                     loss_hook=run.loss_hook, info=info)
     reference, target, kp_ref, kp_tgt = _to_device(batch, backend)
     return train_step(stage.g_engine, stage.generator, run.vgg, cfg, reference, target, kp_ref, kp_tgt, criterion,
-                      cfg.train.kernels, backend, d_engine=stage.d_engine, loss_hook=run.loss_hook, info=info)
+                      cfg.train.impl, backend, d_engine=stage.d_engine, loss_hook=run.loss_hook, info=info)
 
 
 def _loss_values(criterion: str, out: dict) -> dict:
@@ -395,8 +395,9 @@ def _begin_stage(run: _Run, idx: int, generator, resume_from: Optional[Path]) ->
     # From loss.disc_at_resolution on (the paper: the top stage only), as losses.active_terms says.
     if cfg.task == "transfer" and losses.active_terms(cfg.loss, R)["adv"]:
         n, crop = losses.descriptors_at(cfg.loss, R), pose.crop_size(R)
-        disc = backend.prepare(LocalDiscriminator(cfg.model, n, crop))
-        d_engine = backend.engine("discriminator", disc, _make_optimizer(cfg, disc.parameters(), cfg.loss.disc_lr),
+        discriminator = backend.prepare(LocalDiscriminator(cfg.model, n, crop))
+        d_engine = backend.engine("discriminator", discriminator,
+                                  _make_optimizer(cfg, discriminator.parameters(), cfg.loss.disc_lr),
                                   st.batch_size)
         log.info("stage %d: local discriminators on (%d descriptors, crop %d px)", idx, n, crop)
     if state["stage"] != idx:  # a new stage starts at its beginning

@@ -37,7 +37,7 @@ from hptransfer.train import train
 ROOT = Path(__file__).resolve().parents[1]
 DS = ROOT / "configs" / "ds"
 BASE = ["model.width=0.03125", "model.disc_channels=4", "loss.vgg_weights=random", "loss.layers=[relu1_2]",
-        "train.kernels=reference", "train.tensorboard=false", "train.sample_every=0", "train.log_every=1",
+        "train.impl=reference", "train.tensorboard=false", "train.sample_every=0", "train.log_every=1",
         "data.workers=0", "data.flip=false", "train.deterministic=true"]
 
 

@@ -98,11 +98,11 @@ def test_descriptors_setting_reaches_the_local_loss_and_the_discriminator_pairs(
     cfg = LossConfig(descriptors=44, local_min_crop=8, local_perceptual_at_top=True, disc_at_resolution=R)
     geometry = losses.step_geometry(cfg, kp_r, kp_t, R)
     out = losses.generator_loss(fake, tgt, geometry, vgg, cfg, "l2", reference=ref,
-                                disc=LocalDiscriminator(tiny_cfg, 44, R // 8), impl="reference")
+                                discriminator=LocalDiscriminator(tiny_cfg, 44, R // 8), impl="reference")
     want = ops.local_perceptual_loss(fake, tgt, *pose.local_descriptors(kp_t, R, 44), vgg, "l2", impl="reference",
-                                     min_crop=8)
+                                     local_min_crop=8)
     default = ops.local_perceptual_loss(fake, tgt, *pose.local_descriptors(kp_t, R), vgg, "l2", impl="reference",
-                                        min_crop=8)
+                                        local_min_crop=8)
     torch.testing.assert_close(out["local"], want)
     assert not torch.allclose(want, default)  # 44 descriptors, not the 18 of the rule at 64 px
     assert geometry.count == 44 and losses.local_discriminator_pairs(ref, tgt, geometry, "reference").shape[1] == 44
@@ -119,7 +119,7 @@ def test_init_from_loads_weights_and_grows(tmp_path):
     data = tmp_path / "data"
     synth.synthesize(data, identities=3, poses=2, size=64, seed=0)
     common = ["model.width=0.03125", "model.disc_channels=4", "loss.vgg_weights=random", "loss.layers=[relu1_2]",
-              "train.kernels=reference", "train.tensorboard=false", "data.workers=0", f"data.root={data}",
+              "train.impl=reference", "train.tensorboard=false", "data.workers=0", f"data.root={data}",
               "train.sample_every=0", "train.checkpoint_every=100"]
     cfg64 = load_config(None, common + [f"train.out_dir={tmp_path / 'a'}",
                                         "stages=[{resolution: 64, iterations: 2, batch_size: 2}]"])
@@ -195,7 +195,7 @@ def test_ablate_two_variants_two_seeds_killed_and_resumed(tmp_path):
     out = tmp_path / "abl"
     args = [sys.executable, "-m", "hptransfer", "ablate", "--base", str(BASE), "--variants", "pt_lpl,pt_lpl_ld",
             "--seeds", "2", "--out", str(out), "--figure-pairs", "2",
-            f"data.root={data}", "model.width=0.03125", "model.disc_channels=4", "train.kernels=reference",
+            f"data.root={data}", "model.width=0.03125", "model.disc_channels=4", "train.impl=reference",
             "train.checkpoint_every=2", "train.log_every=1",
             "stages=[{resolution: 64, iterations: 2, batch_size: 2}, {resolution: 128, iterations: 6, batch_size: 1}]"]
     env = {**os.environ, "HPTRANSFER_NO_BAR": "1"}

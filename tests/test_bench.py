@@ -28,10 +28,10 @@ def test_step_flops_uses_generator_counter(tiny_cfg):
     from hptransfer.models import Generator
     from hptransfer.models.summary import conv_flops
 
-    cfg = bench_train.make_config(64, 3, tiny_cfg.width, disc=True, compile_=False, checkpointing=False)
-    assert bench_train.step_flops(cfg, 64, 3, disc=True)["local_vgg"] == 0  # the discriminators replace it
+    cfg = bench_train.make_config(64, 3, tiny_cfg.width, with_discriminators=True, compile_=False, checkpointing=False)
+    assert bench_train.step_flops(cfg, 64, 3, with_discriminators=True)["local_vgg"] == 0  # the discriminators replace it
     cfg.loss.local_perceptual_at_top = True  # both local terms
-    f = bench_train.step_flops(cfg, 64, 3, disc=True)
+    f = bench_train.step_flops(cfg, 64, 3, with_discriminators=True)
     with torch.device("meta"):
         g = Generator(cfg.model, 64)
     assert f["generator"] == 3 * 3 * conv_flops(g, 64)

@@ -133,3 +133,37 @@ def test_exponent_without_dot_is_a_float(tmp_path):
     p = write(tmp_path, "train: {lr: 1e-4}\nloss: {adv_weight: 5e-3}\n")  # PyYAML reads these as strings
     cfg = load_config(p)
     assert cfg.train.lr == 1e-4 and cfg.loss.adv_weight == 5e-3
+
+
+def test_renamed_key_loads_under_its_new_name_with_one_warning(tmp_path, caplog):
+    """A config saved before ``train.kernels`` became ``train.impl`` (runs/*/config.yaml, ablation configs)
+    still loads, as the new key, with one warning naming the file and the new key; it saves the new name."""
+    old = load_config(None, ["train.impl=reference", "stages.0.iterations=3"]).to_dict()
+    old["train"] = {("kernels" if k == "impl" else k): v for k, v in old["train"].items()}
+    p = tmp_path / "config.yaml"
+    save_config(Config(), p)
+    p.write_text(p.read_text().replace("  impl: auto\n", "  kernels: reference\n"))
+    assert "kernels: reference" in p.read_text()
+    with caplog.at_level("WARNING", logger="hptransfer.config"):
+        cfg = load_config(p)
+    assert cfg.train.impl == "reference"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "hptransfer.config"]
+    assert len(warnings) == 1 and str(p) in warnings[0] and "train.impl" in warnings[0], warnings
+    save_config(cfg, tmp_path / "again.yaml")
+    text = (tmp_path / "again.yaml").read_text()
+    assert "impl: reference" in text and "kernels" not in text
+    # a saved dict (checkpoint-side configs) and a later overlay with the old key
+    assert config_from_dict(old).train.impl == "reference"
+    base = write(tmp_path, "train: {impl: fast}\n", "base.yaml")
+    overlay = write(tmp_path, "train: {kernels: reference}\n", "overlay.yaml")
+    assert load_config([base, overlay]).train.impl == "reference"  # later wins, whatever the name
+    assert load_config([overlay, base]).train.impl == "fast"
+
+
+def test_renamed_key_in_overrides_and_both_names_at_once(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="hptransfer.config"):
+        assert load_config(None, ["train.kernels=fast"]).train.impl == "fast"
+    assert any("train.kernels -> train.impl" in r.getMessage() for r in caplog.records)
+    p = write(tmp_path, "train: {kernels: fast, impl: reference}\n")
+    with pytest.raises(ConfigError, match="both train.kernels"):
+        load_config(p)

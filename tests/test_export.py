@@ -98,31 +98,31 @@ def test_export_from_training_checkpoint(gen, tmp_path):
 
 
 def _snapshot(g):
-    return g.training, g.kernels, {k: v.clone() for k, v in g.state_dict().items()}
+    return g.training, g.impl, {k: v.clone() for k, v in g.state_dict().items()}
 
 
 def _assert_unchanged(g, snap):
-    training, kernels, state = snap
-    assert (g.training, g.kernels) == (training, kernels), "the generator's mode or kernels changed"
+    training, impl, state = snap
+    assert (g.training, g.impl) == (training, impl), "the generator's mode or impl changed"
     for k, v in g.state_dict().items():
         assert torch.equal(v, state[k]), f"{k} changed"
 
 
 def test_generate_and_exports_leave_the_generator_as_given(gen, tmp_path):
-    """generate() and the exporters borrow the generator: its mode, kernels, BatchNorm running
+    """generate() and the exporters borrow the generator: its mode, impl, BatchNorm running
     statistics (a train-mode forward updates them) and device stay as they were."""
     gen.train()
-    gen.kernels = "fast"  # a trainer's setting; generate(impl="reference") must not overwrite it
+    gen.impl = "fast"  # a trainer's setting; generate(impl="reference") must not overwrite it
     snap = _snapshot(gen)
     ref, kp = ex.example_inputs(64, 2)
     out = ex.generate(gen, ref, kp, "reference")
     _assert_unchanged(gen, snap)
     gen.eval()
-    gen.kernels = "reference"
+    gen.impl = "reference"
     with torch.no_grad():
         torch.testing.assert_close(out, gen(ref, kp), rtol=0, atol=0)  # generate() is the eval-mode forward
     gen.train()
-    gen.kernels = "fast"
+    gen.impl = "fast"
     ex.export_torchscript(gen, tmp_path / "g.pt")
     _assert_unchanged(gen, snap)
     path = ex.export_onnx(gen, tmp_path / "g.onnx")

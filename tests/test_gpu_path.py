@@ -151,7 +151,7 @@ def test_local_loss_never_uses_bilinear_interpolate(monkeypatch):
     for impl in ("reference", "fast"):
         x = fake.clone().requires_grad_()
         with deterministic_mode():
-            ops.local_perceptual_loss(x, real, *descriptors(kp, real), SmallFeatures(), "l2", impl=impl, min_crop=16).backward()
+            ops.local_perceptual_loss(x, real, *descriptors(kp, real), SmallFeatures(), "l2", impl=impl, local_min_crop=16).backward()
         assert x.grad.abs().sum() > 0
 
 
@@ -260,7 +260,7 @@ def test_local_loss_crops_in_the_callers_precision(autocast_dtype):
     vgg = DtypeSpy()
     ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with ctx:
-        loss = ops.local_perceptual_loss(fake.clone().requires_grad_(), real, *descriptors(kp, real), vgg, "l1", impl="fast", min_crop=16)
+        loss = ops.local_perceptual_loss(fake.clone().requires_grad_(), real, *descriptors(kp, real), vgg, "l1", impl="fast", local_min_crop=16)
     assert vgg.dtypes == [autocast_dtype or torch.float32] * 2
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 

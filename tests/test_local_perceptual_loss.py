@@ -92,8 +92,8 @@ def test_fast_without_autograd_and_count():
     vgg = SmallFeatures(1)
     fake, real, kp = _case(2, 128, seed=2)
     with torch.no_grad():
-        ref = ops.local_perceptual_loss(fake, real, *descriptors(kp, real, 18), vgg, "l2", impl="reference", min_crop=16)
-        fast = ops.local_perceptual_loss(fake, real, *descriptors(kp, real, 18), vgg, "l2", impl="fast", min_crop=16)
+        ref = ops.local_perceptual_loss(fake, real, *descriptors(kp, real, 18), vgg, "l2", impl="reference", local_min_crop=16)
+        fast = ops.local_perceptual_loss(fake, real, *descriptors(kp, real, 18), vgg, "l2", impl="fast", local_min_crop=16)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-7)
 
 

@@ -70,18 +70,18 @@ def test_global_loss_fused_distance_equals_reference(criterion, vgg, rng):
 def test_discriminator_loss_calls_the_discriminator_once(rng):
     """Real and fake pairs go through the discriminators in one call; the loss equals two calls."""
     calls = []
-    disc = LocalDiscriminator(ModelConfig(width=1 / 32, disc_channels=4), 3, 8)
+    discriminator = LocalDiscriminator(ModelConfig(width=1 / 32, disc_channels=4), 3, 8)
 
     def counted(pairs):
         calls.append(pairs.shape[0])
-        return disc(pairs)
+        return discriminator(pairs)
 
     real = torch.randn(2, 3, 6, 8, 8, generator=rng)
     fake = torch.randn(2, 3, 6, 8, 8, generator=rng)
     valid = torch.tensor([[True, False, True], [True, True, True]])
     got = losses.discriminator_loss(counted, real, fake, valid)
     assert calls == [4]
-    lr, lf = disc(real).float(), disc(fake).float()
+    lr, lf = discriminator(real).float(), discriminator(fake).float()
     want = ((F.softplus(-lr) + F.softplus(lf)) * valid).sum() / valid.sum()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
@@ -99,7 +99,7 @@ def test_global_and_local_share_the_criterion(vgg, rng):
     cr = ops.gather_crops_reference(real, centers[:, 4:5], s)
     for crit in ("l1", "l2"):
         local = ops.local_perceptual_loss(fake, real, *pose.local_descriptors(kp, R), vgg, crit, impl="reference",
-                                          min_crop=s)
+                                          local_min_crop=s)
         torch.testing.assert_close(local, losses.global_perceptual_loss(cf, cr, vgg, crit), rtol=1e-5, atol=1e-7)
 
 
@@ -173,24 +173,24 @@ def test_gan_losses_formula_and_mask(rng):
     pairs_real = torch.rand(B, N, 6, 4, 4, generator=rng)
     pairs_real[:, :, 5] = 0
     pairs_fake = (torch.rand(B, N, 6, 4, 4, generator=rng) + 1).requires_grad_()
-    disc = FixedLogits(real_logits, fake_logits)
-    d_loss = losses.discriminator_loss(disc, pairs_real, pairs_fake, valid)
+    discriminator = FixedLogits(real_logits, fake_logits)
+    d_loss = losses.discriminator_loss(discriminator, pairs_real, pairs_fake, valid)
     bce = F.binary_cross_entropy_with_logits
     per = bce(real_logits, torch.ones(B, N), reduction="none") + bce(fake_logits, torch.zeros(B, N), reduction="none")
     torch.testing.assert_close(d_loss, per[valid].mean())
     d_loss.backward()
-    assert pairs_fake.grad is None and disc.offset.grad is not None  # fakes detached
+    assert pairs_fake.grad is None and discriminator.offset.grad is not None  # fakes detached
     # invalid descriptors do not count, whatever their logits
-    disc2 = FixedLogits(real_logits.masked_fill(~valid, 1e4), fake_logits.masked_fill(~valid, -1e4))
-    torch.testing.assert_close(losses.discriminator_loss(disc2, pairs_real, pairs_fake, valid), d_loss.detach())
+    discriminator2 = FixedLogits(real_logits.masked_fill(~valid, 1e4), fake_logits.masked_fill(~valid, -1e4))
+    torch.testing.assert_close(losses.discriminator_loss(discriminator2, pairs_real, pairs_fake, valid), d_loss.detach())
 
-    disc.offset.grad = None
-    g_loss = losses.generator_adversarial_loss(disc, pairs_fake, valid)
+    discriminator.offset.grad = None
+    g_loss = losses.generator_adversarial_loss(discriminator, pairs_fake, valid)
     torch.testing.assert_close(g_loss, bce(fake_logits, torch.ones(B, N), reduction="none")[valid].mean())
     g_loss.backward()
-    assert disc.offset.grad is None and disc.offset.requires_grad  # D constant, flag restored
+    assert discriminator.offset.grad is None and discriminator.offset.requires_grad  # D constant, flag restored
     none_valid = torch.zeros(B, N, dtype=torch.bool)
-    z = losses.generator_adversarial_loss(disc, pairs_fake, none_valid)
+    z = losses.generator_adversarial_loss(discriminator, pairs_fake, none_valid)
     assert float(z.detach()) == 0.0 and z.requires_grad
 
 
@@ -209,36 +209,37 @@ def test_gradients_reach_every_generator_parameter(term, tiny_cfg, vgg, rng):
     weights = {"global": (1.0, 0.0, 0.0), "local": (0.0, 1.0, 0.0), "adv": (0.0, 0.0, 1.0)}[term]
     cfg = LossConfig(layers=LAYERS, global_weight=weights[0], local_weight=weights[1], adv_weight=weights[2],
                      disc_at_resolution=64 if term == "adv" else 1024, local_min_crop=16)
-    disc = LocalDiscriminator(tiny_cfg, 18, 8)
+    discriminator = LocalDiscriminator(tiny_cfg, 18, 8)
     fake = g(ref, kp_t)
     out = losses.generator_loss(fake, tgt, losses.step_geometry(cfg, kp_r, kp_t, 64), vgg, cfg, "l2",
-                                reference=ref, disc=disc, impl="reference")
+                                reference=ref, discriminator=discriminator, impl="reference")
     assert float(out[term].detach()) > 0
     out[term].backward()
     for name, p in g.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{term}: no gradient reaches {name}"
-    assert all(p.grad is None for p in disc.parameters())
+    assert all(p.grad is None for p in discriminator.parameters())
 
 
 def test_generator_loss_weights_and_stage_terms(tiny_cfg, rng):
     g, ref, tgt, kp_r, kp_t = _setup(tiny_cfg, rng)
     f = TwoLayerFeatures()
     fake = g(ref, kp_t)
-    disc = LocalDiscriminator(tiny_cfg, 18, 8)
+    discriminator = LocalDiscriminator(tiny_cfg, 18, 8)
     cfg = LossConfig(global_weight=2.0, local_weight=0.5, adv_weight=0.1, disc_at_resolution=64, local_min_crop=8,
                      local_perceptual_at_top=True)  # both local terms, to check the weighted sum
     geometry = losses.step_geometry(cfg, kp_r, kp_t, 64)
-    out = losses.generator_loss(fake, tgt, geometry, f, cfg, "l1", reference=ref, disc=disc, impl="reference")
+    out = losses.generator_loss(fake, tgt, geometry, f, cfg, "l1", reference=ref, discriminator=discriminator,
+                                impl="reference")
     assert set(out) == {"global", "local", "adv", "total"}
     assert all(float(out[k].detach()) > 0 for k in ("global", "local", "adv"))
     torch.testing.assert_close(out["total"], 2.0 * out["global"] + 0.5 * out["local"] + 0.1 * out["adv"])
     torch.testing.assert_close(out["global"], losses.global_perceptual_loss(fake, tgt, f, "l1"))
-    # below the discriminator stage: no adversarial term, no disc needed
+    # below the discriminator stage: no adversarial term, no discriminator needed
     cfg_low = LossConfig(disc_at_resolution=128, local_min_crop=8)
     low = losses.generator_loss(fake, tgt, geometry, f, cfg_low, "l2", impl="reference")
     assert float(low["adv"]) == 0.0 and float(low["local"].detach()) > 0
     # at the discriminator stage "in replacement": local term off
     top = losses.active_terms(LossConfig(disc_at_resolution=64, local_perceptual_at_top=False), 64)
     assert top == {"local": False, "adv": True}
-    with pytest.raises(ValueError, match="disc"):
+    with pytest.raises(ValueError, match="discriminator"):
         losses.generator_loss(fake, tgt, geometry, f, cfg, "l2", impl="reference")

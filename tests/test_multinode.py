@@ -69,7 +69,7 @@ def test_two_nodes_one_rank_each(tmp_path):
     cfg.write_text(json.dumps({
         "model": {"width": 0.03125}, "loss": {"vgg_weights": "random", "layers": ["relu1_2"]},
         "data": {"root": str(data), "workers": 0, "flip": False},
-        "train": {"kernels": "reference", "tensorboard": False, "sample_every": 0, "log_every": 1},
+        "train": {"impl": "reference", "tensorboard": False, "sample_every": 0, "log_every": 1},
         "stages": [{"resolution": 64, "iterations": 2, "batch_size": 2}]}))
     out = tmp_path / "shared" / "run"  # the shared file system both nodes see
 

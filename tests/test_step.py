@@ -18,9 +18,9 @@ R = 64
 LAYERS = ["relu1_2", "relu2_2"]
 
 
-def _loss_cfg(disc: bool) -> LossConfig:
+def _loss_cfg(with_discriminator: bool) -> LossConfig:
     return LossConfig(vgg_weights="random", layers=LAYERS, local_min_crop=8, adv_weight=0.1,
-                      disc_at_resolution=R if disc else 1024, local_perceptual_at_top=True)  # every term runs
+                      disc_at_resolution=R if with_discriminator else 1024, local_perceptual_at_top=True)  # every term runs
 
 
 class _Cfg:  # train_step reads cfg.loss only
@@ -39,11 +39,11 @@ def _inputs(rng, batch=2):
     return ref, tgt, random_keypoints(batch, R, rng, missing=1), random_keypoints(batch, R, rng)
 
 
-def _models(tiny_cfg, disc: bool):
+def _models(tiny_cfg, with_discriminator: bool):
     torch.manual_seed(0)
     g = Generator(tiny_cfg, R)
-    g.kernels = "reference"
-    d = LocalDiscriminator(tiny_cfg, pose.descriptor_count(R), pose.crop_size(R)) if disc else None
+    g.impl = "reference"
+    d = LocalDiscriminator(tiny_cfg, pose.descriptor_count(R), pose.crop_size(R)) if with_discriminator else None
     return g, d
 
 
@@ -56,34 +56,34 @@ def _engines(backend, g, d):
 def test_generator_loss_marks_its_phases(tiny_cfg, vgg, rng):
     from hptransfer.profiling import PhaseTimer
 
-    g, d = _models(tiny_cfg, disc=True)
+    g, d = _models(tiny_cfg, with_discriminator=True)
     ref, tgt, kr, kt = _inputs(rng)
     fake = g(ref, kt)
     with PhaseTimer() as t:
-        cfg = _loss_cfg(disc=True)
+        cfg = _loss_cfg(with_discriminator=True)
         a = losses.generator_loss(fake, tgt, losses.step_geometry(cfg, kr, kt, R), vgg, cfg, "l1", reference=ref,
-                                  disc=d, impl="reference")
+                                  discriminator=d, impl="reference")
     assert {"global_vgg", "local_vgg", "discriminator"} <= set(t.totals())
     assert float(a["adv"].detach()) != 0 and float(a["local"].detach()) != 0
 
 
-@pytest.mark.parametrize("disc", [False, True])
-def test_train_step_matches_the_loop_written_out(tiny_cfg, vgg, rng, disc):
+@pytest.mark.parametrize("with_discriminator", [False, True])
+def test_train_step_matches_the_loop_written_out(tiny_cfg, vgg, rng, with_discriminator):
     ref, tgt, kr, kt = _inputs(rng)
-    cfg = _loss_cfg(disc)
+    cfg = _loss_cfg(with_discriminator)
     backend = SingleBackend("fp32", device="cpu")
-    g1, d1 = _models(tiny_cfg, disc)
+    g1, d1 = _models(tiny_cfg, with_discriminator)
     g2, d2 = copy.deepcopy(g1), copy.deepcopy(d1)
 
     ge, de = _engines(backend, g1, d1)
     out = train_step(ge, g1, vgg, _Cfg(cfg), ref, tgt, kr, kt, "l2", "reference", backend, d_engine=de)
     assert not out["skipped"] and not out["d_skipped"]
-    assert (out["d_loss"] is not None) == disc
+    assert (out["d_loss"] is not None) == with_discriminator
 
     # the trainer's loop (train.py) with plain optimisers: D step on the detached fake, then G
     go = torch.optim.Adam(g2.parameters(), lr=1e-3)
     fake = g2(ref, kt)
-    if disc:
+    if with_discriminator:
         do = torch.optim.Adam(d2.parameters(), lr=1e-3)
         # descriptors written out directly (not through losses.step_geometry)
         centers_r, valid_r = pose.local_descriptors(kr, R)
@@ -96,21 +96,21 @@ def test_train_step_matches_the_loop_written_out(tiny_cfg, vgg, rng, disc):
         do.step()
         torch.testing.assert_close(out["d_loss"], d_loss)
     geometry = pose.StepGeometry(R, R // 8, *pose.local_descriptors(kt, R), *pose.local_descriptors(kr, R))
-    terms = losses.generator_loss(fake, tgt, geometry, vgg, cfg, "l2", reference=ref, disc=d2, impl="reference")
+    terms = losses.generator_loss(fake, tgt, geometry, vgg, cfg, "l2", reference=ref, discriminator=d2, impl="reference")
     terms["total"].backward()
     go.step()
     torch.testing.assert_close(out["terms"]["total"], terms["total"])
-    pairs = [(g1, g2)] + ([(d1, d2)] if disc else [])
+    pairs = [(g1, g2)] + ([(d1, d2)] if with_discriminator else [])
     for m1, m2 in pairs:
         for (name, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
             torch.testing.assert_close(a, b, msg=f"{name} differs after one step")
-    assert any(not torch.equal(a, b) for a, b in zip(g1.parameters(), _models(tiny_cfg, disc)[0].parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(g1.parameters(), _models(tiny_cfg, with_discriminator)[0].parameters()))
 
 
 def test_non_finite_loss_skips_and_restores_buffers(tiny_cfg, vgg, rng):
     ref, tgt, kr, kt = _inputs(rng)
     backend = SingleBackend("fp32", device="cpu")
-    g, _ = _models(tiny_cfg, disc=False)
+    g, _ = _models(tiny_cfg, with_discriminator=False)
     before = copy.deepcopy(g.state_dict())
     ge, _ = _engines(backend, g, None)
 
@@ -128,7 +128,7 @@ def test_non_finite_loss_skips_and_restores_buffers(tiny_cfg, vgg, rng):
 def test_phase_timer_records_every_phase(tiny_cfg, vgg, rng):
     ref, tgt, kr, kt = _inputs(rng)
     backend = SingleBackend("fp32", device="cpu")
-    g, d = _models(tiny_cfg, disc=True)
+    g, d = _models(tiny_cfg, with_discriminator=True)
     ge, de = _engines(backend, g, d)
     with profiling.PhaseTimer(cuda=False) as t:
         train_step(ge, g, vgg, _Cfg(_loss_cfg(True)), ref, tgt, kr, kt, "l2", "reference", backend, d_engine=de)

@@ -38,7 +38,7 @@ def data_root(tmp_path_factory) -> Path:
 def tiny_cfg(data_root: Path, out: Path, *extra: str):
     return load_config(None, [
         "model.width=0.03125", "model.disc_channels=4", "loss.vgg_weights=random", "loss.layers=[relu1_2,relu2_2]",
-        "loss.disc_at_resolution=128", "train.kernels=reference", "train.tensorboard=false", "train.deterministic=true",
+        "loss.disc_at_resolution=128", "train.impl=reference", "train.tensorboard=false", "train.deterministic=true",
         "train.sample_every=2", "train.checkpoint_every=100", "train.log_every=1", "data.workers=0",
         f"data.root={data_root}", f"train.out_dir={out}",
         f"stages=[{{resolution: 64, iterations: {ITERS}, batch_size: 2}}, "
@@ -180,7 +180,7 @@ def test_cli_entry_point(data_root, tmp_path, capsys):
 
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(f"model: {{width: 0.03125}}\nloss: {{vgg_weights: random, layers: [relu1_2]}}\n"
-                        f"data: {{root: {data_root}, workers: 0}}\ntrain: {{kernels: reference, tensorboard: false}}\n"
+                        f"data: {{root: {data_root}, workers: 0}}\ntrain: {{impl: reference, tensorboard: false}}\n"
                         "stages: [{resolution: 64, iterations: 1, batch_size: 2}]\n")
     out = tmp_path / "run"
     assert main(["train", "--config", str(cfg_path), "--out", str(out), "train.log_every=1"]) == 0

@@ -97,7 +97,7 @@ class AppearanceFlow(nn.Module):
         # level i head sees: warped source features, target features (+ the upsampled flow below the top)
         self.heads = nn.ModuleList(
             _flow_head(2 * w + (2 if i < levels - 1 else 0), max(w // 2, 16)) for i, w in enumerate(widths))
-        self.kernels = "auto"  # heatmap path, as the generator's
+        self.impl = "auto"  # heatmap path, as the generator's
         self.fade_alpha = 1.0  # the trainer sets it on every model; no input fade here
 
     # ---- what the trainer and exports expect of a model
@@ -125,7 +125,7 @@ class AppearanceFlow(nn.Module):
     # ---- the network
     def heatmaps(self, kp: torch.Tensor, size: int, dtype) -> torch.Tensor:
         sigma = pose.default_sigma(size, self.pose_sigma)
-        return ops.heatmaps(kp.float(), (size, size), (size, size), sigma=sigma, impl=self.kernels).to(dtype)
+        return ops.heatmaps(kp.float(), (size, size), (size, size), sigma=sigma, impl=self.impl).to(dtype)
 
     def forward(self, garment: torch.Tensor, source_mask: torch.Tensor, target_region: torch.Tensor,
                 kp_source: torch.Tensor, kp_target: torch.Tensor) -> dict:

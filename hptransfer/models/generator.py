@@ -166,7 +166,7 @@ class Generator(nn.Module):
     """Pose-guided encoder-decoder, grown progressively from 64 px to 1024 px.
 
     ``forward(reference (B, 3, R, R) in [-1, 1], kp (B, 18, 2) (y, x) pixels of the R x R target
-    image) -> (B, 3, R, R)`` in [-1, 1]. ``self.kernels`` ("auto" | "fast" | "reference") picks the
+    image) -> (B, 3, R, R)`` in [-1, 1]. ``self.impl`` ("auto" | "fast" | "reference") picks the
     heatmap implementation.
     """
 
@@ -177,7 +177,7 @@ class Generator(nn.Module):
         if resolution < self.base or resolution > MAX_RESOLUTION or resolution % self.base \
                 or (resolution // self.base) & (resolution // self.base - 1):
             raise ValueError(f"resolution must be {self.base} * 2^k and <= {MAX_RESOLUTION}, got {resolution}")
-        self.kernels = "auto"
+        self.impl = "auto"
         self.checkpointing = False
         self.fade_alpha = 1.0  # weight of the new input path while fading (see grow)
         slope = model_cfg.negative_slope
@@ -289,7 +289,7 @@ class Generator(nn.Module):
         if self.cfg.pose_at_every_scale:
             sides += [self.base * 2 ** i for i in range(int(math.log2(R // self.base)) + 1)]
         sigmas = [pose.default_sigma(s, self.cfg.pose_sigma, b) for s in sides]
-        maps = ops.heatmaps_multi(kp, (R, R), [(s, s) for s in sides], sigmas, impl=self.kernels, dtype=dtype)
+        maps = ops.heatmaps_multi(kp, (R, R), [(s, s) for s in sides], sigmas, impl=self.impl, dtype=dtype)
         return dict(zip(sides, maps))
 
     def forward(self, reference: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ def stage_table(model_cfg: ModelConfig, resolution: int) -> list[dict]:
     rows = []
     with torch.device("meta"):
         g = Generator(model_cfg, 2 * model_cfg.bottleneck_size)
-    g.kernels = "reference"
+    g.impl = "reference"
     g.eval()
     prev_grown = 0
     while True:

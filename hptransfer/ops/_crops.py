@@ -35,7 +35,7 @@ def upsample_crops(crops: torch.Tensor, size: int) -> torch.Tensor:
     return torch.matmul(torch.matmul(a, crops), a.t())
 
 
-def prepare_crops(fake, real, centers, valid, min_crop):
+def prepare_crops(fake, real, centers, valid, local_min_crop):
     """Checked inputs of a local loss: (centers, valid) on the images' device, crop side R/8, VGG input side."""
     if fake.shape != real.shape:
         raise ValueError(f"fake and real must have the same shape, got {tuple(fake.shape)} and {tuple(real.shape)}")
@@ -45,5 +45,5 @@ def prepare_crops(fake, real, centers, valid, min_crop):
     device = device_of(fake, real, names=("fake", "real"))
     centers, valid = centers.to(device), valid.to(device)  # no-ops for a step's geometry (built on the device)
     size = crop_size(fake.shape[-1])
-    out_size = max(size, int(min_crop or 0))
+    out_size = max(size, int(local_min_crop or 0))
     return centers, valid, size, out_size

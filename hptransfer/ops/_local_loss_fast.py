@@ -5,7 +5,7 @@ Same conventions as the reference (see ``local_perceptual_loss.py``); what diffe
 - fake and real crops of all B*N descriptors are gathered in ONE call on ``cat([fake, real])`` with the
   ImageNet normalisation fused into the gather (CUDA: ``hptransfer.ops.gather_crops``, the Triton kernel,
   channels_last out; CPU: ``torch.ops.hptransfer.gather_crops`` of ``hptransfer._C``, else the reference);
-- small crops are upsampled to ``min_crop`` in one :func:`upsample_crops` call (deterministic matmuls);
+- small crops are upsampled to ``local_min_crop`` in one :func:`upsample_crops` call (deterministic matmuls);
 - VGG runs once over the B*N fake crops with autograd and once over the B*N real crops under
   ``torch.no_grad``. Two batched calls rather than one call on the 2*B*N concatenation: autograd
   cannot drop the real half of a single batch, so one call would back-propagate through the real
@@ -51,7 +51,8 @@ def _gather(images: torch.Tensor, centers: torch.Tensor, size: int, impl: str, d
 
 def local_perceptual_loss_batched(fake: torch.Tensor, real: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor,
                                   vgg, criterion: str, impl: str = "auto",
-                                  layer_weights: Optional[Sequence[float]] = None, min_crop: int = 32) -> torch.Tensor:
+                                  layer_weights: Optional[Sequence[float]] = None,
+                                  local_min_crop: int = 32) -> torch.Tensor:
     """Local perceptual loss, batched. Arguments and result as ``local_perceptual_loss``:
     ``fake``, ``real`` (B, 3, R, R) in [-1, 1]; ``centers`` (B, N, 2), ``valid`` (B, N) at R;
     ``vgg(x, input_normalized=True) -> list`` of (B*N, C_l, h_l, w_l) features. Returns a float32 scalar,
@@ -61,7 +62,7 @@ def local_perceptual_loss_batched(fake: torch.Tensor, real: torch.Tensor, center
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     fused = use_fast("local_perceptual_loss", fake, impl, backend="extension",
                      fallback_to="a torch criterion on the batched VGG features (no fused distance)")
-    centers, valid, size, out_size = prepare_crops(fake, real, centers, valid, min_crop)
+    centers, valid, size, out_size = prepare_crops(fake, real, centers, valid, local_min_crop)
     B, N = valid.shape
     M = B * N
     dtype = crop_dtype(fake.device, fake.dtype)

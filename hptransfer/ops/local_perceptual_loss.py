@@ -5,7 +5,8 @@ Conventions shared by the reference and the fast path:
   ``pose.StepGeometry`` (``target_centers``, ``target_valid``) or ``pose.local_descriptors(kp, R)``;
   crop side resolution / 8 (``pose.crop_size``);
 - crops are ImageNet-normalised as gathered, so pixels outside the image are 0 after normalisation;
-- crops smaller than ``min_crop`` are upsampled (bilinear, :func:`upsample_crops`) to ``min_crop`` before VGG;
+- crops smaller than ``local_min_crop`` (``loss.local_min_crop``) are upsampled (bilinear,
+  :func:`upsample_crops`) to that side before VGG;
 - C is the mean over (channels, h, w) of the squared ("l2") or absolute ("l1") difference, per crop;
 - per image, the sum over valid descriptors and layers (weighted by ``layer_weights``);
   the loss is the mean of that over the batch. Invalid descriptors contribute nothing.
@@ -26,9 +27,9 @@ from hptransfer.ops.perceptual_distance import criterion_per_sample
 
 def local_perceptual_loss_reference(fake: torch.Tensor, real: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor,
                                     vgg, criterion: str, layer_weights: Optional[Sequence[float]] = None,
-                                    min_crop: int = 32) -> torch.Tensor:
+                                    local_min_crop: int = 32) -> torch.Tensor:
     """The research-code way, kept as the spec: one VGG call per descriptor in a Python loop."""
-    centers, valid, size, out_size = prepare_crops(fake, real, centers, valid, min_crop)
+    centers, valid, size, out_size = prepare_crops(fake, real, centers, valid, local_min_crop)
     B, N = valid.shape
     total = fake.new_zeros(B, dtype=torch.float32)
     for d in range(N):
@@ -48,7 +49,7 @@ def local_perceptual_loss_reference(fake: torch.Tensor, real: torch.Tensor, cent
 
 def local_perceptual_loss(fake: torch.Tensor, real: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor, vgg,
                           criterion: str, impl: str = "auto", layer_weights: Optional[Sequence[float]] = None,
-                          min_crop: int = 32) -> torch.Tensor:
+                          local_min_crop: int = 32) -> torch.Tensor:
     """Local perceptual loss of ``fake`` against ``real`` (B, 3, R, R) in [-1, 1] at the target's descriptor
     ``centers`` (B, N, 2) (y, x) pixels; descriptors with ``valid`` (B, N) False contribute nothing.
     Returns a scalar (fp32).
@@ -62,5 +63,7 @@ def local_perceptual_loss(fake: torch.Tensor, real: torch.Tensor, centers: torch
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "reference":
-        return local_perceptual_loss_reference(fake, real, centers, valid, vgg, criterion, layer_weights, min_crop)
-    return local_perceptual_loss_batched(fake, real, centers, valid, vgg, criterion, impl, layer_weights, min_crop)
+        return local_perceptual_loss_reference(fake, real, centers, valid, vgg, criterion, layer_weights,
+                                               local_min_crop)
+    return local_perceptual_loss_batched(fake, real, centers, valid, vgg, criterion, impl, layer_weights,
+                                         local_min_crop)

@@ -236,9 +236,6 @@ class Backend:
         """True when ``flag`` is true on any rank (all ranks get the same answer)."""
         return bool(flag)
 
-    def mean(self, value: float) -> float:
-        return float(value)
-
     def barrier(self) -> None:
         pass
 
@@ -255,7 +252,7 @@ class Backend:
                forward_fn: Optional[Callable] = None) -> Engine:
         raise NotImplementedError
 
-    def save_engines(self, directory: Path, engines: dict, client_state: Optional[dict] = None) -> None:
+    def save_engines(self, directory: Path, engines: dict) -> None:
         raise NotImplementedError
 
     def load_engines(self, directory: Path, engines: dict) -> None:
@@ -277,7 +274,7 @@ class SingleBackend(Backend):
     def engine(self, name, module, optimizer, micro_batch, forward_fn=None) -> Engine:
         return SingleEngine(module, optimizer, self.device, self.precision, self.grad_clip, forward_fn)
 
-    def save_engines(self, directory: Path, engines: dict, client_state: Optional[dict] = None) -> None:
+    def save_engines(self, directory: Path, engines: dict) -> None:
         from hptransfer.checkpoint import atomic_torch_save
         for name, eng in engines.items():
             atomic_torch_save(eng.state_dict(), Path(directory) / f"{name}.pt")
@@ -410,11 +407,6 @@ class DeepSpeedBackend(Backend):
         self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
-    def mean(self, value: float) -> float:
-        t = torch.tensor([float(value)], device=self.device, dtype=torch.float64)
-        self.dist.all_reduce(t)
-        return float(t.item()) / self.world_size
-
     def barrier(self) -> None:
         self.dist.barrier()
 
@@ -442,9 +434,9 @@ class DeepSpeedBackend(Backend):
             out[k] = v.float().cpu().clone() if v.is_floating_point() else v.cpu().clone()
         return out
 
-    def save_engines(self, directory: Path, engines: dict, client_state: Optional[dict] = None) -> None:
+    def save_engines(self, directory: Path, engines: dict) -> None:
         for name, eng in engines.items():  # every rank: each writes its ZeRO partition
-            state = {"hptransfer": client_state or {}}
+            state = {}  # the run's own state is in meta.json (train._save_checkpoint)
             if eng.scaler is not None:  # DeepSpeed does not checkpoint the autocast GradScaler itself
                 state["grad_scaler"] = eng.scaler.state_dict()
             eng.engine.save_checkpoint(str(directory), tag=name, client_state=state, save_latest=False)

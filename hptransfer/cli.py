@@ -4,14 +4,16 @@ module when its subcommand runs so ``hptransfer --help`` stays fast.
 
 Errors the user can fix (:mod:`hptransfer.errors`) are caught here, in one place, for every
 subcommand: one line ``error: ...`` on stderr, exit status 2; ``--debug`` (anywhere on the command
-line) or ``HPTRANSFER_DEBUG=1`` shows their traceback. Other exceptions are bugs and keep theirs."""
+line) or ``HPTRANSFER_DEBUG=1`` (any on value, as every ``hptransfer._env`` flag) shows their traceback.
+Other exceptions are bugs and keep theirs."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
-import os
 import sys
+
+from hptransfer._env import flag
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -31,21 +33,9 @@ COMMANDS = {
 }
 
 
-class NotAvailable(Exception):
-    pass
-
-
 def _load(name: str):
-    module_name, _ = COMMANDS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and (e.name == module_name or module_name.startswith(e.name + ".")):
-            raise NotAvailable(name) from None
-        raise
-    if not hasattr(module, "add_arguments") or not hasattr(module, "run"):
-        raise NotAvailable(name)
-    return module
+    """The module of subcommand ``name`` (an unknown name never gets here: argparse rejects it)."""
+    return importlib.import_module(COMMANDS[name][0])
 
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
@@ -69,11 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     selected = next((a for a in argv if not a.startswith("-")), None)
     if selected not in COMMANDS:
         selected = None
-    try:
-        parser = build_parser(selected)
-    except NotAvailable as e:
-        print(f"hptransfer {e.args[0]}: not available yet in this version.", file=sys.stderr)
-        return 2
+    parser = build_parser(selected)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -90,7 +76,7 @@ def run_guarded(run, args, debug: bool = False, check_device: bool = False) -> i
     cannot parse is a user error (every subcommand's ``--device``, checked here once)."""
     from hptransfer.errors import InputError, user_message
 
-    debug = debug or os.environ.get("HPTRANSFER_DEBUG", "") not in ("", "0")
+    debug = debug or flag("HPTRANSFER_DEBUG")
     try:
         if check_device and getattr(args, "device", None):
             import torch

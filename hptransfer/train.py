@@ -605,7 +605,7 @@ def _save_checkpoint(run: _Run, stage: _Stage) -> None:
     meta = {"state": dict(state), "arch": stage.generator.arch(), "world_size": backend.world_size,
             "backend": "deepspeed" if backend.distributed else "single",
             "zero_stage": getattr(backend, "zero_stage", 0), "engines": sorted(engines), "time": time.time()}
-    backend.save_engines(tmp, engines, client_state=meta)
+    backend.save_engines(tmp, engines)
     ckpt.save_rng(tmp, backend.rank)
     ckpt.finish(root, tmp, meta, run.cfg.train.keep_checkpoints, backend.is_main, backend.barrier)
 

@@ -2,14 +2,14 @@
 synthesizer renders whose true keypoints are known: the pixel error, ``infer --pose photo.jpg`` and
 ``data video`` with MediaPipe keypoints. These tests do not skip when MediaPipe is missing (they fail
 at import), unless HPTRANSFER_SKIP_MEDIAPIPE=1 says so explicitly."""
-import os
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-if os.environ.get("HPTRANSFER_SKIP_MEDIAPIPE") == "1":
+from hptransfer._env import flag
+
+if flag("HPTRANSFER_SKIP_MEDIAPIPE"):  # 1/true/yes/on, as every HPTRANSFER_* flag
     pytest.importorskip("mediapipe")
 else:
     import mediapipe  # noqa: F401  (make setup installs requirements-mediapipe.txt)

@@ -39,8 +39,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-KEYS = ("reference", "target", "kp_reference", "kp_target", "index")
-
 
 class DaliUnavailable(RuntimeError):
     """DALI is not installed or cannot run here."""

@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 NUM_KEYPOINTS = 18  # OpenPose-18 (hptransfer.pose.KEYPOINT_NAMES); kept here so this module needs no torch
 ANNOTATION_HEADER = "name:keypoints_y:keypoints_x"
-PAIRS_HEADER = "from,to"
 
 
 class Annotations(dict):

@@ -22,8 +22,6 @@ from hptransfer.constants import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "vgg16-397923af.pth"
-WEIGHTS_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 ENV_VAR = "HPTRANSFER_VGG16"
 # torchvision vgg16 "D" configuration; M = 2x2 max-pool.
 _CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")

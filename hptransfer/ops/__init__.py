@@ -9,8 +9,7 @@ fallback into an error (for GPU validation runs).
 from __future__ import annotations
 
 from hptransfer.ops._dispatch import (  # noqa: F401
-    FastPathUnavailable, backend_status, device_of, extension, fast_path_plan, format_backend_status, triton_available,
-    use_fast)
+    FastPathUnavailable, backend_status, device_of, extension, fast_path_plan, format_backend_status, use_fast)
 from hptransfer.ops.heatmaps import heatmaps, heatmaps_multi, heatmaps_reference  # noqa: F401
 from hptransfer.ops.gather_crops import gather_crops, gather_crops_reference  # noqa: F401
 from hptransfer.ops.perceptual_distance import (  # noqa: F401

@@ -61,10 +61,6 @@ def _triton(op: str = ""):
     return True, None
 
 
-def triton_available() -> bool:
-    return _triton()[0]
-
-
 def triton_interpret() -> bool:
     """Will Triton run kernels in its interpreter? Triton's own reading of TRITON_INTERPRET: on for
     1/true/yes/on in any case, off for anything else (no error: the variable is Triton's)."""

@@ -8,6 +8,12 @@ A config file has the sections below (every key optional, defaults are the paper
     train: {...}
     stages: [{resolution: 64, iterations: 700000, batch_size: 16}, ...]
 
+A stage may also set ``activation_checkpointing: true | false`` (e.g. ``{resolution: 1024, iterations:
+700000, batch_size: 2, activation_checkpointing: true}``): the generator recomputes its blocks' activations
+in backward during that stage only (less memory, ~a third more generator compute), applied when the
+stage starts. Unset (null), the stage follows ``train.activation_checkpointing``, the switch for every
+stage, so a config without the key means what it meant before.
+
 Overrides are ``section.key=value`` (value parsed as YAML, so ``train.lr=1e-4``,
 ``data.flip=false``, ``loss.layers=[relu1_2,relu2_2]``); ``stages.0.iterations=100`` addresses a
 stage. An unknown key or a value of the wrong type raises :class:`ConfigError` naming the key and
@@ -89,6 +95,8 @@ class StageConfig:
     resolution: int = 64
     iterations: int = 700_000
     batch_size: int = 16
+    # this stage's activation checkpointing; None = train.activation_checkpointing (see the module docstring)
+    activation_checkpointing: Optional[bool] = None
 
 
 @dataclass
@@ -147,7 +155,8 @@ class Config:
             raise ConfigError(f"{source}: 'stages' is empty")
         if not self.train.progressive and len(self.stages) > 1:  # idempotent: a saved config reloads the same
             top = self.stages[-1]
-            self.stages = [StageConfig(top.resolution, sum(s.iterations for s in self.stages), top.batch_size)]
+            self.stages = [StageConfig(top.resolution, sum(s.iterations for s in self.stages), top.batch_size,
+                                       top.activation_checkpointing)]
         resolutions = [s.resolution for s in self.stages]
         for i, s in enumerate(self.stages):
             if s.resolution not in RESOLUTIONS:

@@ -109,10 +109,20 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def _fused_adam_capable(params: list) -> bool:
+    """Whether torch's fused Adam kernel runs these parameters: all floating point on CUDA devices."""
+    return bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+
+
 def _make_optimizer(cfg: Config, params, lr: float) -> torch.optim.Optimizer:
+    """``train.optimizer`` (Adam / AdamW) over the trainable ``params``: the fused kernel (one launch
+    for every tensor) where all of them are on CUDA, the multi-tensor (foreach) path otherwise (on the
+    CPU it gives the for-loop's numbers exactly). Under DeepSpeed this optimiser is the one passed to
+    ``deepspeed.initialize`` (``backend.resolve_ds_config`` drops a config's own "optimizer" section)."""
     cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
-    return cls([p for p in params if p.requires_grad], lr=lr, betas=tuple(cfg.train.betas),
-               weight_decay=cfg.train.weight_decay)
+    params = [p for p in params if p.requires_grad]
+    kernel = {"fused": True} if _fused_adam_capable(params) else {"foreach": True}
+    return cls(params, lr=lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay, **kernel)
 
 
 def _build_generator(cfg: Config, resolution: int, state: Optional[dict] = None, fading: bool = False):
@@ -383,6 +393,9 @@ def _begin_stage(run: _Run, idx: int, generator, resume_from: Optional[Path]) ->
     R = st.resolution
     if generator.resolution != R:
         generator.grow(input_fade=_fades(cfg, idx))
+    # the stage's activation checkpointing (stages.N.activation_checkpointing, else train's switch)
+    generator.set_activation_checkpointing(cfg.train.activation_checkpointing if st.activation_checkpointing is None
+                                           else st.activation_checkpointing)
     generator = backend.prepare(generator)
     g_engine = backend.engine("generator", generator, _make_optimizer(cfg, generator.parameters(), cfg.train.lr),
                               st.batch_size)

@@ -1,32 +1,42 @@
 """Whole training steps, fast vs naive, data already on the device.
 
     python bench/bench_train.py --resolution 128 --mode both            # CPU default: width 0.125, batch 2
-    python bench/bench_train.py --resolution 256 512 1024 --batch 8      # GPU: width 1.0, bf16
+    python bench/bench_train.py --resolution 256 512 1024 --batch 8      # GPU: width 1.0; naive, fast fp32, fast bf16
     python bench/bench_train.py --resolution 256 --max-batch             # largest batch, +/- checkpointing (GPU;
                                                                           # the CPU only runs the search, up to 2)
 
 A step = generator forward, every loss of the stage (global perceptual; local perceptual with the
 stage's descriptor count; local discriminators with their D step at the top stage or with --disc),
 backward, optimiser steps. ``fast`` is the trainer's path (``hptransfer.step.train_step``: bf16
-autocast on GPU, Triton/extension kernels with impl="auto", channels_last on GPU; --compile and
---checkpointing optional). ``naive`` (bench/naive.py) is the research-code way: fp32, eager,
-heatmaps per sample on the CPU, one VGG call per descriptor crop. Both run in the same process,
-after warm-up; times are medians (on the CPU the two
-modes' steps alternate, so load from other processes hits both alike). VGG-16 has random weights:
-the cost does not depend on them.
+autocast on GPU (--amp fp16 for fp16), Triton/extension kernels with impl="auto", channels_last on GPU,
+the trainer's optimiser (fused Adam on CUDA); --compile and --checkpointing optional). ``fast_fp32`` is
+the same path at fp32, so that the kernels' gain (naive -> fast_fp32) and the precision's
+(fast_fp32 -> fast) are told apart; on the CPU fast already runs at fp32, and --mode both runs no
+separate fast_fp32 row there (the row says so). ``naive`` (bench/naive.py) is the research-code way:
+fp32, eager, heatmaps per sample on the CPU, one VGG call per descriptor crop. All run in the same
+process, after warm-up; times are medians (on the CPU the modes' steps alternate, so load from other
+processes hits them alike). VGG-16 has random weights: the cost does not depend on them.
 
 FLOPs are counted analytically for the convolutions only (2 * Cin/groups * Cout * k * k * Hout * Wout
-per conv, shapes from a meta-device forward; ``hptransfer.models.summary.module_conv_flops``): generator,
-VGG on the fake image and crops, and the discriminators, each forward x3 for forward + backward; VGG on
-the real image/crops runs without autograd and counts x1. MFU = achieved TFLOP/s / a large bf16
-matmul's TFLOP/s measured in the same run (GPU only). Phase shares come from hptransfer.profiling
-timers (CUDA events on GPU) in separate timed steps. JSON: bench/results/train-<device>.json
-(atomically, after every resolution, with bench.common.environment(): versions, CPU flags, backend status).
+per conv, shapes from a meta-device forward; ``hptransfer.models.summary.module_conv_flops``), each
+network's forward times what autograd computes in it (a conv's backward costs one forward per gradient:
+input, weight): the generator and the discriminators' D step are trained, x3 (forward, input and
+weight gradients; the first conv's input gradient, which autograd skips, is under 1 %); VGG on the fake
+image and crops and the discriminators in the generator's adversarial term are frozen but the gradient
+flows through them to the generator, x2 (forward + input gradient); VGG on the real image and crops runs
+under torch.no_grad, x1. Model FLOPs: activation checkpointing's recomputation is not counted.
+MFU per mode, against the peak of the mode's precision: ``mfu_spec`` against the datasheet's dense peak
+(``SPEC_PEAKS_TFLOPS`` by GPU name; fp32 convolutions count at the TF32 rate while cuDNN allows TF32,
+PyTorch's default; none on the CPU) and ``mfu_measured`` against a large matmul in the same dtype timed
+in the same run (GPU and CPU). Phase shares come from hptransfer.profiling timers (CUDA events on GPU)
+in separate timed steps. JSON: bench/results/train-<device>.json (atomically, after every resolution,
+with bench.common.environment(): versions, CPU model and flags, ``hptransfer.ops.backend_status()``).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import statistics
 import sys
 import time
@@ -52,8 +62,17 @@ log = logging.getLogger("bench_train")
 
 
 # ----------------------------------------------------------------------------- FLOPs
+# What one pass of a network costs, in forwards, by what autograd computes in it: a convolution's
+# backward is one forward's worth of work per gradient it produces (input, weight).
+TRAINED = 3     # forward + input gradient + weight gradient: the generator, the discriminators' D step
+INPUT_GRAD = 2  # forward + input gradient, parameters frozen: VGG on the fake image and crops, the
+                # discriminators in the generator's adversarial term (the gradient flows through to the crops)
+NO_GRAD = 1     # forward only, under torch.no_grad: VGG on the real image and crops
+
+
 def step_flops(cfg: Config, R: int, batch: int, with_discriminators: bool) -> dict:
-    """Analytic conv FLOPs of one training step (see the module docstring)."""
+    """Analytic conv FLOPs of one training step, per network (see the module docstring and
+    TRAINED / INPUT_GRAD / NO_GRAD): {"generator", "global_vgg", "local_vgg", "discriminator", "total"}."""
     from hptransfer.models import Generator, LocalDiscriminator, VGG16Features
 
     with torch.device("meta"):
@@ -66,40 +85,120 @@ def step_flops(cfg: Config, R: int, batch: int, with_discriminators: bool) -> di
     vgg_crop = module_conv_flops(vgg.features, torch.zeros(1, 3, side, side, device="meta"))
     n = pose.descriptor_count(R)
     active = losses.active_terms(cfg.loss, R)
-    out = {"generator": 3 * gen, "global_vgg": 3 * vgg_img + vgg_img,
-           "local_vgg": (3 + 1) * n * vgg_crop if active["local"] else 0, "discriminator": 0}
+    out = {"generator": TRAINED * gen,
+           "global_vgg": (INPUT_GRAD + NO_GRAD) * vgg_img,  # fake with autograd, real without
+           "local_vgg": (INPUT_GRAD + NO_GRAD) * n * vgg_crop if active["local"] else 0, "discriminator": 0}
     if with_discriminators:
         with torch.device("meta"):
             discriminator = LocalDiscriminator(cfg.model, n, pose.crop_size(R))
         s = pose.crop_size(R)
         per = module_conv_flops(discriminator, torch.zeros(1, n, 6, s, s, device="meta"))
-        out["discriminator"] = 3 * 2 * per + 3 * per  # D step on real+fake, G's adversarial pass
+        # D step on real + fake pairs (trained); G's adversarial pass on the fake pairs (frozen)
+        out["discriminator"] = TRAINED * 2 * per + INPUT_GRAD * per
     out = {k: v * batch for k, v in out.items()}
     out["total"] = sum(out.values())
     return out
 
 
-def matmul_tflops(device: torch.device) -> float | None:
-    """Measured bf16 matmul rate (8192^2, median of 10) in TFLOP/s; None on the CPU."""
-    if device.type != "cuda":
-        return None
-    n = 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        a @ b
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
+# ----------------------------------------------------------------------------- peaks
+# Dense (no sparsity) peak TFLOP/s from the vendors' datasheets, by the name torch.cuda.get_device_name
+# gives; the first pattern that matches wins (variants before the family). "tf32" is the rate of fp32
+# convolutions while torch.backends.cudnn.allow_tf32 is on (PyTorch's default), "fp32" without it.
+SPEC_PEAKS_TFLOPS = (
+    (r"H100.*PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2}),
+    (r"H[12]00.*NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
+    (r"H100|H200|H800|GH200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM
+    (r"A100|A800", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    (r"L40S", {"bf16": 362.1, "fp16": 362.1, "tf32": 183.0, "fp32": 91.6}),
+    (r"L40\b", {"bf16": 181.0, "fp16": 181.0, "tf32": 90.5, "fp32": 90.5}),
+    (r"\bL4\b", {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3}),
+    (r"\bA10\b", {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2}),
+    (r"RTX 4090", {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6}),  # fp32 accumulation
+    (r"V100.*PCIE", {"fp16": 112.0, "fp32": 14.0}),
+    (r"V100", {"fp16": 125.0, "fp32": 15.7}),
+)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def fp32_math() -> str:
+    """What fp32 convolutions run in on CUDA: "tf32" (cuDNN's TF32 switch on, PyTorch's default) or "fp32"."""
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"
+
+
+def spec_peak_tflops(gpu_name: Optional[str], dtype: str) -> tuple[Optional[float], Optional[str]]:
+    """(dense datasheet peak in TFLOP/s of ``dtype`` ("fp32" counts as fp32_math()), the table pattern
+    that matched) for the GPU named ``gpu_name``; (None, None) for the CPU or a GPU not in the table."""
+    if not gpu_name:
+        return None, None
+    key = fp32_math() if dtype == "fp32" else dtype
+    for pattern, peaks in SPEC_PEAKS_TFLOPS:
+        if re.search(pattern, gpu_name, flags=re.IGNORECASE):
+            return peaks.get(key), pattern
+    return None, None
+
+
+def matmul_tflops(device: torch.device, dtype: str = "bf16") -> float:
+    """Measured rate of a large square matmul in ``dtype`` in TFLOP/s, in this process: 8192^2 on a GPU
+    (CUDA events, median of 10; fp32 with TF32 exactly when fp32 convolutions use it), 1024^2 on the CPU
+    (median of 10 wall times, the threads torch has)."""
+    cuda = device.type == "cuda"
+    n = 8192 if cuda else 1024
+    a = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
+    b = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
+    precision = torch.get_float32_matmul_precision()
+    if cuda and dtype == "fp32":
+        torch.set_float32_matmul_precision("high" if fp32_math() == "tf32" else "highest")
+    try:
+        for _ in range(3):
+            a @ b
+        times = []
+        for _ in range(10):
+            if cuda:
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                a @ b
+                e.record()
+                torch.cuda.synchronize()
+                times.append(s.elapsed_time(e) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                a @ b
+                times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_float32_matmul_precision(precision)
     return 2 * n ** 3 / statistics.median(times) / 1e12
 
 
+def peaks(device: torch.device, dtypes) -> dict:
+    """{dtype: {"spec_tflops", "spec_match", "math", "measured_tflops"}} for each of ``dtypes``: the
+    datasheet peak (GPU only, see SPEC_PEAKS_TFLOPS) and a matmul measured now in the same dtype."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    out = {}
+    for dt in dtypes:
+        spec, match = spec_peak_tflops(name, dt)
+        out[dt] = {"spec_tflops": spec, "spec_match": match,
+                   "math": (fp32_math() if device.type == "cuda" else "fp32") if dt == "fp32" else dt,
+                   "measured_tflops": matmul_tflops(device, dt)}
+    return out
+
+
 # ----------------------------------------------------------------------------- set-up
+MODES = ("naive", "fast_fp32", "fast")
+
+
+def mode_precision(mode: str, device: torch.device, amp: str = "bf16") -> str:
+    """The precision a mode runs in: ``amp`` for "fast" on a GPU, fp32 otherwise."""
+    return amp if mode == "fast" and device.type == "cuda" else "fp32"
+
+
+def modes_to_run(mode: str, device: torch.device) -> list:
+    """``--mode`` -> the modes to time. "both": naive, fast_fp32 and fast on a GPU; naive and fast on the
+    CPU, where fast already runs at fp32 (a fast_fp32 row would time the same thing twice)."""
+    if mode != "both":
+        return [mode]
+    return ["fast", "fast_fp32", "naive"] if device.type == "cuda" else ["fast", "naive"]
+
+
 def make_config(R: int, batch: int, width: float, with_discriminators: bool, compile_: bool, checkpointing: bool,
                 vgg_layers: Optional[list] = None) -> Config:
     """``vgg_layers``: the loss's VGG taps (default: the paper's five; a toy run takes fewer, a shorter VGG)."""
@@ -127,29 +226,38 @@ def make_inputs(R: int, batch: int, device: torch.device, seed: int = 0) -> tupl
 
 
 class Runner:
-    """Models, optimisers and a ``step()`` for one (mode, resolution, batch)."""
+    """Models, optimisers and a ``step()`` for one (mode, resolution, batch). Modes (:data:`MODES`):
+    "naive"; "fast_fp32", the trainer's path at fp32; "fast", the trainer's path with ``amp`` autocast
+    on a GPU (fp32 on the CPU, where it is the same as fast_fp32)."""
 
-    def __init__(self, mode: str, cfg: Config, R: int, batch: int, device: torch.device):
+    def __init__(self, mode: str, cfg: Config, R: int, batch: int, device: torch.device, amp: str = "bf16"):
         from hptransfer.models import Generator, LocalDiscriminator, VGG16Features
+        from hptransfer.train import _make_optimizer
 
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode, self.R, self.device = mode, R, device
-        fast = mode == "fast"
+        fast = mode != "naive"
         self.cfg = cfg
         torch.manual_seed(0)
-        precision = "bf16" if fast and device.type == "cuda" else "fp32"
-        self.backend = SingleBackend(precision, device=str(device), channels_last=fast)
+        self.precision = mode_precision(mode, device, amp)
+        self.backend = SingleBackend(self.precision, device=str(device), channels_last=fast)
         g = Generator(cfg.model, R)
         vgg = VGG16Features(weights="random", layers=tuple(cfg.loss.layers)).to(device).eval()
         for p in vgg.parameters():
             p.requires_grad_(False)
         discriminator = (LocalDiscriminator(cfg.model, pose.descriptor_count(R), pose.crop_size(R))
                          if losses.active_terms(cfg.loss, R)["adv"] else None)
-        opt = lambda ps, lr: torch.optim.Adam([p for p in ps if p.requires_grad], lr=lr,  # noqa: E731
-                                              weight_decay=cfg.train.weight_decay)
+        if fast:  # the trainer's optimiser (fused Adam on CUDA)
+            opt = lambda ps, lr: _make_optimizer(cfg, ps, lr)  # noqa: E731
+        else:
+            opt = lambda ps, lr: torch.optim.Adam([p for p in ps if p.requires_grad], lr=lr,  # noqa: E731
+                                                  weight_decay=cfg.train.weight_decay)
         self.criterion = "l2"
         if fast:
             g.impl = "auto"
-            g.set_activation_checkpointing(cfg.train.activation_checkpointing)
+            stage = cfg.stages[0].activation_checkpointing
+            g.set_activation_checkpointing(cfg.train.activation_checkpointing if stage is None else stage)
             self.g = self.backend.prepare(g)
             if device.type == "cuda":
                 vgg = vgg.to(memory_format=torch.channels_last)
@@ -324,8 +432,10 @@ def max_batch(R: int, width: float, device: torch.device, checkpointing: bool, w
 
 
 # ----------------------------------------------------------------------------- main
-def bench_resolution(args, R: int, device: torch.device, peak_tflops) -> dict:
-    modes = ["fast", "naive"] if args.mode == "both" else [args.mode]
+def bench_resolution(args, R: int, device: torch.device, peak: dict) -> dict:
+    """One resolution's row: FLOPs, and per mode the times, throughput and MFU against ``peak``
+    (:func:`peaks`: spec and measured, per dtype)."""
+    modes = modes_to_run(args.mode, device)
     cfg = make_config(R, args.batch, args.width, args.disc, args.compile, args.checkpointing, args.vgg_layers)
     with_discriminators = losses.active_terms(cfg.loss, R)["adv"]
     flops = step_flops(cfg, R, args.batch, with_discriminators)
@@ -335,20 +445,33 @@ def bench_resolution(args, R: int, device: torch.device, peak_tflops) -> dict:
         timed = {}
         for mode in modes:
             log.info("%d px %s: building", R, mode)
-            run = Runner(mode, cfg, R, args.batch, device)
+            run = Runner(mode, cfg, R, args.batch, device, args.amp)
             timed.update(time_runners({mode: run}, args.steps, args.warmup))
             del run
             torch.cuda.empty_cache()
     else:
-        runs = {m: Runner(m, cfg, R, args.batch, device) for m in modes}
+        runs = {m: Runner(m, cfg, R, args.batch, device, args.amp) for m in modes}
         timed = time_runners(runs, args.steps, args.warmup)
     for mode, res in timed.items():
+        res["precision"] = mode_precision(mode, device, args.amp)
         res["images_per_s"] = args.batch / (res["ms"] / 1e3)
         res["tflops"] = flops["total"] / (res["ms"] / 1e3) / 1e12
-        res["mfu"] = res["tflops"] / peak_tflops if peak_tflops else None
+        p = peak.get(res["precision"], {})
+        res["mfu_spec"] = res["tflops"] / p["spec_tflops"] if p.get("spec_tflops") else None
+        res["mfu_measured"] = res["tflops"] / p["measured_tflops"] if p.get("measured_tflops") else None
+        res["mfu"] = res["mfu_measured"]  # the name older result files have
         row["modes"][mode] = res
-    if "fast" in row["modes"] and "naive" in row["modes"]:
-        row["speedup"] = row["modes"]["naive"]["ms"] / row["modes"]["fast"]["ms"]
+    ms = {m: r["ms"] for m, r in row["modes"].items()}
+    if "fast" in ms and "naive" in ms:
+        row["speedup"] = ms["naive"] / ms["fast"]  # kernels and precision together
+    if "fast_fp32" in ms and "naive" in ms:
+        row["speedup_kernels"] = ms["naive"] / ms["fast_fp32"]  # the fast path alone, both at fp32
+    if "fast_fp32" in ms and "fast" in ms:
+        row["speedup_precision"] = ms["fast_fp32"] / ms["fast"]  # autocast alone, both on the fast path
+    if device.type != "cuda" and "fast" in ms:
+        row["fast_fp32"] = "not run: on the CPU fast runs at fp32 (the fast row is the fast fp32 row)"
+        if "naive" in ms:
+            row["speedup_kernels"] = row["speedup"]
     return row
 
 
@@ -364,19 +487,32 @@ def max_batch_row(args, row: dict, device: torch.device) -> dict:
             "tries": {"plain": plain["tries"], "checkpointing": ckpt["tries"]}, "tolerance": plain["tolerance"]}
 
 
-def print_table(rows: list, device: str, width: float, peak) -> None:
+def print_table(rows: list, device: str, width: float, peak: dict) -> None:
+    def tf(v):
+        return f"{v:.3g}" if v else "-"
+
+    peak_text = "; ".join(f"{dt} peak {tf(p['spec_tflops'])} spec / {tf(p['measured_tflops'])} measured TFLOP/s"
+                          + (f" (fp32 math: {p['math']})" if dt == "fp32" else "") for dt, p in peak.items())
     print(f"\nTraining step on {device}, model.width={width:g}"
           f"{' (reduced for the CPU)' if width != 1.0 else ''}; VGG-16 random weights (cost does not depend on them); "
-          "FLOPs: convs only, fwd x3 for fwd+bwd" + (f"; bf16 matmul peak {peak:.0f} TFLOP/s" if peak else ""))
-    print(f"{'R':>5} {'B':>3} {'mode':>6} {'ms/step':>9} {'img/s':>8} {'speed-up':>8} {'peak MiB':>9} "
-          f"{'GFLOP/step':>10} {'TFLOP/s':>8} {'MFU':>6}")
+          f"FLOPs: convs only, trained nets x{TRAINED}, frozen with input gradient x{INPUT_GRAD}, no grad x{NO_GRAD}; "
+          + peak_text)
+    print(f"{'R':>5} {'B':>3} {'mode':>9} {'prec':>4} {'ms/step':>9} {'img/s':>8} {'speed-up':>8} {'peak MiB':>9} "
+          f"{'GFLOP/step':>10} {'TFLOP/s':>8} {'MFU spec':>8} {'MFU meas':>8}")
+    pct = lambda v: f"{100 * v:.1f}%" if v else "-"  # noqa: E731
     for r in rows:
         for mode, m in r["modes"].items():
-            sp = f"{r['speedup']:.2f}x" if mode == "fast" and "speedup" in r else ""
+            naive_ms = r["modes"].get("naive", {}).get("ms")
+            sp = f"{naive_ms / m['ms']:.2f}x" if mode != "naive" and naive_ms else ""
             mem = f"{m['peak_mib']:.0f}" if m["peak_mib"] is not None else "-"
-            mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] else "-"
-            print(f"{r['resolution']:>5} {r['batch']:>3} {mode:>6} {m['ms']:>9.1f} {m['images_per_s']:>8.2f} {sp:>8} "
-                  f"{mem:>9} {r['flops']['total'] / 1e9:>10.1f} {m['tflops']:>8.3f} {mfu:>6}")
+            print(f"{r['resolution']:>5} {r['batch']:>3} {mode:>9} {m['precision']:>4} {m['ms']:>9.1f} "
+                  f"{m['images_per_s']:>8.2f} {sp:>8} {mem:>9} {r['flops']['total'] / 1e9:>10.1f} {m['tflops']:>8.3f} "
+                  f"{pct(m['mfu_spec']):>8} {pct(m['mfu_measured']):>8}")
+        if "fast_fp32" in r and isinstance(r["fast_fp32"], str):
+            print(f"      fast_fp32 {r['fast_fp32']}")
+        if "speedup_precision" in r:
+            print(f"      speed-up over naive {r['speedup']:.2f}x = fast path at fp32 {r['speedup_kernels']:.2f}x "
+                  f"x autocast {r['speedup_precision']:.2f}x")
         for mode, m in r["modes"].items():
             tot = sum(m["phases_s"].values()) or 1.0
             shares = "  ".join(f"{k} {100 * m['phases_s'][k] / tot:.0f}%" for k in PHASES if k in m["phases_s"])
@@ -394,7 +530,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="default: 8 on GPU, 2 on the CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 5 on the CPU)")
     p.add_argument("--warmup", type=int, default=None, help="default 5 on GPU (10 with --compile), 1 on the CPU")
-    p.add_argument("--mode", choices=("fast", "naive", "both"), default="both")
+    p.add_argument("--mode", choices=(*MODES, "both"), default="both",
+                   help="both: naive, fast_fp32 and fast on a GPU; naive and fast on the CPU (fast is fp32 there)")
+    p.add_argument("--amp", choices=("bf16", "fp16"), default="bf16", help="the fast mode's autocast dtype (GPU)")
     p.add_argument("--width", type=float, default=None, help="model.width (default 1.0 on GPU, 0.125 on the CPU)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (fast mode)")
@@ -414,16 +552,23 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
         torch.backends.cudnn.benchmark = True
-    peak = matmul_tflops(device)
+    # datasheet and measured (matmul, now) peaks in the dtypes the modes run in
+    peak = peaks(device, sorted({mode_precision(m, device, args.amp) for m in modes_to_run(args.mode, device)}))
     dev = device_name()
     out = Path(args.out) if args.out else RESULTS / f"train-{dev}.json"
     rows: list = []
 
     def save(complete: bool) -> None:
         # rewritten after every part: a run stopped by a time limit keeps what it measured
-        write_json(out, {**environment(device), "args": vars(args), "matmul_bf16_tflops": peak,
-                         "notes": "VGG-16 random weights; FLOPs = convs only, forward x3 for fwd+bwd, "
-                                  "no-grad VGG passes x1", "complete": complete, "results": rows})
+        write_json(out, {**environment(device), "args": vars(args), "peaks": peak,
+                         "matmul_bf16_tflops": peak.get("bf16", {}).get("measured_tflops"),
+                         "notes": f"VGG-16 random weights; FLOPs = convs only (model FLOPs: checkpointing's "
+                                  f"recomputation not counted), trained networks (generator, D step) forward "
+                                  f"x{TRAINED}, frozen networks the gradient flows through (VGG on the fake, D in "
+                                  f"G's adversarial term) x{INPUT_GRAD}, no-grad passes (VGG on the real) "
+                                  f"x{NO_GRAD}; MFU per mode against the peaks of its precision: mfu_spec "
+                                  f"(datasheet, GPU only), mfu_measured (matmul in this run)",
+                         "complete": complete, "results": rows})
 
     for R in args.resolution:  # step times first, then the (longer) max-batch searches
         rows.append(bench_resolution(args, R, device, peak))

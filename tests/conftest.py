@@ -75,3 +75,15 @@ def descriptors(kp: torch.Tensor, images: torch.Tensor, count=None):
     """(centers, valid) of keypoints ``kp`` at the resolution of ``images``: the local loss's descriptor arguments."""
     from hptransfer.pose import local_descriptors
     return local_descriptors(kp, images.shape[-1], count)
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_torch_state():
+    """A test that trains in-process with train.deterministic leaves torch's global switches set: undo them,
+    so that no test depends on which tests ran before it."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    yield
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn

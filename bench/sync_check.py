@@ -8,8 +8,9 @@ traceback.
 The step is the trainer's (``hptransfer.step.train_step`` through bench_train's fast Runner: bf16,
 channels_last, Triton kernels, data already on the device). Warm-up steps run first with the mode off
 (first-use caches, cudnn autotuning and Triton compiles may sync once). The step's one deliberate sync,
-the non-finite check that decides whether the optimiser steps (``hptransfer.step._finite``), runs with
-the mode off and is counted; any other sync fails. The CPU has no sync debug mode: there the script
+the non-finite check that decides whether the optimiser steps (``hptransfer.step._finite``), and the
+valid-crop count of the local loss's compaction, run with the mode off and are counted; any other sync
+fails. The CPU has no sync debug mode: there the script
 only runs the same step at toy size (the dry run of bench/gpu_check.sh). Exit status 0 = no hidden
 sync (or the CPU run completed). JSON: bench/results/sync_check-<device>.json (atomically) with
 bench.common.environment().
@@ -30,9 +31,11 @@ sys.path.insert(0, str(REPO))
 from bench import bench_train  # noqa: E402
 from bench.common import environment, result_path, write_json  # noqa: E402
 from hptransfer import step as step_module  # noqa: E402
+from hptransfer.ops import _local_loss_fast  # noqa: E402
 
 # Deliberate, documented syncs of a training step: (module, function name) -> why it may sync.
-ALLOWED = {(step_module, "_finite"): "the non-finite check: the host decides whether the optimiser steps"}
+ALLOWED = {(step_module, "_finite"): "the non-finite check: the host decides whether the optimiser steps",
+           (_local_loss_fast, "valid_crop_count"): "the valid-crop count: crops of missing descriptors skip VGG"}
 
 
 def allow_syncs(counts: dict) -> None:

@@ -204,3 +204,23 @@ def test_fast_batches_vgg_calls():
     vgg.calls.clear()
     ops.local_perceptual_loss(fake.clone().requires_grad_(), real, *descriptors(kp, real), vgg, "l2", impl="reference")
     assert len(vgg.calls) == 2 * 18
+
+
+@pytest.mark.parametrize("bucket", [1, 8])
+def test_compaction_equals_the_masked_batch(monkeypatch, bucket):
+    """Dropping the crops of missing descriptors before VGG (bucketed as on CUDA with 8) gives the loss and
+    gradient of the full masked batch, and VGG sees fewer crops."""
+    from hptransfer.ops import _local_loss_fast
+
+    fake, real, kp = _case(2, 64, seed=11, missing=3)  # 15 of 18 descriptors valid per image
+    out = {}
+    for name, b in (("masked", None), ("compacted", bucket)):
+        monkeypatch.setitem(_local_loss_fast.COMPACTION_BUCKET, "cpu", b)
+        vgg = CountingFeatures()
+        x = fake.clone().requires_grad_()
+        loss = ops.local_perceptual_loss(x, real, *descriptors(kp, real), vgg, "l2", impl="fast")
+        loss.backward()
+        out[name] = (loss.detach(), x.grad, vgg.calls[0][0])
+    torch.testing.assert_close(out["compacted"][0], out["masked"][0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out["compacted"][1], out["masked"][1], rtol=1e-5, atol=1e-7)
+    assert out["masked"][2] == 36 and out["compacted"][2] == {1: 30, 8: 32}[bucket]

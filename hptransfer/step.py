@@ -1,4 +1,4 @@
-"""One training iteration (the body of ``hptransfer.train.train``'s loop) as a reusable function.
+"""One training iteration (the body of ``hptransfer.train._train_stage``'s loop) as a reusable function.
 
 D step on the detached fake (when a discriminator engine is given), then the generator's losses,
 backward and optimiser step; a non-finite loss skips the step on every rank (``backend.any_true``)

@@ -14,5 +14,5 @@ from hptransfer.ops.heatmaps import heatmaps, heatmaps_multi, heatmaps_reference
 from hptransfer.ops.gather_crops import gather_crops, gather_crops_reference  # noqa: F401
 from hptransfer.ops.perceptual_distance import (  # noqa: F401
     CRITERIA, criterion_per_sample, perceptual_distance, perceptual_distance_reference)
-from hptransfer.ops.local_perceptual_loss import (  # noqa: F401
-    local_perceptual_loss, local_perceptual_loss_reference, upsample_crops)
+from hptransfer.ops._crops import upsample_crops  # noqa: F401
+from hptransfer.ops.local_perceptual_loss import local_perceptual_loss, local_perceptual_loss_reference  # noqa: F401

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from hptransfer.ops._crops import prepare_crops, upsample_crops  # noqa: F401  (upsample_crops: public here)
+from hptransfer.ops._crops import prepare_crops, upsample_crops
 from hptransfer.ops._dispatch import IMPLS
 from hptransfer.ops._local_loss_fast import local_perceptual_loss_batched
 from hptransfer.ops.gather_crops import gather_crops_reference

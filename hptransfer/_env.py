@@ -13,6 +13,10 @@ TRUE = ("1", "true", "yes", "on")
 FALSE = ("", "0", "false", "no", "off")
 
 
+class EnvFlagError(ValueError):
+    """An on/off variable with another value: a user error (one line, exit 2 from the CLI)."""
+
+
 def parse_flag(name: str, value: str | None, default: bool = False) -> bool:
     """``value`` of the variable ``name`` (None = unset, giving ``default``) as a bool."""
     if value is None:
@@ -22,10 +26,10 @@ def parse_flag(name: str, value: str | None, default: bool = False) -> bool:
         return True
     if v in FALSE:
         return False
-    raise ValueError(f"environment variable {name}={value!r}: expected one of {', '.join(TRUE)} (on) or "
+    raise EnvFlagError(f"environment variable {name}={value!r}: expected one of {', '.join(TRUE)} (on) or "
                      f"{', '.join(FALSE[1:])} or empty (off)")
 
 
 def flag(name: str, default: bool = False) -> bool:
-    """The environment variable ``name`` as a bool (unset: ``default``); ValueError on any other value."""
+    """The environment variable ``name`` as a bool (unset: ``default``); EnvFlagError (a ValueError) on any other value."""
     return parse_flag(name, os.environ.get(name), default)

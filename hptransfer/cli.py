@@ -76,8 +76,8 @@ def run_guarded(run, args, debug: bool = False, check_device: bool = False) -> i
     cannot parse is a user error (every subcommand's ``--device``, checked here once)."""
     from hptransfer.errors import InputError, user_message
 
-    debug = debug or flag("HPTRANSFER_DEBUG")
     try:
+        debug = debug or flag("HPTRANSFER_DEBUG")  # a bad value is itself a one-line user error
         if check_device and getattr(args, "device", None):
             import torch
             try:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import errno
 from typing import Optional
 
+from hptransfer._env import EnvFlagError
+
 # OSErrors caused by the user's files or disk rather than by our code.
 _USER_OSERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
@@ -84,7 +86,7 @@ def last_line(exc: BaseException) -> str:
 
 def user_message(exc: BaseException) -> Optional[str]:
     """The one-line message for an error the user can fix, or None for a bug (show the traceback)."""
-    if isinstance(exc, UserError):
+    if isinstance(exc, (UserError, EnvFlagError)):
         return str(exc)
     if isinstance(exc, _USER_OSERRORS) or (isinstance(exc, OSError) and exc.errno in DISK_ERRNOS):
         if exc.strerror and exc.filename:  # raised by the OS: "[Errno 2] No such file ..." -> readable

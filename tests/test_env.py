@@ -93,3 +93,12 @@ def test_setup_py_reads_flags_with_the_same_rule():
     assert skipped.returncode == 0 and json.loads(skipped.stdout.splitlines()[-1]) == [], skipped.stderr[-2000:]
     bad = _setup_extensions("maybe")
     assert bad.returncode != 0 and "HPTRANSFER_NO_EXT='maybe'" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_a_bad_flag_value_is_one_error_line_from_the_cli(monkeypatch, capsys):
+    from hptransfer.cli import main
+
+    monkeypatch.setenv("HPTRANSFER_DEBUG", "maybe")
+    assert main(["doctor"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: environment variable HPTRANSFER_DEBUG='maybe'")

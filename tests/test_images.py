@@ -33,7 +33,8 @@ def test_new_canvas_limbs_in_their_colours_and_missing_keypoints_left_out():
     assert pic.shape == (64, 64, 3) and pic.dtype == np.uint8
     assert tuple(pic[20, 26]) == HUE_COLOURS[0] and tuple(pic[20, 38]) == HUE_COLOURS[1]
     assert tuple(pic[20, 32]) == (255, 255, 255)  # the neck joint on top of the limbs
-    assert (pic[40:] == 0).all()  # nothing drawn for the missing joints
+    # nothing drawn for the missing joints: everything away from the two limbs on row 20 is background
+    assert (pic[:14] == 0).all() and (pic[27:] == 0).all() and (pic[:, :14] == 0).all() and (pic[:, 51:] == 0).all()
     assert (draw_skeleton(np.full((18, 2), -1.0), 32) == 0).all()
     white = draw_skeleton(kp, 64, background=(255, 255, 255), limb_colours=RAINBOW_COLOURS, joint_colours=(0, 0, 0))
     assert tuple(white[0, 0]) == (255, 255, 255) and tuple(white[20, 26]) == RAINBOW_COLOURS[0]

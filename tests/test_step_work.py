@@ -3,7 +3,6 @@ foreach otherwise) and activation checkpointing per stage (stages.N.activation_c
 to train.activation_checkpointing), from the config to the generator."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -122,7 +121,7 @@ def test_each_stage_sets_its_checkpointing_on_the_generator(data_root, tmp_path,
     from hptransfer.models import Generator
     from hptransfer.train import train
 
-    os.environ["HPTRANSFER_NO_BAR"] = "1"
+    monkeypatch.setenv("HPTRANSFER_NO_BAR", "1")
     calls = []
     real = Generator.set_activation_checkpointing
 

@@ -14,7 +14,7 @@ from hptransfer import ops, pose
 from hptransfer.models import VGG16Features
 from hptransfer.ops import _dispatch
 from hptransfer.ops._dispatch import FastPathUnavailable
-from hptransfer.ops.gather_crops import IMAGENET_MEAN, IMAGENET_STD
+from hptransfer.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
 class SmallFeatures(nn.Module):

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from hptransfer.constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (also imported from here)
+from hptransfer.constants import IMAGENET_MEAN, IMAGENET_STD
 from hptransfer.ops._dispatch import use_fast
 
 

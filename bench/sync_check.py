@@ -8,7 +8,8 @@ traceback.
 The step is the trainer's (``hptransfer.step.train_step`` through bench_train's fast Runner: bf16,
 channels_last, Triton kernels, data already on the device). Warm-up steps run first with the mode off
 (first-use caches, cudnn autotuning and Triton compiles may sync once). The step's one deliberate sync,
-the non-finite check that decides whether the optimiser steps (``hptransfer.step._finite``), and the
+the non-finite check that decides whether the optimisers step (``hptransfer.step.read_nonfinite``, one read
+for both networks), and the
 valid-crop count of the local loss's compaction, run with the mode off and are counted; any other sync
 fails. The CPU has no sync debug mode: there the script
 only runs the same step at toy size (the dry run of bench/gpu_check.sh). Exit status 0 = no hidden
@@ -34,7 +35,7 @@ from hptransfer import step as step_module  # noqa: E402
 from hptransfer.ops import _local_loss_fast  # noqa: E402
 
 # Deliberate, documented syncs of a training step: (module, function name) -> why it may sync.
-ALLOWED = {(step_module, "_finite"): "the non-finite check: the host decides whether the optimiser steps",
+ALLOWED = {(step_module, "read_nonfinite"): "the non-finite check: the host decides whether the optimisers step",
            (_local_loss_fast, "valid_crop_count"): "the valid-crop count: crops of missing descriptors skip VGG"}
 
 

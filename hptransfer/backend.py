@@ -8,7 +8,7 @@ The loop sees an :class:`Engine` per trained model (generator; discriminator at 
     engine.skip()                  # drop this step's grads: a non-finite loss never reaches weights
 
 and a :class:`Backend` for what spans engines: rank/world, device, input dtype, the loss autocast
-context, ``any_true`` (an all-reduced flag so every rank skips the same step), barriers, full fp32
+context, ``max_over_ranks`` (all-reduced flags, so every rank skips the same step), barriers, full fp32
 state dicts (gathered under ZeRO-3) and engine checkpoints (DeepSpeed's own format, written by
 EVERY rank; rank-0-only saves hang under ZeRO).
 
@@ -232,9 +232,10 @@ class Backend:
         """Context for the loss computation (VGG in bf16/fp16 when the engine is)."""
         return _autocast(self.device, self.loss_dtype)
 
-    def any_true(self, flag: bool) -> bool:
-        """True when ``flag`` is true on any rank (all ranks get the same answer)."""
-        return bool(flag)
+    def max_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` (a small device tensor) with each entry's maximum over the ranks, computed on the
+        device (no host read here): every rank gets the same answer."""
+        return values
 
     def barrier(self) -> None:
         pass
@@ -402,10 +403,10 @@ class DeepSpeedBackend(Backend):
             module = sync_batchnorm(module, self.device)
         return super().prepare(module)
 
-    def any_true(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+    def max_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        values = values.clone()
+        self.dist.all_reduce(values, op=self.dist.ReduceOp.MAX)
+        return values
 
     def barrier(self) -> None:
         self.dist.barrier()

@@ -119,6 +119,11 @@ class TrainConfig:
     keep_checkpoints: int = 3
     tensorboard: bool = True
     grad_clip: float = 0.0
+    # Learning rates ramp linearly from lr/N to lr over the first N iterations of every stage, so that
+    # Adam's first, full-size steps on the blocks added by a growth do not knock the trained ones out
+    # (paper-silent; 0 = constant lr, the paper's stated schedule). Recomputed from the stage's step, so
+    # a resume inside the ramp is exact.
+    warmup_iterations: int = 0
     # false: no progressive training (Table 1's baseline and LPL rows): ``stages`` collapses to one
     # stage at the top resolution with the top stage's batch size and all stages' iterations.
     progressive: bool = True
@@ -181,6 +186,8 @@ class Config:
             raise ConfigError(f"{source}: model.width must be > 0")
         if not 0.0 <= self.model.input_fade <= 1.0:
             raise ConfigError(f"{source}: model.input_fade must be in [0, 1], got {self.model.input_fade}")
+        if self.train.warmup_iterations < 0:
+            raise ConfigError(f"{source}: train.warmup_iterations must be >= 0, got {self.train.warmup_iterations}")
         return self
 
     def to_dict(self) -> dict:

@@ -22,6 +22,7 @@ from hptransfer._version import __version__
 from hptransfer.checkpoint import read_export_config, write_dir_atomically
 from hptransfer.errors import CheckpointError
 from hptransfer.flow_losses import flow_loss
+from hptransfer.step import read_nonfinite
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,6 @@ def to_device(batch: dict, backend) -> dict:
             else batch[k].to(dev, non_blocking=True).to(dt) for k in BATCH_KEYS}
 
 
-def _finite(x: torch.Tensor) -> bool:
-    return bool(torch.isfinite(x.detach()).all().item())
-
-
 def train_step(engine, model, vgg, cfg, batch: dict, backend, *,
                loss_hook: Optional[Callable[[dict, dict], dict]] = None, info: Optional[dict] = None) -> dict:
     """One iteration of the flow network: forward, losses, backward, optimiser step; a non-finite loss
@@ -71,7 +68,7 @@ def train_step(engine, model, vgg, cfg, batch: dict, backend, *,
         terms = flow_loss(out, b, vgg, cfg.flow, cfg.loss.layer_weights)
     if loss_hook is not None:
         terms = loss_hook(terms, info or {})
-    skipped = backend.any_true(not _finite(terms["total"]))
+    (skipped,) = read_nonfinite(backend, terms["total"])
     if skipped:
         engine.skip()
     else:

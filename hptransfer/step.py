@@ -1,10 +1,13 @@
 """One training iteration (the body of ``hptransfer.train._train_stage``'s loop) as a reusable function.
 
-D step on the detached fake (when a discriminator engine is given), then the generator's losses,
-backward and optimiser step; a non-finite loss skips the step on every rank (``backend.any_true``)
-and restores the generator's BatchNorm buffers. Each part runs in its own
+G forward; the discriminator's loss (when a discriminator engine is given) and the generator's losses,
+both from the same discriminator weights; ONE host read of both losses' finite flags (all-reduced, so
+every rank decides alike); then the generator's backward and step, then the discriminator's (the
+update order of pix2pixHD: simultaneous updates). A non-finite loss skips its own network's step and,
+for the generator, restores its BatchNorm buffers. Each part runs in its own
 :func:`hptransfer.profiling.phase` (``losses.generator_loss`` marks its terms): generator_forward,
-discriminator (D step and the adversarial term), global_vgg, local_vgg, backward, optimizer.
+discriminator (D's loss, its backward and step, and the adversarial term), global_vgg, local_vgg,
+backward, optimizer.
 """
 from __future__ import annotations
 
@@ -21,14 +24,17 @@ log = logging.getLogger(__name__)
 PHASES = ("generator_forward", "discriminator", "global_vgg", "local_vgg", "backward", "optimizer")
 
 
-def _finite(x: torch.Tensor) -> bool:
-    return bool(torch.isfinite(x.detach()).all().item())
+def read_nonfinite(backend, *values: torch.Tensor) -> list:
+    """For each value: non-finite on any rank. The step's one agreed host read: the flags are made and
+    all-reduced on the device, then read together."""
+    flags = torch.stack([~torch.isfinite(v.detach()).all() for v in values]).to(torch.float32)
+    return [flag > 0 for flag in backend.max_over_ranks(flags).tolist()]
 
 
 def train_step(g_engine, generator, vgg, cfg, reference: torch.Tensor, target: torch.Tensor, kp_ref: torch.Tensor,
                kp_tgt: torch.Tensor, criterion: str, impl: str, backend, *, d_engine=None,
                loss_hook: Optional[Callable[[dict, dict], dict]] = None, info: Optional[dict] = None) -> dict:
-    """One iteration: (D step), G forward, losses, backward, optimiser step.
+    """One iteration: G forward, (D's loss), G's losses, one finite check, G backward and step, (D's).
 
     ``reference``, ``target`` (B, 3, R, R) on the device in ``backend.input_dtype``; ``kp_ref``,
     ``kp_tgt`` (B, 18, 2) float32 (y, x) pixels at R. ``generator`` is the module inside ``g_engine``
@@ -43,26 +49,20 @@ def train_step(g_engine, generator, vgg, cfg, reference: torch.Tensor, target: t
     with phase("generator_forward"):
         fake = g_engine(reference, kp_tgt)
 
-    d_loss, d_skipped = None, False
-    if d_engine is not None:  # D step first, on the detached fake
-        with phase("discriminator"):
-            with backend.loss_autocast():
-                real_pairs = losses.local_discriminator_pairs(reference, target, geometry, impl)
-                fake_pairs = losses.local_discriminator_pairs(reference, fake.detach(), geometry, impl)
-                d_loss = losses.discriminator_loss(d_engine, real_pairs, fake_pairs, geometry.pair_valid)
-            if backend.any_true(not _finite(d_loss)):
-                d_engine.skip()
-                d_skipped = True
-            else:
-                d_engine.backward(d_loss)
-                d_engine.step()
+    d_loss = None
+    if d_engine is not None:  # D's loss on the detached fake; its backward waits for the finite check
+        with phase("discriminator"), backend.loss_autocast():
+            real_pairs = losses.local_discriminator_pairs(reference, target, geometry, impl)
+            fake_pairs = losses.local_discriminator_pairs(reference, fake.detach(), geometry, impl)
+            d_loss = losses.discriminator_loss(d_engine, real_pairs, fake_pairs, geometry.pair_valid)
 
     with backend.loss_autocast():
         terms = losses.generator_loss(fake, target, geometry, vgg, cfg.loss, criterion, reference=reference,
                                       discriminator=d_engine, impl=impl)
     if loss_hook is not None:
         terms = loss_hook(terms, info or {})
-    skipped = backend.any_true(not _finite(terms["total"]))  # same answer on every rank
+    flags = read_nonfinite(backend, terms["total"], *([d_loss] if d_loss is not None else []))
+    skipped, d_skipped = flags[0], len(flags) > 1 and flags[1]
     if skipped:
         g_engine.skip()
         with torch.no_grad():
@@ -73,4 +73,11 @@ def train_step(g_engine, generator, vgg, cfg, reference: torch.Tensor, target: t
             g_engine.backward(terms["total"])
         with phase("optimizer"):
             g_engine.step()
+    if d_engine is not None:
+        with phase("discriminator"):
+            if d_skipped:
+                d_engine.skip()
+            else:
+                d_engine.backward(d_loss)
+                d_engine.step()
     return {"terms": terms, "d_loss": d_loss, "skipped": skipped, "d_skipped": d_skipped, "fake": fake.detach()}

@@ -141,18 +141,36 @@ def _build_generator(cfg: Config, resolution: int, state: Optional[dict] = None,
     return g
 
 
-def _fades(cfg: Config, stage_idx: int) -> bool:
-    """Whether stage ``stage_idx`` starts with the input fade (a grown stage, model.input_fade > 0)."""
-    return stage_idx > 0 and cfg.model.input_fade > 0
+def _fades(cfg: Config, stage_idx: int, state: dict) -> bool:
+    """Whether stage ``stage_idx`` starts with the input fade (model.input_fade > 0 and a grown stage:
+    a later stage, or a first stage grown from lower-resolution --init-from weights)."""
+    return cfg.model.input_fade > 0 and (stage_idx > 0 or state.get("init_grown", False))
 
 
-def _fade_alpha(cfg: Config, stage_idx: int, step: int, iterations: int) -> float:
+def _fade_alpha(cfg: Config, stage_idx: int, step: int, iterations: int, state: dict) -> float:
     """Weight of the new input path at 0-based ``step``: linear from 0 at the first step of the fade's
     window (the first round(input_fade * iterations) steps) to exactly 1 at its last step."""
-    if not _fades(cfg, stage_idx):
+    if not _fades(cfg, stage_idx, state):
         return 1.0
     window = max(round(cfg.model.input_fade * iterations), 1)
     return min(1.0, step / max(window - 1, 1))
+
+
+def _warmup_factor(cfg: Config, step: int) -> float:
+    """The learning-rate multiplier at 0-based ``step`` of a stage: (step + 1) / N over the first
+    N = train.warmup_iterations steps, then 1."""
+    n = cfg.train.warmup_iterations
+    return 1.0 if n <= 0 else min(1.0, (step + 1) / n)
+
+
+def _set_learning_rates(run: _Run, stage: _Stage, step: int) -> float:
+    """Both optimisers' learning rates at ``step`` (train.lr, loss.disc_lr, times the warm-up); the factor."""
+    factor = _warmup_factor(run.cfg, step)
+    for engine, base in ((stage.g_engine, run.cfg.train.lr), (stage.d_engine, run.cfg.loss.disc_lr)):
+        if engine is not None:
+            for group in engine.optimizer.param_groups:
+                group["lr"] = base * factor
+    return factor
 
 
 def _build_vgg(cfg: Config, backend: Backend):
@@ -284,9 +302,11 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
     run = _Run(cfg, backend, vgg, reporter, state, stop_at_step, callback, loss_hook)
 
     # Built even where --init-from replaces it: its initialisation draws from the RNG, which later steps replay.
-    generator = _build_generator(cfg, cfg.stages[state["stage"]].resolution, fading=_fades(cfg, state["stage"]))
     if init_from and resume_from is None:
-        generator = _init_from(cfg, init_from)
+        state["init_grown"] = _init_resolution(init_from) < cfg.stages[0].resolution
+    generator = _build_generator(cfg, cfg.stages[state["stage"]].resolution, fading=_fades(cfg, state["stage"], state))
+    if init_from and resume_from is None:
+        generator = _init_from(cfg, init_from, fade=_fades(cfg, 0, state))
     stage, export_path, stopped = None, None, False
     for stage_idx in range(state["stage"], len(cfg.stages)):
         stage = _begin_stage(run, stage_idx, generator, resume_from)
@@ -317,11 +337,12 @@ def _train_stage(run: _Run, stage: _Stage) -> bool:
     while state["step"] < iterations:
         step = state["step"]
         criterion = losses.criterion_for_step(step, iterations)
-        stage.generator.fade_alpha = _fade_alpha(cfg, stage.idx, step, iterations)
+        stage.generator.fade_alpha = _fade_alpha(cfg, stage.idx, step, iterations, state)
+        lr_factor = _set_learning_rates(run, stage, step)
         batch = stage.batches.next()
         info = {"stage": stage.idx, "resolution": stage.spec.resolution, "step_in_stage": step,
                 "global_step": state["global_step"], "criterion": criterion, "disc_active": stage.d_engine is not None,
-                "fade_alpha": stage.generator.fade_alpha}
+                "fade_alpha": stage.generator.fade_alpha, "lr_factor": lr_factor}
         out = _step(run, stage, batch, criterion, info)
         state["d_skipped"] += int(out["d_skipped"])
         if out["skipped"]:
@@ -338,7 +359,8 @@ def _train_stage(run: _Run, stage: _Stage) -> bool:
         run.reporter.step(stage.idx, state["step"], state["global_step"], stage.spec.batch_size * backend.world_size,
                           values, out["skipped"], log_now)
         if run.callback is not None:
-            run.callback({**info, "skipped": out["skipped"], "terms": values, "generator": stage.generator})
+            run.callback({**info, "skipped": out["skipped"], "terms": values, "generator": stage.generator,
+                          "generator_engine": stage.g_engine, "discriminator_engine": stage.d_engine})
 
         stop = run.stop_reached()
         if cfg.train.sample_every > 0 and state["step"] % cfg.train.sample_every == 0 and not last:
@@ -392,7 +414,7 @@ def _begin_stage(run: _Run, idx: int, generator, resume_from: Optional[Path]) ->
     st = cfg.stages[idx]
     R = st.resolution
     if generator.resolution != R:
-        generator.grow(input_fade=_fades(cfg, idx))
+        generator.grow(input_fade=_fades(cfg, idx, state))
     # the stage's activation checkpointing (stages.N.activation_checkpointing, else train's switch)
     generator.set_activation_checkpointing(cfg.train.activation_checkpointing if st.activation_checkpointing is None
                                            else st.activation_checkpointing)
@@ -441,7 +463,8 @@ def _where_to_start(resume: Optional[str], overwrite: bool, out_dir: Path, backe
     """(checkpoint directory or None, the run's counters): a fresh run's, or the checkpoint's stage /
     step / data position."""
     ckpt_dir, meta = _resume_point(resume, overwrite, out_dir, backend)
-    state = {"stage": 0, "step": 0, "global_step": 0, "epoch": 0, "consumed": 0, "skipped": 0, "d_skipped": 0}
+    state = {"stage": 0, "step": 0, "global_step": 0, "epoch": 0, "consumed": 0, "skipped": 0, "d_skipped": 0,
+             "init_grown": False}
     if ckpt_dir is not None:
         state.update(meta["state"])
     return ckpt_dir, state
@@ -510,22 +533,37 @@ def _check_resumable(ckpt_dir: Path, meta: dict, backend: Backend, error) -> Non
                     backend.world_size)
 
 
-def _init_from(cfg: Config, path: str):
+def _init_source(path: str) -> tuple:
+    """(export dir or checkpoint dir, "export" | "checkpoint") of an --init-from path, or ConfigError."""
+    p = Path(path)
+    if (p / "model.safetensors").is_file():
+        return p, "export"
+    source = p if (p / "meta.json").is_file() else (ckpt.read_latest(p / "checkpoints") or ckpt.read_latest(p))
+    if source is None or not (source / "generator.pt").is_file():
+        raise ConfigError(f"--init-from {path}: no export (model.safetensors) or single-process checkpoint "
+                          f"(meta.json + generator.pt) there")
+    return source, "checkpoint"
+
+
+def _init_resolution(path: str) -> int:
+    source, kind = _init_source(path)
+    return int(ckpt.read_export_config(source)["arch"]["resolution"] if kind == "export"
+               else ckpt.read_meta(source)["arch"]["resolution"])
+
+
+def _init_from(cfg: Config, path: str, fade: bool = False):
     """The generator of a new run from the weights at ``path`` only (no optimiser, RNG or step):
     an export directory, a single-process checkpoint directory, or a run directory (its latest
     checkpoint). A lower-resolution generator is grown to the first stage's resolution (new blocks
-    untrained, no input fade), as a progressive run grows between stages."""
+    untrained), as a progressive run grows between stages: the last growth with the input fade when
+    ``fade`` (model.input_fade > 0), so that a branch equals the progressive run it branches from."""
     from hptransfer.export import load_generator
 
-    p = Path(path)
-    if (p / "model.safetensors").is_file():
-        exported = load_generator(p)
-        state, source, resolution = exported.state_dict(), p, exported.resolution
+    source, kind = _init_source(path)
+    if kind == "export":
+        exported = load_generator(source)
+        state, resolution = exported.state_dict(), exported.resolution
     else:
-        source = p if (p / "meta.json").is_file() else (ckpt.read_latest(p / "checkpoints") or ckpt.read_latest(p))
-        if source is None or not (source / "generator.pt").is_file():
-            raise ConfigError(f"--init-from {path}: no export (model.safetensors) or single-process checkpoint "
-                              f"(meta.json + generator.pt) there")
         state = torch.load(source / "generator.pt", map_location="cpu", weights_only=True)["model"]
         resolution = int(ckpt.read_meta(source)["arch"]["resolution"])
     R0 = cfg.stages[0].resolution
@@ -539,9 +577,9 @@ def _init_from(cfg: Config, path: str):
     if g.fading:
         g.fade_alpha = 1.0
     while g.resolution < R0:
-        g.grow()
+        g.grow(input_fade=fade and g.resolution * 2 == R0)
     log.info("--init-from %s: %d-px generator weights%s (new run: fresh optimisers, step 0)", source, resolution,
-             f", grown to {R0} px" if resolution < R0 else "")
+             f", grown to {R0} px" + (" with the input fade" if fade else "") if resolution < R0 else "")
     return g
 
 

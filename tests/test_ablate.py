@@ -140,6 +140,19 @@ def test_init_from_loads_weights_and_grows(tmp_path):
     assert result["global_step"] == 1 and "--init-from" in (tmp_path / "b" / "train.log").read_text()
     with pytest.raises(ConfigError, match="cannot start"):  # a 128-px generator into a 64-px first stage
         _init_from(cfg64, str(tmp_path / "b"))
+    # with model.input_fade the grown first stage fades as a progressive run's grown stage does, and a
+    # branch stopped inside the fade resumes exactly (the checkpoint remembers that it grew)
+    fade = ["model.input_fade=1.0", "train.deterministic=true", "stages=[{resolution: 128, iterations: 3, batch_size: 1}]"]
+    alphas = []
+    full = train(load_config(None, common + fade + [f"train.out_dir={tmp_path / 'c'}"]), init_from=str(tmp_path / "a"),
+                 callback=lambda info: alphas.append((info["fade_alpha"], any(k.startswith("from_rgb.64.") for k in
+                                                                            info["generator"].state_dict()))))
+    assert alphas == [(0.0, True), (0.5, True), (1.0, True)]
+    stopped_cfg = load_config(None, common + fade + [f"train.out_dir={tmp_path / 'd'}"])
+    assert train(stopped_cfg, init_from=str(tmp_path / "a"), stop_at_step=1)["stopped"]
+    resumed = train(stopped_cfg, init_from=str(tmp_path / "a"), resume="auto")
+    for k, v in full["generator_state"].items():
+        torch.testing.assert_close(resumed["generator_state"][k], v, rtol=0, atol=0, msg=k)
 
 
 # ---------------------------------------------------------------- the ablation

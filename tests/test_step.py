@@ -80,25 +80,23 @@ def test_train_step_matches_the_loop_written_out(tiny_cfg, vgg, rng, with_discri
     assert not out["skipped"] and not out["d_skipped"]
     assert (out["d_loss"] is not None) == with_discriminator
 
-    # the trainer's loop (train.py) with plain optimisers: D step on the detached fake, then G
+    # the loop written out with plain optimisers: D's loss on the detached fake and G's terms from the same
+    # D weights, then G's backward and step, then D's (pix2pixHD's order)
     go = torch.optim.Adam(g2.parameters(), lr=1e-3)
     fake = g2(ref, kt)
+    geometry = pose.StepGeometry(R, R // 8, *pose.local_descriptors(kt, R), *pose.local_descriptors(kr, R))
     if with_discriminator:
         do = torch.optim.Adam(d2.parameters(), lr=1e-3)
-        # descriptors written out directly (not through losses.step_geometry)
-        centers_r, valid_r = pose.local_descriptors(kr, R)
-        centers_t, valid_t = pose.local_descriptors(kt, R)
-        geometry = pose.StepGeometry(R, R // 8, centers_t, valid_t, centers_r, valid_r)
         d_loss = losses.discriminator_loss(d2, losses.local_discriminator_pairs(ref, tgt, geometry, "reference"),
                                            losses.local_discriminator_pairs(ref, fake.detach(), geometry, "reference"),
-                                           valid_r & valid_t)
-        d_loss.backward()
-        do.step()
+                                           geometry.pair_valid)
         torch.testing.assert_close(out["d_loss"], d_loss)
-    geometry = pose.StepGeometry(R, R // 8, *pose.local_descriptors(kt, R), *pose.local_descriptors(kr, R))
     terms = losses.generator_loss(fake, tgt, geometry, vgg, cfg, "l2", reference=ref, discriminator=d2, impl="reference")
     terms["total"].backward()
     go.step()
+    if with_discriminator:
+        d_loss.backward()
+        do.step()
     torch.testing.assert_close(out["terms"]["total"], terms["total"])
     pairs = [(g1, g2)] + ([(d1, d2)] if with_discriminator else [])
     for m1, m2 in pairs:
@@ -125,6 +123,26 @@ def test_non_finite_loss_skips_and_restores_buffers(tiny_cfg, vgg, rng):
         torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=f"{k} changed on a skipped step")
 
 
+def test_one_host_read_per_step_and_a_non_finite_d_loss_skips_only_d(tiny_cfg, vgg, rng, monkeypatch):
+    """Both finite flags are read together, once; a non-finite D loss leaves D as it was and G still steps."""
+    from hptransfer import step as step_module
+
+    ref, tgt, kr, kt = _inputs(rng)
+    backend = SingleBackend("fp32", device="cpu")
+    g, d = _models(tiny_cfg, with_discriminator=True)
+    g_before, d_before = copy.deepcopy(g.state_dict()), copy.deepcopy(d.state_dict())
+    ge, de = _engines(backend, g, d)
+    reads, real_read = [], step_module.read_nonfinite
+    monkeypatch.setattr(step_module, "read_nonfinite", lambda b, *v: reads.append(len(v)) or real_read(b, *v))
+    real_d_loss = losses.discriminator_loss
+    monkeypatch.setattr(losses, "discriminator_loss", lambda *a: real_d_loss(*a) * float("nan"))
+    out = train_step(ge, g, vgg, _Cfg(_loss_cfg(True)), ref, tgt, kr, kt, "l2", "reference", backend, d_engine=de)
+    assert reads == [2]
+    assert out["d_skipped"] and not out["skipped"]
+    assert all(torch.equal(v, d_before[k]) for k, v in d.state_dict().items())
+    assert any(not torch.equal(v, g_before[k]) for k, v in g.state_dict().items())
+
+
 def test_phase_timer_records_every_phase(tiny_cfg, vgg, rng):
     ref, tgt, kr, kt = _inputs(rng)
     backend = SingleBackend("fp32", device="cpu")
@@ -135,7 +153,7 @@ def test_phase_timer_records_every_phase(tiny_cfg, vgg, rng):
     totals = t.totals()
     assert set(totals) == set(PHASES)
     assert all(v > 0 for v in totals.values())
-    assert sum(1 for name, *_ in t.records if name == "discriminator") == 2  # D step + adversarial term
+    assert sum(1 for name, *_ in t.records if name == "discriminator") == 3  # D loss, adversarial term, D step
 
 
 def test_nvtx_off_makes_no_calls_and_on_pushes_named_ranges(monkeypatch):

@@ -9,7 +9,8 @@ A step = generator forward, every loss of the stage (global perceptual; local pe
 stage's descriptor count; local discriminators with their D step at the top stage or with --disc),
 backward, optimiser steps. ``fast`` is the trainer's path (``hptransfer.step.train_step``: bf16
 autocast on GPU (--amp fp16 for fp16), Triton/extension kernels with impl="auto", channels_last on GPU,
-the trainer's optimiser (fused Adam on CUDA); --compile and --checkpointing optional). ``fast_fp32`` is
+the trainer's optimiser (fused Adam on CUDA); --checkpointing optional). ``fast_compiled`` (with
+--compile blocks|full) is fast with that train.compile, timed beside eager fast in the same run. ``fast_fp32`` is
 the same path at fp32, so that the kernels' gain (naive -> fast_fp32) and the precision's
 (fast_fp32 -> fast) are told apart; on the CPU fast already runs at fp32, and --mode both runs no
 separate fast_fp32 row there (the row says so). ``naive`` (bench/naive.py) is the research-code way:
@@ -183,23 +184,25 @@ def peaks(device: torch.device, dtypes) -> dict:
 
 
 # ----------------------------------------------------------------------------- set-up
-MODES = ("naive", "fast_fp32", "fast")
+MODES = ("naive", "fast_fp32", "fast", "fast_compiled")
 
 
 def mode_precision(mode: str, device: torch.device, amp: str = "bf16") -> str:
-    """The precision a mode runs in: ``amp`` for "fast" on a GPU, fp32 otherwise."""
-    return amp if mode == "fast" and device.type == "cuda" else "fp32"
+    """The precision a mode runs in: ``amp`` for "fast" (and "fast_compiled") on a GPU, fp32 otherwise."""
+    return amp if mode in ("fast", "fast_compiled") and device.type == "cuda" else "fp32"
 
 
-def modes_to_run(mode: str, device: torch.device) -> list:
+def modes_to_run(mode: str, device: torch.device, compile_: str = "off") -> list:
     """``--mode`` -> the modes to time. "both": naive, fast_fp32 and fast on a GPU; naive and fast on the
-    CPU, where fast already runs at fp32 (a fast_fp32 row would time the same thing twice)."""
+    CPU, where fast already runs at fp32 (a fast_fp32 row would time the same thing twice); plus
+    fast_compiled (fast with ``--compile``'s train.compile) when ``compile_`` is not "off"."""
     if mode != "both":
         return [mode]
-    return ["fast", "fast_fp32", "naive"] if device.type == "cuda" else ["fast", "naive"]
+    modes = ["fast", "fast_fp32", "naive"] if device.type == "cuda" else ["fast", "naive"]
+    return modes + (["fast_compiled"] if compile_ != "off" else [])
 
 
-def make_config(R: int, batch: int, width: float, with_discriminators: bool, compile_: bool, checkpointing: bool,
+def make_config(R: int, batch: int, width: float, with_discriminators: bool, compile_: str, checkpointing: bool,
                 vgg_layers: Optional[list] = None) -> Config:
     """``vgg_layers``: the loss's VGG taps (default: the paper's five; a toy run takes fewer, a shorter VGG)."""
     cfg = Config()
@@ -232,7 +235,7 @@ class Runner:
 
     def __init__(self, mode: str, cfg: Config, R: int, batch: int, device: torch.device, amp: str = "bf16"):
         from hptransfer.models import Generator, LocalDiscriminator, VGG16Features
-        from hptransfer.train import _make_optimizer
+        from hptransfer.train import _compile_generator, _make_optimizer
 
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -262,8 +265,8 @@ class Runner:
             if device.type == "cuda":
                 vgg = vgg.to(memory_format=torch.channels_last)
             self.g_engine = self.backend.engine("generator", self.g, opt(self.g.parameters(), cfg.train.lr), batch)
-            if cfg.train.compile:
-                self.g_engine.forward_fn = torch.compile(self.g)
+            if mode == "fast_compiled":  # the other modes run eager: compiled vs eager in one run
+                _compile_generator(cfg.train.compile, self.g, self.g_engine)
             self.d_engine = None
             if discriminator is not None:
                 discriminator = self.backend.prepare(discriminator)
@@ -435,7 +438,7 @@ def max_batch(R: int, width: float, device: torch.device, checkpointing: bool, w
 def bench_resolution(args, R: int, device: torch.device, peak: dict) -> dict:
     """One resolution's row: FLOPs, and per mode the times, throughput and MFU against ``peak``
     (:func:`peaks`: spec and measured, per dtype)."""
-    modes = modes_to_run(args.mode, device)
+    modes = modes_to_run(args.mode, device, args.compile)
     cfg = make_config(R, args.batch, args.width, args.disc, args.compile, args.checkpointing, args.vgg_layers)
     with_discriminators = losses.active_terms(cfg.loss, R)["adv"]
     flops = step_flops(cfg, R, args.batch, with_discriminators)
@@ -466,6 +469,8 @@ def bench_resolution(args, R: int, device: torch.device, peak: dict) -> dict:
         row["speedup"] = ms["naive"] / ms["fast"]  # kernels and precision together
     if "fast_fp32" in ms and "naive" in ms:
         row["speedup_kernels"] = ms["naive"] / ms["fast_fp32"]  # the fast path alone, both at fp32
+    if "fast_compiled" in ms and "fast" in ms:
+        row["speedup_compile"] = ms["fast"] / ms["fast_compiled"]  # train.compile alone, same precision
     if "fast_fp32" in ms and "fast" in ms:
         row["speedup_precision"] = ms["fast_fp32"] / ms["fast"]  # autocast alone, both on the fast path
     if device.type != "cuda" and "fast" in ms:
@@ -534,7 +539,8 @@ def main(argv=None) -> int:
                    help="both: naive, fast_fp32 and fast on a GPU; naive and fast on the CPU (fast is fp32 there)")
     p.add_argument("--amp", choices=("bf16", "fp16"), default="bf16", help="the fast mode's autocast dtype (GPU)")
     p.add_argument("--width", type=float, default=None, help="model.width (default 1.0 on GPU, 0.125 on the CPU)")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", choices=("off", "blocks", "full"), default="off",
+                   help="also time fast_compiled: the fast path with this train.compile (compiled vs eager)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (fast mode)")
     p.add_argument("--disc", action="store_true", help="local discriminators at every resolution benchmarked")
     p.add_argument("--vgg-layers", nargs="+", default=None, help="VGG taps of the losses (default: all five)")
@@ -546,7 +552,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.batch = args.batch or (8 if cuda else 2)
     args.steps = args.steps or (20 if cuda else 5)
-    args.warmup = args.warmup if args.warmup is not None else ((10 if args.compile else 5) if cuda else 1)
+    args.warmup = args.warmup if args.warmup is not None else ((10 if args.compile != "off" else 5) if cuda else 1)
     args.width = args.width or (1.0 if cuda else 0.125)
     args.max_batch_limit = args.max_batch_limit or (4096 if cuda else 2)
     device = torch.device("cuda" if cuda else "cpu")

@@ -111,7 +111,10 @@ class TrainConfig:
     impl: Literal["auto", "fast", "reference"] = "auto"
     activation_checkpointing: bool = False
     channels_last: bool = True  # applied on GPU only
-    compile: bool = False
+    # torch.compile of the generator: "blocks" = each encoder/decoder block and the bottleneck (static
+    # shapes per stage), "full" = its whole forward; the first steps of every stage pay the compilation.
+    # true / false (earlier configs) load as "full" / "off".
+    compile: Union[bool, Literal["off", "blocks", "full"]] = "off"
     deterministic: bool = False
     log_every: int = 10
     sample_every: int = 200
@@ -186,6 +189,8 @@ class Config:
             raise ConfigError(f"{source}: model.width must be > 0")
         if not 0.0 <= self.model.input_fade <= 1.0:
             raise ConfigError(f"{source}: model.input_fade must be in [0, 1], got {self.model.input_fade}")
+        if isinstance(self.train.compile, bool):
+            self.train.compile = "full" if self.train.compile else "off"
         if self.train.warmup_iterations < 0:
             raise ConfigError(f"{source}: train.warmup_iterations must be >= 0, got {self.train.warmup_iterations}")
         return self

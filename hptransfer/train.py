@@ -125,6 +125,18 @@ def _make_optimizer(cfg: Config, params, lr: float) -> torch.optim.Optimizer:
     return cls(params, lr=lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay, **kernel)
 
 
+def _compile_generator(mode: str, generator, g_engine: Engine) -> None:
+    """train.compile: "blocks" compiles each block in place, "full" the engine's whole forward; "off"
+    nothing. The first steps of every stage pay the compilation."""
+    if mode == "blocks":
+        generator.compile_blocks()
+    elif mode == "full":
+        if hasattr(g_engine, "forward_fn"):
+            g_engine.forward_fn = torch.compile(generator)
+        else:
+            g_engine.engine.compile()
+
+
 def _build_generator(cfg: Config, resolution: int, state: Optional[dict] = None, fading: bool = False):
     """A generator at ``resolution``, with the input fade's from-RGB when ``fading`` or ``state`` has it."""
     if cfg.task == "garment_flow":
@@ -421,11 +433,7 @@ def _begin_stage(run: _Run, idx: int, generator, resume_from: Optional[Path]) ->
     generator = backend.prepare(generator)
     g_engine = backend.engine("generator", generator, _make_optimizer(cfg, generator.parameters(), cfg.train.lr),
                               st.batch_size)
-    if cfg.train.compile:  # optional; the first steps of every stage pay the compilation
-        if hasattr(g_engine, "forward_fn"):
-            g_engine.forward_fn = torch.compile(generator)
-        elif hasattr(getattr(g_engine, "engine", None), "compile"):
-            g_engine.engine.compile()
+    _compile_generator(cfg.train.compile, generator, g_engine)
     d_engine = None
     # From loss.disc_at_resolution on (the paper: the top stage only), as losses.active_terms says.
     if cfg.task == "transfer" and losses.active_terms(cfg.loss, R)["adv"]:

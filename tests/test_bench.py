@@ -29,7 +29,7 @@ def test_step_flops_uses_generator_counter(tiny_cfg):
     from hptransfer.models import Generator
     from hptransfer.models.summary import conv_flops
 
-    cfg = bench_train.make_config(64, 3, tiny_cfg.width, with_discriminators=True, compile_=False, checkpointing=False)
+    cfg = bench_train.make_config(64, 3, tiny_cfg.width, with_discriminators=True, compile_="off", checkpointing=False)
     assert bench_train.step_flops(cfg, 64, 3, with_discriminators=True)["local_vgg"] == 0  # the discriminators replace it
     cfg.loss.local_perceptual_at_top = True  # both local terms
     f = bench_train.step_flops(cfg, 64, 3, with_discriminators=True)
@@ -178,7 +178,7 @@ def test_step_flops_match_the_convolutions_a_step_runs(tiny_cfg, mode):
     does the conv work step_flops counts, less only the first convs' input gradients that autograd
     skips (generator from-RGB, discriminators' first layer in the D step): well within 1 %. Counting
     the frozen VGG and discriminator passes x3, as the benchmark did, overstates it by about a third."""
-    cfg = bench_train.make_config(64, 2, tiny_cfg.width, with_discriminators=True, compile_=False,
+    cfg = bench_train.make_config(64, 2, tiny_cfg.width, with_discriminators=True, compile_="off",
                                   checkpointing=False, vgg_layers=["relu1_2", "relu2_2"])
     cfg.model.disc_channels = tiny_cfg.disc_channels
     cfg.loss.local_perceptual_at_top = True

@@ -179,7 +179,10 @@ class Generator(nn.Module):
             raise ValueError(f"resolution must be {self.base} * 2^k and <= {MAX_RESOLUTION}, got {resolution}")
         self.impl = "auto"
         self.checkpointing = False
-        self.fade_alpha = 1.0  # weight of the new input path while fading (see grow)
+        # The fade's weight of the new input path (see grow) as a device scalar, so that a compiled
+        # forward reads it like an input: no recompilation as it rises every step.
+        self.register_buffer("fade_alpha_tensor", torch.ones(()), persistent=False)
+        self._fade_alpha = 1.0
         slope = model_cfg.negative_slope
         ch = self.channels
         self.encoder = nn.ModuleDict()
@@ -208,6 +211,23 @@ class Generator(nn.Module):
     def _set_rgb(self, r: int) -> None:
         self.from_rgb = nn.ModuleDict({str(r): FromRGB(self.channels(r), self.cfg.negative_slope)})
         self.to_rgb = nn.ModuleDict({str(r): ToRGB(self.channels(r))})
+
+    @property
+    def fade_alpha(self) -> float:
+        return self._fade_alpha
+
+    @fade_alpha.setter
+    def fade_alpha(self, value: float) -> None:
+        self._fade_alpha = float(value)
+        self.fade_alpha_tensor.fill_(self._fade_alpha)  # no host sync: a scalar written on the device
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """``torch.compile`` every encoder and decoder block and the bottleneck, in place (train.compile
+        "blocks"): small graphs with static shapes per stage, no custom op inside. Blocks compiled
+        before are kept; call again after :meth:`grow` for the new ones."""
+        for block in (*self.encoder.values(), self.bottleneck, *self.decoder.values()):
+            if getattr(block, "_compiled_call_impl", None) is None:
+                block.compile(**compile_kwargs)
 
     @property
     def fading(self) -> bool:
@@ -308,10 +328,10 @@ class Generator(nn.Module):
         if self.fading:
             # Always both paths (a zero weight still gives zero gradients: no unused parameters).
             # The top skip fades in too: at alpha 0 the new decoder block learns from the deep path.
-            alpha = float(self.fade_alpha)
+            alpha = self.fade_alpha_tensor.to(x.dtype)
             skips[R] = self._run(self.encoder[str(R)], x)
             old = self.from_rgb[str(R // 2)](F.avg_pool2d(reference, 2))
-            x = alpha * F.avg_pool2d(skips[R], 2) + (1.0 - alpha) * old
+            x = alpha * F.avg_pool2d(skips[R], 2) + (1 - alpha) * old
             skips[R] = alpha * skips[R]
             r = R // 2
         while r >= self.base:

@@ -38,6 +38,9 @@ def _load_extension():
     built = _C.cuda_version()
     if built and torch.version.cuda and built.split(".")[0] != torch.version.cuda.split(".")[0]:
         return None, f"hptransfer._C was built for CUDA {built} but torch uses CUDA {torch.version.cuda}; rebuild with `make setup`"
+    from hptransfer.ops import _fake
+
+    _fake.register()  # once (this function is cached): torch.compile traces through the ops
     return _C, None
 
 
@@ -173,11 +176,21 @@ def use_fast(op: str, tensor: torch.Tensor, impl: str, backend: str = "triton", 
     needs a gradient: "auto" takes the reference, "fast" raises. PyTorch's own checks cannot see
     atomics inside our kernels, so the dispatch does it.
     """
+    return _decide(op, tensor.device.type, tensor.requires_grad and torch.is_grad_enabled(), impl, backend,
+                   atomic_backward, fallback_to)
+
+
+# A host-side decision on plain values: under torch.compile it runs once at trace time and its answer is
+# a constant of the graph (dynamo does not trace the imports and checks inside it).
+@torch.compiler.assume_constant_result
+def _decide(op: str, device_type: str, needs_grad: bool, impl: str, backend: str, atomic_backward: bool,
+            fallback_to: str) -> bool:
+    is_cuda = device_type == "cuda"
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "reference":
         return False
-    if atomic_backward and deterministic() and tensor.requires_grad and torch.is_grad_enabled():
+    if atomic_backward and deterministic() and needs_grad:
         if impl == "fast":
             raise FastPathUnavailable(f"{op}: impl='fast' cannot run under torch.use_deterministic_algorithms(True): "
                                       "its backward uses atomic adds; use impl='auto' or 'reference'")
@@ -186,20 +199,20 @@ def use_fast(op: str, tensor: torch.Tensor, impl: str, backend: str = "triton", 
         ok, err = _triton(op)
         # The interpreter (TRITON_INTERPRET=1) runs kernels on CPU tensors, exactly but slowly:
         # only an explicit impl="fast" uses it; "auto" keeps the reference on the CPU.
-        where_ok = tensor.is_cuda or (impl == "fast" and triton_interpret())
+        where_ok = is_cuda or (impl == "fast" and triton_interpret())
         if ok and where_ok:
             return True
-        reason = err if not ok else f"Triton kernels need a CUDA tensor (got {tensor.device}); set TRITON_INTERPRET=1 to run them on the CPU"
+        reason = err if not ok else f"Triton kernels need a CUDA tensor (got {device_type}); set TRITON_INTERPRET=1 to run them on the CPU"
         if impl == "fast":
             raise FastPathUnavailable(f"{op}: impl='fast' cannot run here: {reason}")
         # On a CPU tensor "auto" quietly means the reference: that is the design, not a failure.
-        if not ok and tensor.is_cuda:
+        if not ok and is_cuda:
             return _fallback(op, reason, fallback_to)
         return False
     if backend == "extension":
         ext, err = _load_extension()
         reason: Optional[str] = err
-        if ext is not None and tensor.is_cuda and not ext.with_cuda():
+        if ext is not None and is_cuda and not ext.with_cuda():
             reason = "hptransfer._C was built without CUDA"
         elif ext is not None:
             return True

@@ -73,12 +73,10 @@ def _plan(sizes: tuple, sigmas: tuple, image_size: tuple, batch_maps: int, devic
     )
 
 
-def heatmaps_triton(kp: torch.Tensor, image_size: Sequence[int], sizes: Sequence[Sequence[int]],
-                    sigmas: Sequence[float], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-    """Gaussian maps for keypoints ``kp`` (B, 18, 2) at every ``sizes[i]`` with ``sigmas[i]`` (map pixels).
-
-    Returns a list of (B, 18, h_i, w_i) tensors of ``dtype`` (views into one buffer), in one launch.
-    """
+def heatmaps_triton_flat(kp: torch.Tensor, image_size: Sequence[int], sizes: Sequence[Sequence[int]],
+                         sigmas: Sequence[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Gaussian maps for keypoints ``kp`` (B, 18, 2) at every ``sizes[i]`` with ``sigmas[i]`` (map pixels),
+    in one launch: one flat buffer holding each (B, 18, h_i, w_i) in turn."""
     B, K, _ = kp.shape
     sizes = tuple((int(h), int(w)) for h, w in sizes)
     plan = _plan(sizes, tuple(float(s) for s in sigmas), (int(image_size[0]), int(image_size[1])), B * K, kp.device)
@@ -89,9 +87,17 @@ def heatmaps_triton(kp: torch.Tensor, image_size: Sequence[int], sizes: Sequence
             _heatmaps_forward_kernel[(B * K, plan["tiles"])](
                 kp32, flat, plan["tile_size"], plan["tile_start"], plan["h"], plan["w"], plan["scale_y"],
                 plan["scale_x"], plan["inv_two_sigma2"], plan["base"], BLOCK=BLOCK)
+    return flat
+
+
+def heatmaps_triton(kp: torch.Tensor, image_size: Sequence[int], sizes: Sequence[Sequence[int]],
+                    sigmas: Sequence[float], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """:func:`heatmaps_triton_flat` as a list of (B, 18, h_i, w_i) tensors of ``dtype`` (views into the buffer)."""
+    B, K, _ = kp.shape
+    flat = heatmaps_triton_flat(kp, image_size, sizes, sigmas, dtype)
     out, offset = [], 0
     for h, w in sizes:
-        n = B * K * h * w
-        out.append(flat[offset:offset + n].view(B, K, h, w))
+        n = B * K * int(h) * int(w)
+        out.append(flat[offset:offset + n].view(B, K, int(h), int(w)))
         offset += n
     return out

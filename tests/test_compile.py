@@ -60,6 +60,19 @@ def test_gather_ops_pass_opcheck(rng):
         torch.library.opcheck(torch.ops.hptransfer.gather_crops_backward, (grad, centers, 32, 32, 8, normalize))
 
 
+def test_heatmaps_op_passes_opcheck_and_equals_the_reference(rng):
+    """The Triton heatmaps as a custom op (the interpreter runs it on the CPU here)."""
+    from hptransfer.ops.heatmaps import _heatmaps_multi_op
+
+    kp = random_keypoints(2, 64, rng, missing=1)
+    args = (kp, [64, 64], [8, 8, 16, 16], [0.8, 1.6], torch.float32)
+    torch.library.opcheck(_heatmaps_multi_op, args, test_utils=("test_schema", "test_faketensor"))
+    got = ops.heatmaps_multi(kp, (64, 64), [(8, 8), (16, 16)], [0.8, 1.6], impl="fast")
+    want = [ops.heatmaps_reference(kp, (64, 64), s, sg) for s, sg in (((8, 8), 0.8), ((16, 16), 1.6))]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 def test_fused_distance_compiles_without_a_graph_break(rng):
     """The global loss's fused op inside a compiled function (fullgraph: a break would raise), forward
     and gradient equal to eager."""
@@ -106,9 +119,12 @@ def _assert_same(a, b):
         torch.testing.assert_close(a[1][name], b[1][name], rtol=1e-3, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("mode", ["blocks", "full"])
-def test_compiled_generator_equals_eager_and_alpha_does_not_recompile(mode, rng):
+@pytest.mark.parametrize("mode,heatmaps", [("blocks", "reference"), ("full", "reference"),
+                                           pytest.param("full", "fast", marks=pytest.mark.slow)])  # ~60 s
+def test_compiled_generator_equals_eager_and_alpha_does_not_recompile(mode, heatmaps, rng):
+    """("full", "fast"): the Triton heatmaps (interpreted here) inside the one graph."""
     eager, compiled = _generator_pair(fading=True)
+    eager.impl = compiled.impl = heatmaps
     if mode == "blocks":
         compiled.compile_blocks(backend="aot_eager")
         run = compiled

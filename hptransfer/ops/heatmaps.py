@@ -1,6 +1,7 @@
 """Gaussian pose heatmaps (eq. 1): the fused Triton kernel (``hptransfer.kernels.heatmaps``) and the dense
 torch formula it is tested against. ``sigma`` is in pixels of the map (``pose.default_sigma``: the paper's 3.2
-on the 32x32 bottleneck grid, scaled with the map).
+on the 32x32 bottleneck grid, scaled with the map). The kernel runs as the custom op
+``hptransfer::heatmaps_multi`` (with a fake kernel), so a compiled generator keeps it in its graph.
 """
 from __future__ import annotations
 
@@ -59,6 +60,27 @@ def heatmaps_multi(kp: torch.Tensor, image_size: Sequence[int], sizes: Sequence[
     if len(sigmas) != len(sizes):
         raise ValueError("one sigma per map size")
     if use_fast("heatmaps", kp, impl):
-        from hptransfer.kernels.heatmaps import heatmaps_triton  # imports Triton: only when it runs
-        return heatmaps_triton(kp, image_size, sizes, sigmas, dtype)
+        flat = _heatmaps_multi_op(kp, [int(v) for v in image_size], [v for s in sizes for v in s],
+                                  [float(v) for v in sigmas], dtype)
+        out, offset = [], 0
+        for h, w in sizes:  # views of the one buffer, made outside the op (an op's outputs may not alias)
+            n = kp.shape[0] * kp.shape[1] * h * w
+            out.append(flat[offset:offset + n].view(kp.shape[0], kp.shape[1], h, w))
+            offset += n
+        return out
     return [heatmaps_reference(kp, image_size, s, sg, dtype) for s, sg in zip(sizes, sigmas)]
+
+
+@torch.library.custom_op("hptransfer::heatmaps_multi", mutates_args=())
+def _heatmaps_multi_op(kp: torch.Tensor, image_size: list[int], sizes: list[int], sigmas: list[float],
+                       dtype: torch.dtype) -> torch.Tensor:
+    """The Triton kernel's maps, flat: every (B, 18, h_i, w_i) of ``sizes`` = [h_0, w_0, h_1, ...] in turn."""
+    from hptransfer.kernels.heatmaps import heatmaps_triton_flat  # imports Triton: only when it runs
+
+    return heatmaps_triton_flat(kp, image_size, list(zip(sizes[::2], sizes[1::2])), sigmas, dtype)
+
+
+@_heatmaps_multi_op.register_fake
+def _(kp, image_size, sizes, sigmas, dtype):
+    total = kp.shape[0] * kp.shape[1] * sum(h * w for h, w in zip(sizes[::2], sizes[1::2]))
+    return kp.new_empty((total,), dtype=dtype)

@@ -217,3 +217,25 @@ def test_modes_and_measured_peak_on_the_cpu():
     assert bench_train.mode_precision("fast", cuda, "fp16") == "fp16" and bench_train.mode_precision("fast", cpu) == "fp32"
     peak = bench_train.peaks(cpu, ["fp32"])
     assert set(peak) == {"fp32"} and peak["fp32"]["spec_tflops"] is None and peak["fp32"]["measured_tflops"] > 0
+
+
+def test_bench_discriminator_counts_and_writes_json(tmp_path):
+    """Grouped = N independent discriminators: exactly N x the shared one's parameters; model-summary's
+    counts are the same modules' counts."""
+    from bench import bench_discriminator
+    from hptransfer import pose
+    from hptransfer.models.summary import discriminator_params
+
+    out = tmp_path / "d.json"
+    assert bench_discriminator.main(["--resolution", "64", "--batch", "1", "--repeat", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {(r["shared"], r["disc_channels"]): r for r in result["rows"]}
+    assert len(rows) == 6 and result["environment"]["device"]
+    n = pose.descriptor_count(64)
+    summary = discriminator_params(64)
+    for channels in (16, 32, 64):
+        grouped, shared = rows[(False, channels)], rows[(True, channels)]
+        assert grouped["params"] == n * shared["params"]
+        assert summary[channels] == {"grouped": grouped["params"], "shared": shared["params"]}
+        assert grouped["step_gflop"] == pytest.approx(shared["step_gflop"])  # same convolutions, grouped or not
+        assert grouped["saved_mib"] > shared["saved_mib"] > 0 and grouped["step_ms"] > 0

@@ -70,6 +70,18 @@ def stage_table(model_cfg: ModelConfig, resolution: int) -> list[dict]:
         g.grow()
 
 
+def discriminator_params(resolution: int, channels=(16, 32, 64)) -> dict:
+    """{disc_channels: {"grouped": params, "shared": params}} of the local discriminators at ``resolution``."""
+    from hptransfer import pose
+    from hptransfer.models.discriminator import LocalDiscriminator
+
+    n, crop = pose.descriptor_count(resolution), pose.crop_size(resolution)
+    with torch.device("meta"):
+        return {c: {kind: sum(p.numel() for p in LocalDiscriminator(
+            ModelConfig(disc_channels=c, disc_shared=kind == "shared"), n, crop).parameters())
+            for kind in ("grouped", "shared")} for c in channels}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int, default=1024, help="last stage to list and time (64..1024)")
     parser.add_argument("--width", type=float, default=1.0, help="model.width (1.0 = the paper)")
@@ -93,6 +105,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'resolution':>10} {'channels':>9} {'new params':>14} {'total params':>14} {'GFLOP/img':>11}")
     for r in rows:
         print(f"{r['resolution']:>10} {r['channels']:>9} {r['new_params']:>14,} {r['params']:>14,} {r['gflop']:>11.2f}")
+    print(f"\nLocal discriminators at {args.resolution} px (model.disc_channels x model.disc_shared), parameters; "
+          "bench/bench_discriminator.py times them:")
+    print(f"{'disc_channels':>13} {'grouped':>14} {'shared':>12}")
+    for channels, counts in discriminator_params(args.resolution).items():
+        print(f"{channels:>13} {counts['grouped']:>14,} {counts['shared']:>12,}")
     if args.no_forward:
         return 0
     device = torch.device(args.device)

@@ -306,6 +306,28 @@ _AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16
                     "fp16": torch.float16, "half": torch.float16}
 
 
+ENGINE_OVERLAYS = "hptransfer_engines"
+ENGINE_NAMES = ("generator", "discriminator")
+
+
+def engine_ds_config(ds_cfg: dict, name: str, source: str = "<ds config>") -> dict:
+    """The DeepSpeed config of engine ``name``: ``ds_cfg`` with its ``"hptransfer_engines": {name: {...}}``
+    overlay merged in (mappings key by key), e.g. the generator under ZeRO-1 and the discriminator
+    under ZeRO-2 (configs/ds/zero1g_zero2d_bf16.json). The overlay section itself is ours, removed."""
+    overlays = ds_cfg.get(ENGINE_OVERLAYS, {})
+    if not isinstance(overlays, dict) or set(overlays) - set(ENGINE_NAMES):
+        raise ValueError(f"{source}: {ENGINE_OVERLAYS} must map engine names {list(ENGINE_NAMES)} to config "
+                         f"sections, got {overlays!r}")
+
+    def merge(base: dict, over: dict) -> dict:
+        out = copy.deepcopy(base)
+        for k, v in over.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        return out
+
+    return merge({k: v for k, v in ds_cfg.items() if k != ENGINE_OVERLAYS}, overlays.get(name, {}))
+
+
 def resolve_ds_config(ds_cfg: dict, micro_batch: int, world_size: int, grad_clip: float,
                       source: str = "<ds config>") -> dict:
     """Fill the per-stage fields of a DeepSpeed config; mixed precision as torch_autocast, everywhere.
@@ -381,7 +403,10 @@ class DeepSpeedBackend(Backend):
         self.raw_config = load_ds_config(ds_config)
         self.grad_clip = grad_clip
         self.channels_last = channels_last
-        cfg = resolve_ds_config(self.raw_config, 1, 1, grad_clip, self.source)  # config errors before any rank waits
+        # config errors before any rank waits
+        cfgs = {name: resolve_ds_config(engine_ds_config(self.raw_config, name, self.source), 1, 1, grad_clip,
+                                        self.source) for name in ENGINE_NAMES}
+        cfg = cfgs["generator"]
         deepspeed.init_distributed()
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -392,10 +417,14 @@ class DeepSpeedBackend(Backend):
         else:
             self.device = torch.device("cpu")
         self.loss_dtype = autocast_dtype(cfg)  # inputs stay fp32: the engine autocasts its forward
-        self.zero_stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
+        self.zero_stages = {name: int(c.get("zero_optimization", {}).get("stage", 0)) for name, c in cfgs.items()}
+        self.zero_stage = max(self.zero_stages.values())  # a checkpoint holds shards where any engine does
+        if len({autocast_dtype(c) for c in cfgs.values()}) > 1:
+            raise ValueError(f"{self.source}: {ENGINE_OVERLAYS} may not give the engines different precisions")
         precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast, loss-scaled"}
         self.description = (f"DeepSpeed, {self.world_size} ranks on {self.device.type} "
-                            f"({dist.get_backend()}), ZeRO-{self.zero_stage}, {precision[self.loss_dtype]}, "
+                            f"({dist.get_backend()}), ZeRO-{self.zero_stages['generator']} generator, "
+                            f"ZeRO-{self.zero_stages['discriminator']} discriminator, {precision[self.loss_dtype]}, "
                             f"config {self.source}")
 
     def prepare(self, module: nn.Module) -> nn.Module:
@@ -418,7 +447,8 @@ class DeepSpeedBackend(Backend):
         return box[0]
 
     def engine(self, name, module, optimizer, micro_batch, forward_fn=None) -> Engine:
-        cfg = resolve_ds_config(self.raw_config, micro_batch, self.world_size, self.grad_clip, self.source)
+        cfg = resolve_ds_config(engine_ds_config(self.raw_config, name, self.source), micro_batch, self.world_size,
+                                self.grad_clip, self.source)
         eng, _, _, _ = self.ds.initialize(model=module, optimizer=optimizer, config=cfg)
         return DeepSpeedEngine(eng, name)
 
@@ -428,7 +458,7 @@ class DeepSpeedBackend(Backend):
         out = {}
         params = dict(engine.module.named_parameters())
         for k, v in engine.module.state_dict(keep_vars=True).items():
-            if k in params and self.zero_stage > 0:
+            if k in params and engine.engine.zero_optimization_stage() > 0:
                 full = safe_get_full_fp32_param(params[k])  # the fp32 master copy, gathered (ZeRO-3)
                 v = full if full is not None else v
             v = v.detach()

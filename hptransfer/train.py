@@ -8,8 +8,9 @@ Three launches, same arguments::
 
 Per stage: generator at the stage's resolution (``grow()`` between stages, optimiser, loader and
 DeepSpeed engines rebuilt), criterion L2 in the first half of the stage and L1 in the second, local
-descriptors 18/31/44, local discriminators (their own engine and optimiser, a D step then a G step
-each iteration) only at ``loss.disc_at_resolution``. A non-finite loss skips the step on every rank.
+descriptors 18/31/44, local discriminators (their own engine and optimiser; each iteration both losses from the same D
+weights, then G's step, then D's) only at ``loss.disc_at_resolution``. A non-finite loss skips its
+network's step on every rank.
 Checkpoints every ``train.checkpoint_every`` steps and at stage ends; export and a sample grid at
 every stage end. Reads top to bottom: :func:`train` (set-up, per stage: :func:`_begin_stage`,
 :func:`_train_stage` = the per-step loop, :func:`_end_stage`; summary), then resume, samples, export.

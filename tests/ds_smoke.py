@@ -6,7 +6,8 @@ launch amortises the interpreter and DeepSpeed imports). Scenarios, ``--scenario
 growth   ZeRO-2 bf16, 64 -> 128 px (one growth, DeepSpeed re-initialised, discriminator engine at
          128, input fade): an uninterrupted run, and a run stopped at global step 3 (a checkpoint
          by every rank, inside the fade) then resumed with ``--resume auto``; both must agree.
-zero1    ZeRO-1 bf16, 64 px, 2 steps.
+zero1    configs/ds/zero1g_zero2d_bf16.json: the generator under ZeRO-1, the local discriminators (on
+         at 64 px here) under ZeRO-2, bf16, 2 steps.
 zero3    ZeRO-3 bf16, 64 px, 2 steps (parameters partitioned: the export gathers them).
 fp16     ZeRO-2 fp16 autocast with DeepSpeed's GradScaler, 64 px: stopped at step 2 and resumed
          (the loss scale travels in the checkpoint), compared with an uninterrupted run.
@@ -87,12 +88,15 @@ def _run(cfg, ds_config, **kw):
 
     def record(info):
         seen["module"] = info["generator"]
+        seen["zero_stages"] = [e.engine.zero_optimization_stage() if e is not None else None
+                               for e in (info["generator_engine"], info["discriminator_engine"])]
         steps.append(_hash(info["generator"].named_parameters()))
 
     result = train(cfg, ds_config=str(ds_config), callback=record, **kw)
     own = _own_state(seen["module"], zero3) if "module" in seen else None
     if own is not None:
         own["step_hashes"] = steps
+        own["zero_stages"] = seen["zero_stages"]
     return result, own
 
 
@@ -122,9 +126,9 @@ def scenario_growth(args) -> dict:
             "export": str(second["export"])}
 
 
-def _short(args, name: str, ds_name: str, iterations: int = 2) -> dict:
+def _short(args, name: str, ds_name: str, iterations: int = 2, *extra: str) -> dict:
     stages = f"[{{resolution: 64, iterations: {iterations}, batch_size: 2}}]"
-    result, own = _run(_cfg(Path(args.out) / name, args.data, stages), DS / ds_name)
+    result, own = _run(_cfg(Path(args.out) / name, args.data, stages, *extra), DS / ds_name)
     state = result["generator_state"]
     return {"step": result["global_step"], "skipped": result["skipped"], "own": _gathered(own),
             "export_vs_state": _export_diff(result["export"], state),
@@ -160,7 +164,8 @@ def main() -> int:
     os.environ["HPTRANSFER_NO_BAR"] = "1"
     report = {"env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}}
     scenarios = {"growth": scenario_growth, "fp16": scenario_fp16,
-                 "zero1": lambda a: _short(a, "zero1", "zero1_bf16.json"),
+                 # the generator under ZeRO-1, the discriminators (on at 64 px here) under ZeRO-2
+                 "zero1": lambda a: _short(a, "zero1", "zero1g_zero2d_bf16.json", 2, "loss.disc_at_resolution=64"),
                  "zero3": lambda a: _short(a, "zero3", "zero3_bf16.json")}
     for name in args.scenarios.split(","):
         t0 = time.perf_counter()

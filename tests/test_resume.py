@@ -157,8 +157,12 @@ def test_checkpoint_meta_names_backend_and_zero_stage(data_root, tmp_path):
 def test_ds_configs_are_autocast_on_every_device():
     from hptransfer.backend import autocast_dtype, load_ds_config, resolve_ds_config
 
-    for path in sorted((ROOT / "configs" / "ds").glob("zero*_*.json")):
-        cfg = resolve_ds_config(load_ds_config(path), micro_batch=4, world_size=2, grad_clip=0.0, source=str(path))
+    from hptransfer.backend import ENGINE_NAMES, engine_ds_config
+
+    for path, name in ((p, n) for p in sorted((ROOT / "configs" / "ds").glob("zero*_*.json")) for n in ENGINE_NAMES):
+        cfg = resolve_ds_config(engine_ds_config(load_ds_config(path), name, str(path)), micro_batch=4, world_size=2,
+                                grad_clip=0.0, source=str(path))
+        assert "hptransfer_engines" not in cfg
         want = torch.bfloat16 if "bf16" in path.name else torch.float16
         assert autocast_dtype(cfg) == want and "bf16" not in cfg and "fp16" not in cfg, path
         assert cfg["train_batch_size"] == 8 and cfg["gradient_accumulation_steps"] == 1
@@ -168,6 +172,19 @@ def test_ds_configs_are_autocast_on_every_device():
         assert cfg["torch_autocast"] == {"enabled": True, "dtype": dtype} and name not in cfg
     clip = resolve_ds_config({"bf16": {"enabled": True}, "gradient_clipping": "auto"}, 2, 2, 1.0)
     assert clip["gradient_clipping"] == 1.0
+
+
+def test_engine_overlays_give_each_engine_its_own_section():
+    from hptransfer.backend import engine_ds_config
+
+    raw = {"zero_optimization": {"stage": 2, "overlap_comm": True}, "steps_per_print": 10,
+           "hptransfer_engines": {"generator": {"zero_optimization": {"stage": 1}}}}
+    g, d = engine_ds_config(raw, "generator"), engine_ds_config(raw, "discriminator")
+    assert g["zero_optimization"] == {"stage": 1, "overlap_comm": True}  # merged key by key
+    assert d["zero_optimization"] == {"stage": 2, "overlap_comm": True} and d["steps_per_print"] == 10
+    assert raw["zero_optimization"]["stage"] == 2  # the raw config is not modified
+    with pytest.raises(ValueError, match="hptransfer_engines must map engine names"):
+        engine_ds_config({"hptransfer_engines": {"generatr": {}}}, "generator", "x.json")
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -76,6 +76,9 @@ def _check(r: dict, output: str) -> None:
         assert z["step"] == 2 and z["skipped"] == 0 and z["finite"], z
         _assert_ranks_agree(z["own"], params=name != "zero3")  # ZeRO-3: each rank holds its own shard
         assert z["export_vs_state"] == 0.0  # the export is the gathered fp32 master weights and buffers
+    # zero1g_zero2d: each engine gets its own ZeRO stage from the config's hptransfer_engines overlay
+    assert [o["zero_stages"] for o in r["zero1"]["own"]] == [[1, 2], [1, 2]]
+    assert [o["zero_stages"] for o in r["zero3"]["own"]] == [[3, None], [3, None]]
 
     f = r["fp16"]
     assert f["step"] == 3 and f["finite"]
@@ -100,4 +103,4 @@ def _check(r: dict, output: str) -> None:
         shards = [f for f in files if f.startswith(engine + "/") and "optim_states" in f]
         assert len(shards) == 2, files
     assert (Path(g["export"]) / "model.safetensors").is_file()
-    assert "ZeRO-2, bf16 autocast" in output  # the backend line says what ran
+    assert "ZeRO-2 generator, ZeRO-2 discriminator, bf16 autocast" in output  # the backend line says what ran

@@ -50,7 +50,7 @@ log = logging.getLogger("hptransfer.ablate")
 ABLATION_DIR = Path(__file__).resolve().parents[1] / "configs" / "ablation"
 DEFAULT_VARIANTS = "baseline,lpl,pt,pt_lpl,pt_lpl_ld"
 LABELS = {"baseline": "Baseline", "lpl": "LPL", "pt": "PT", "pt_lpl": "PT + LPL", "pt_lpl_ld": "PT + LPL + LD",
-          "pt_lpl_ld_both": "PT + LPL + LD, LPL kept at the top"}
+          "pt_lpl_ld_both": "PT + LPL + LD + LPL at top"}
 # table columns: (key in a run's flat scores, header, higher is better)
 COLUMNS = (
     ("ssim_gaussian", "SSIM", True),
@@ -327,7 +327,7 @@ def make_figure(finals: dict, jobs: dict[str, Job], out_path: Path, split: str, 
     draw = ImageDraw.Draw(canvas)
     colours = ((255, 0, 0), (0, 160, 255))
     for c, (label, _, _) in enumerate(columns):
-        draw.text((c * cell_w + 2, 1), label, fill=(0, 0, 0))
+        draw.text((c * cell_w + 2, 1), label.replace(" + ", "+"), fill=(0, 0, 0))  # fits a 128-px column
     for r, it in enumerate(items):
         ds_ids = _pick_descriptors(kp[r])
         for c, (_, imgs, kps) in enumerate(columns):

@@ -250,7 +250,7 @@ def test_shipped_configs_load():
     assert [s.resolution for s in demo.stages] == [64, 128] and demo.loss.disc_at_resolution == 128
     for path in sorted((root / "ds").glob("*.json")):
         assert json.loads(path.read_text())["zero_optimization"]["stage"] in (1, 2, 3)
-    assert len(list((root / "ds").glob("zero*_*.json"))) == 6
+    assert len(list((root / "ds").glob("zero*_*.json"))) == 7  # zero{1,2,3}_{bf16,fp16} and zero1g_zero2d_bf16
 
 
 def test_trains_with_the_dali_loader(data_root, tmp_path, monkeypatch):

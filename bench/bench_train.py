@@ -289,7 +289,7 @@ class Runner:
 
     def step(self) -> None:
         ref, tgt, kr, kt = self.inputs
-        if self.mode == "fast":
+        if self.mode != "naive":  # fast, fast_fp32, fast_compiled: the trainer's step
             train_step(self.g_engine, self.g, self.vgg, self.cfg, ref, tgt, kr, kt, self.criterion, "auto",
                        self.backend, d_engine=self.d_engine)
         else:

@@ -239,3 +239,23 @@ def test_bench_discriminator_counts_and_writes_json(tmp_path):
         assert summary[channels] == {"grouped": grouped["params"], "shared": shared["params"]}
         assert grouped["step_gflop"] == pytest.approx(shared["step_gflop"])  # same convolutions, grouped or not
         assert grouped["saved_mib"] > shared["saved_mib"] > 0 and grouped["step_ms"] > 0
+
+
+@pytest.mark.parametrize("mode", bench_train.MODES)
+def test_every_mode_steps_its_own_path(mode, tiny_cfg, monkeypatch):
+    """Each mode trains: the fast modes through hptransfer.step.train_step (fast_compiled with train.compile),
+    naive through bench/naive.py; the weights change."""
+    compiled = []
+    import hptransfer.train as train_module
+    monkeypatch.setattr(train_module, "_compile_generator", lambda m, g, e: compiled.append(m))
+    cfg = bench_train.make_config(64, 1, tiny_cfg.width, with_discriminators=False, compile_="blocks",
+                                  checkpointing=False, vgg_layers=["relu1_2"])
+    run = bench_train.Runner(mode, cfg, 64, 1, torch.device("cpu"))
+    before = [p.detach().clone() for p in run.g.parameters()]
+    calls = []
+    real_step = bench_train.train_step
+    monkeypatch.setattr(bench_train, "train_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
+    run.step()
+    assert calls == ([] if mode == "naive" else [1])
+    assert compiled == (["blocks"] if mode == "fast_compiled" else [])
+    assert any(not torch.equal(a, b) for a, b in zip(before, run.g.parameters()))

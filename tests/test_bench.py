@@ -259,3 +259,27 @@ def test_every_mode_steps_its_own_path(mode, tiny_cfg, monkeypatch):
     assert calls == ([] if mode == "naive" else [1])
     assert compiled == (["blocks"] if mode == "fast_compiled" else [])
     assert any(not torch.equal(a, b) for a, b in zip(before, run.g.parameters()))
+
+
+@pytest.mark.slow  # ~30-60 s: four variants of a whole step
+def test_bench_step_parts_switches_each_part_and_restores_it(tmp_path):
+    from bench import bench_step_parts
+    from hptransfer import ops, step
+    from hptransfer.ops import _local_loss_fast
+
+    before = (ops.perceptual_distance, step.read_nonfinite, dict(_local_loss_fast.COMPACTION_BUCKET))
+    reads = []
+    with bench_step_parts.part_off("one_read", torch.device("cpu")):
+        from hptransfer.backend import SingleBackend
+        backend = SingleBackend("fp32", device="cpu")
+        reads = step.read_nonfinite(backend, torch.tensor(1.0), torch.tensor(float("nan")))
+    assert reads == [False, True]
+    with bench_step_parts.part_off("compaction", torch.device("cpu")):
+        assert _local_loss_fast.COMPACTION_BUCKET["cpu"] is None
+    assert (ops.perceptual_distance, step.read_nonfinite, _local_loss_fast.COMPACTION_BUCKET) == before
+    out = tmp_path / "parts.json"
+    assert bench_step_parts.main(["--resolution", "64", "--batch", "1", "--width", "0.03125", "--steps", "1",
+                                  "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["all on", "compaction off", "fused_global off", "one_read off"]
+    assert all(r["ms"] > 0 for r in rows)

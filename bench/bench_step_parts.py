@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     rows = [{"variant": v, "ms": statistics.median(times[v]),
              "vs all on": statistics.median(times[v]) / base} for v in variants]
     print(f"fast step, {R} px, batch {args.batch}, width {args.width}, {device.type}; median of {args.steps}")
-    print(table(rows, ["variant", "ms", "vs all on"]))
+    print(table([{"variant": r["variant"], "ms": f"{r['ms']:.0f}", "vs all on": f"{r['vs all on']:.3f}"} for r in rows],
+                ["variant", "ms", "vs all on"]))
     out = Path(args.out) if args.out else result_path("step_parts")
     write_json(out, {"environment": environment(device), "args": vars(args), "rows": rows, "times_ms": times})
     print(f"JSON: {out}")

@@ -89,15 +89,3 @@ def heatmaps_triton_flat(kp: torch.Tensor, image_size: Sequence[int], sizes: Seq
                 plan["scale_x"], plan["inv_two_sigma2"], plan["base"], BLOCK=BLOCK)
     return flat
 
-
-def heatmaps_triton(kp: torch.Tensor, image_size: Sequence[int], sizes: Sequence[Sequence[int]],
-                    sigmas: Sequence[float], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-    """:func:`heatmaps_triton_flat` as a list of (B, 18, h_i, w_i) tensors of ``dtype`` (views into the buffer)."""
-    B, K, _ = kp.shape
-    flat = heatmaps_triton_flat(kp, image_size, sizes, sigmas, dtype)
-    out, offset = [], 0
-    for h, w in sizes:
-        n = B * K * int(h) * int(w)
-        out.append(flat[offset:offset + n].view(B, K, int(h), int(w)))
-        offset += n
-    return out

@@ -5,7 +5,7 @@ replaces kernels with Python functions); on a GPU machine it runs as is (bench/g
 checks the kernels against that machine's Triton (3.6 there, 3.8 here).
 
 The argument types are the run-time ones: each launcher (``gather_crops_triton`` forward and backward,
-``heatmaps_triton``) is called on CPU tensors in the dtypes, layouts, crop sizes and NORMALIZE values that
+``heatmaps_triton_flat``) is called on CPU tensors in the dtypes, layouts, crop sizes and NORMALIZE values that
 ``hptransfer.ops`` / ``hptransfer.pose`` use, its launch is recorded instead of run, and the recorded
 arguments go through Triton's own binder (``JITFunction.warmup``), so the signature, the constexprs and
 the specialisations (ints equal to 1, 16-byte divisibility) are those of a real launch. A stand-in
@@ -85,8 +85,8 @@ def record_launches() -> list:
             launches.clear()
         for dtype in HEATMAP_DTYPES:
             kp = torch.rand(2, 18, 2, generator=gen) * 255
-            hm.heatmaps_triton(kp, (256, 256), [(32, 32), (64, 64), (128, 128), (256, 256)], [1.0, 2.0, 4.0, 8.0],
-                               dtype)
+            hm.heatmaps_triton_flat(kp, (256, 256), [(32, 32), (64, 64), (128, 128), (256, 256)],
+                                    [1.0, 2.0, 4.0, 8.0], dtype)
             out += [(f"generator heatmaps, {dtype}", *launch) for launch in launches]
             launches.clear()
     return out

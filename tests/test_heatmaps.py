@@ -64,6 +64,6 @@ def test_auto_on_cpu_is_the_reference(monkeypatch):
     def boom(*a, **kw):
         raise AssertionError("auto must not run the kernel on a CPU tensor")
 
-    monkeypatch.setattr(k, "heatmaps_triton", boom)
+    monkeypatch.setattr(k, "heatmaps_triton_flat", boom)
     kp = torch.rand(2, 18, 2) * 63
     torch.testing.assert_close(heatmaps(kp, (64, 64), (32, 32)), heatmaps_reference(kp, (64, 64), (32, 32)))

@@ -218,8 +218,9 @@ class Generator(nn.Module):
 
     @fade_alpha.setter
     def fade_alpha(self, value: float) -> None:
-        self._fade_alpha = float(value)
-        self.fade_alpha_tensor.fill_(self._fade_alpha)  # no host sync: a scalar written on the device
+        if float(value) != self._fade_alpha:  # set every step, changed only during a fade
+            self._fade_alpha = float(value)
+            self.fade_alpha_tensor.fill_(self._fade_alpha)  # no host sync: a scalar written on the device
 
     def compile_blocks(self, **compile_kwargs) -> None:
         """``torch.compile`` every encoder and decoder block and the bottleneck, in place (train.compile

@@ -7,11 +7,10 @@ traceback.
 
 The step is the trainer's (``hptransfer.step.train_step`` through bench_train's fast Runner: bf16,
 channels_last, Triton kernels, data already on the device). Warm-up steps run first with the mode off
-(first-use caches, cudnn autotuning and Triton compiles may sync once). The step's one deliberate sync,
-the non-finite check that decides whether the optimisers step (``hptransfer.step.read_nonfinite``, one read
-for both networks), and the
-valid-crop count of the local loss's compaction, run with the mode off and are counted; any other sync
-fails. The CPU has no sync debug mode: there the script
+(first-use caches, cudnn autotuning and Triton compiles may sync once). The step's deliberate syncs,
+the non-finite check that decides whether the optimisers step (``hptransfer.step.read_nonfinite``, one
+read for both networks) and the valid-crop count of the local loss's compaction, run with the mode off
+and are counted; any other sync fails. The CPU has no sync debug mode: there the script
 only runs the same step at toy size (the dry run of bench/gpu_check.sh). Exit status 0 = no hidden
 sync (or the CPU run completed). JSON: bench/results/sync_check-<device>.json (atomically) with
 bench.common.environment().

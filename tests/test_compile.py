@@ -152,7 +152,7 @@ def test_compile_blocks_compiles_each_block_once():
     assert [b._compiled_call_impl for b in blocks] == first
 
 
-def test_compile_config_values_and_earlier_booleans(tmp_path):
+def test_compile_config_values_and_earlier_booleans():
     assert load_config(None, ["train.compile=blocks"]).train.compile == "blocks"
     assert load_config(None, ["train.compile=true"]).train.compile == "full"  # configs written before the modes
     assert load_config(None, ["train.compile=false"]).train.compile == "off"

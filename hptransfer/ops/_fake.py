@@ -19,7 +19,14 @@ def _layout(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+_registered = False
+
+
 def register() -> None:
+    global _registered
+    if _registered:  # the extension's loader may run again (its cache cleared in tests)
+        return
+    _registered = True
     @torch.library.register_fake("hptransfer::perceptual_distance")
     def _distance(fake, real, mask, p):
         return fake.new_empty((fake.shape[0],), dtype=_distance_dtype(fake))

@@ -57,6 +57,11 @@ class ModelConfig:
     # from-RGB on the 2x-downsampled image) fades out into the new top encoder block. 0 = the paper
     # (no fade: new blocks train from scratch). See Generator.grow.
     input_fade: float = 0.0
+    # With input_fade: the output fades too, over the same window. The previous stage's to-RGB is kept
+    # and the output is tanh(alpha * new + (1 - alpha) * upsampled old) before the tanh, so a grown
+    # generator starts as the previous stage's output, upsampled. Without it the fresh decoder block
+    # amplifies the trained deeper features' outliers into saturated regions (README "Ablation").
+    output_fade: bool = False
 
 
 @dataclass
@@ -189,6 +194,9 @@ class Config:
             raise ConfigError(f"{source}: model.width must be > 0")
         if not 0.0 <= self.model.input_fade <= 1.0:
             raise ConfigError(f"{source}: model.input_fade must be in [0, 1], got {self.model.input_fade}")
+        if self.model.output_fade and self.model.input_fade <= 0:
+            raise ConfigError(f"{source}: model.output_fade fades over model.input_fade's window; set "
+                              "model.input_fade > 0 (e.g. 1.0) or output_fade false")
         if isinstance(self.train.compile, bool):
             self.train.compile = "full" if self.train.compile else "off"
         if self.train.warmup_iterations < 0:

@@ -139,13 +139,16 @@ def _compile_generator(mode: str, generator, g_engine: Engine) -> None:
 
 
 def _build_generator(cfg: Config, resolution: int, state: Optional[dict] = None, fading: bool = False):
-    """A generator at ``resolution``, with the input fade's from-RGB when ``fading`` or ``state`` has it."""
+    """A generator at ``resolution``, with the fade's from-RGB (and to-RGB, model.output_fade) when
+    ``fading``, or as ``state`` has them."""
     if cfg.task == "garment_flow":
         return flow_task.build_model(cfg, resolution, state)
     from hptransfer.models import Generator
 
     g = Generator(cfg.model, resolution)
-    if fading or (state is not None and any(k.startswith(f"from_rgb.{resolution // 2}.") for k in state)):
+    if state is not None and any(k.startswith(f"from_rgb.{resolution // 2}.") for k in state):
+        g.add_input_fade(output=any(k.startswith(f"to_rgb.{resolution // 2}.") for k in state))
+    elif fading:
         g.add_input_fade()
     if state is not None:
         g.load_state_dict(state)

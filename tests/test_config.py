@@ -167,3 +167,11 @@ def test_renamed_key_in_overrides_and_both_names_at_once(tmp_path, caplog):
     p = write(tmp_path, "train: {kernels: fast, impl: reference}\n")
     with pytest.raises(ConfigError, match="both train.kernels"):
         load_config(p)
+
+
+def test_fade_settings_are_checked():
+    with pytest.raises(ConfigError, match=r"model.input_fade must be in \[0, 1\]"):
+        load_config(None, ["model.input_fade=1.5"])
+    with pytest.raises(ConfigError, match="model.output_fade fades over model.input_fade's window"):
+        load_config(None, ["model.output_fade=true"])
+    assert load_config(None, ["model.input_fade=0.5", "model.output_fade=true"]).model.output_fade is True

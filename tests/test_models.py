@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from conftest import TINY_WIDTH, random_keypoints
 from hptransfer.config import ModelConfig
@@ -193,6 +194,52 @@ def test_input_fade_blends_old_and_new_input_paths(tiny_cfg, rng):
     k.load_state_dict(g.state_dict(), strict=True)
     g.grow()  # the next growth drops the fade's from-RGB
     assert not g.fading and set(g.from_rgb) == {"256"}
+
+
+@pytest.mark.parametrize("pose_at_every_scale", [False, True])
+def test_output_fade_starts_as_the_previous_output_upsampled(tiny_cfg, rng, pose_at_every_scale):
+    """model.output_fade: grow keeps the old to-RGB too; at alpha 0 the grown generator's output is
+    exactly the previous generator's output on the 2x-downsampled image, nearest-upsampled; between,
+    both to-RGBs train; at alpha 1 the old one has zero gradients; exports and from_arch drop it, and a
+    generator built at 128 takes the fading state once the fade's modules are added."""
+    import copy
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_cfg, input_fade=1.0, output_fade=True, pose_at_every_scale=pose_at_every_scale)
+    torch.manual_seed(0)
+    g = Generator(cfg, 64)
+    g(torch.rand(4, 3, 64, 64, generator=rng) * 2 - 1, random_keypoints(4, 64, rng))  # BN running stats move
+    previous = copy.deepcopy(g).eval()
+    old_to_rgb = g.to_rgb["64"]
+    g.grow(input_fade=True)
+    assert g.fading and g.to_rgb["64"] is old_to_rgb and set(g.to_rgb) == {"64", "128"}
+    g.eval()
+    x, kp = torch.rand(2, 3, 128, 128, generator=rng) * 2 - 1, random_keypoints(2, 128, rng)
+    kp64 = (kp + 0.5) / 2 - 0.5  # the same points in the 64-px frame (pixel centres aligned)
+    expected = F.interpolate(previous(F.avg_pool2d(x, 2), kp64), scale_factor=2.0, mode="nearest")
+    torch.testing.assert_close(g(x, kp), expected, rtol=0, atol=1e-5)
+    g.fade_alpha = 0.5
+    assert (g(x, kp) - expected).abs().max() > 1e-2  # the new path takes part
+    g.train()
+    for alpha in (0.0, 0.3, 1.0):
+        g.zero_grad()
+        g.fade_alpha = alpha
+        g(x, kp).square().mean().backward()
+        old, new = g.to_rgb["64"].conv.weight.grad, g.to_rgb["128"].conv.weight.grad
+        assert old is not None and new is not None, alpha
+        assert (old.abs().sum() > 0) == (alpha < 1) and (new.abs().sum() > 0) == (alpha > 0), alpha
+    state = g.inference_state_dict()
+    assert not any(k.startswith(("from_rgb.64.", "to_rgb.64.")) for k in state) and "to_rgb.128.conv.weight" in state
+    h = Generator.from_arch(g.arch())
+    h.load_state_dict(state, strict=True)
+    g.eval(), h.eval()
+    assert torch.equal(g(x, kp), h(x, kp))  # alpha 1: both old paths are off
+    k = Generator(cfg, 128)
+    k.add_input_fade()
+    assert set(k.to_rgb) == {"64", "128"}
+    k.load_state_dict(g.state_dict(), strict=True)
+    g.grow(input_fade=False)  # the next growth drops the fade's modules
+    assert set(g.to_rgb) == {"256"} and set(g.from_rgb) == {"256"}
 
 
 def test_export_roundtrip_from_arch(tiny_cfg, rng):

@@ -140,25 +140,29 @@ def test_warmup_ramps_every_stage_and_resumes_exactly(data_root, tmp_path):
     assert _max_diff(result["generator_state"], resumed["generator_state"]) == 0.0
 
 
-def test_input_fade_schedule_resume_and_export(full_run, data_root, tmp_path):
+@pytest.mark.parametrize("output_fade", [False, True])
+def test_input_fade_schedule_resume_and_export(full_run, data_root, tmp_path, output_fade):
     """model.input_fade: alpha 1 at the first stage, 0 -> 1 over the share of the grown stage; a run
-    stopped inside the fade resumes exactly; the export leaves the fade's from-RGB out."""
+    stopped inside the fade resumes exactly; the export leaves the fade's from-RGB (and with
+    model.output_fade its to-RGB) out."""
     from hptransfer.export import load_generator
 
     _, full, _ = full_run
-    cfg = tiny_cfg(data_root, tmp_path / "full", "model.input_fade=1.0")
+    fade = ("model.input_fade=1.0", f"model.output_fade={str(output_fade).lower()}")
+    cfg = tiny_cfg(data_root, tmp_path / "full", *fade)
     alphas = []
     result = train(cfg, callback=lambda info: alphas.append((info["resolution"], info["fade_alpha"])))
     window = ITERS  # input_fade 1.0: the fade spans the stage, alpha 0 at its first step, exactly 1 at its last
     assert alphas == [(64, 1.0)] * ITERS + [(128, min(1.0, s / (window - 1))) for s in range(ITERS)]
     assert alphas[ITERS][1] == 0.0 and 0 < alphas[ITERS + 1][1] < 1 and alphas[ITERS + window - 1][1] == 1.0
     assert any(k.startswith("from_rgb.64.") for k in result["generator_state"])
+    assert any(k.startswith("to_rgb.64.") for k in result["generator_state"]) == output_fade
     # the fade changes training: not the same weights as the run without it
     assert _max_diff({k: full["generator_state"][k] for k in full["generator_state"]},
                      {k: result["generator_state"][k] for k in full["generator_state"]}) > 0
     loaded = load_generator(tmp_path / "full" / "export")
     assert loaded.resolution == 128 and not loaded.fading
-    stopped_cfg = tiny_cfg(data_root, tmp_path / "stopped", "model.input_fade=1.0")
+    stopped_cfg = tiny_cfg(data_root, tmp_path / "stopped", *fade)
     assert train(stopped_cfg, stop_at_step=ITERS + 1)["stopped"]
     resumed = train(stopped_cfg, resume="auto")
     assert _max_diff(result["generator_state"], resumed["generator_state"]) == 0.0

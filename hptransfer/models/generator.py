@@ -24,6 +24,14 @@ reference's pose (CPU demo, 400 iterations at 128 px: L1 on the target's new bod
 the fade, 0.240 without; on vacated pixels 0.181 and 0.172). The new decoder block and to-RGB train
 from scratch, as in the paper.
 
+Output fade (``model.output_fade``, with the input fade, same alpha): the previous stage's to-RGB is
+kept too and the output is ``tanh(alpha * to_rgb[R](decoder[R]) + (1 - alpha) * up(to_rgb[R/2](decoder[R/2])))``
+(pre-tanh, nearest upsampling), so at alpha 0 the grown generator gives exactly the previous
+generator's output, upsampled. Why: the trained decoder[R/2] has a few large, region-specific
+activations (in the CPU ablation up to 15 after BatchNorm where most are below 0.2); the fresh
+decoder[R] block amplifies them into pre-tanh values of 10-30, and the output tanh saturates there
+(flat magenta or black regions) with no gradient to bring it back.
+
 The bracketed heatmaps are the ``model.pose_at_every_scale`` option (the paper injects pose only at
 the bottleneck). The 3x3 convolutions have no bias (the following BatchNorm's shift makes it
 redundant); the 1x1 RGB projections have a bias. Conv weights use He (kaiming-normal) init for
@@ -238,8 +246,9 @@ class Generator(nn.Module):
     def grow(self, input_fade: bool = False) -> None:
         """Double the resolution: one new encoder and decoder block at 2R, new from/to-RGB.
 
-        Trained weights are kept; the old to-RGB is dropped, and so is the old from-RGB unless
-        ``input_fade`` keeps it for the fade (``fade_alpha`` then starts at 0; the trainer raises it).
+        Trained weights are kept; the old from-RGB and to-RGB are dropped, unless ``input_fade`` keeps
+        the from-RGB (and, with ``model.output_fade``, the to-RGB) for the fade (``fade_alpha`` then
+        starts at 0; the trainer raises it).
         New modules get the device, dtype and memory format of the existing ones. Rebuild
         optimisers afterwards.
         """
@@ -248,10 +257,13 @@ class Generator(nn.Module):
         ref = self.bottleneck.conv2.conv.weight
         old = set(dict(self.named_modules()))
         previous_from_rgb = self.from_rgb[str(self.resolution)]
+        previous_to_rgb = self.to_rgb[str(self.resolution)]
         self._add_blocks(self.resolution * 2)
         self._set_rgb(self.resolution)
         if input_fade:
             self.from_rgb[str(self.resolution // 2)] = previous_from_rgb
+            if self.cfg.output_fade:
+                self.to_rgb[str(self.resolution // 2)] = previous_to_rgb
         self.fade_alpha = 0.0 if input_fade else 1.0
         fmt = torch.channels_last if ref.dim() == 4 and ref.is_contiguous(memory_format=torch.channels_last) \
             and not ref.is_contiguous() else torch.contiguous_format
@@ -265,18 +277,22 @@ class Generator(nn.Module):
         log.debug("generator grown to %d px (%d parameters)", self.resolution,
                  sum(p.numel() for p in self.parameters()))
 
-    def add_input_fade(self) -> None:
-        """Add the fade's from-RGB at R/2 (untrained) to a generator built at R, so that a checkpoint
-        written during a fade loads into it."""
+    def add_input_fade(self, output: Optional[bool] = None) -> None:
+        """Add the fade's from-RGB at R/2 (untrained) to a generator built at R, and its to-RGB at R/2
+        when ``output`` (default ``model.output_fade``), so that a checkpoint written during a fade
+        loads into it."""
         if self.resolution == self.base or self.fading:
             raise RuntimeError(f"no input fade to add at {self.resolution} px (base {self.base} or already fading)")
         ref = self.bottleneck.conv2.conv.weight
-        self.from_rgb[str(self.resolution // 2)] = FromRGB(self.channels(self.resolution // 2),
-                                                           self.cfg.negative_slope).to(ref.device, ref.dtype)
+        half = self.resolution // 2
+        self.from_rgb[str(half)] = FromRGB(self.channels(half), self.cfg.negative_slope).to(ref.device, ref.dtype)
+        if self.cfg.output_fade if output is None else output:
+            self.to_rgb[str(half)] = ToRGB(self.channels(half)).to(ref.device, ref.dtype)
 
     def inference_state_dict(self) -> dict:
-        """The state dict without the fade's from-RGB: what :meth:`from_arch` builds and an export holds."""
-        drop = f"from_rgb.{self.resolution // 2}."
+        """The state dict without the fade's from-RGB and to-RGB: what :meth:`from_arch` builds and an
+        export holds."""
+        drop = (f"from_rgb.{self.resolution // 2}.", f"to_rgb.{self.resolution // 2}.")
         return {k: v for k, v in self.state_dict().items() if not k.startswith(drop)}
 
     def arch(self) -> dict:
@@ -342,9 +358,16 @@ class Generator(nn.Module):
         x = self._run(self.bottleneck, x, maps[self.cfg.bottleneck_size])
         r = self.base
         while r <= R:
+            below = x  # decoder[R/2]'s output when r reaches R: the output fade's old path
             if self.cfg.pose_at_every_scale:
                 x = self._run(self.decoder[str(r)], x, skips[r], maps[r])
             else:
                 x = self._run(self.decoder[str(r)], x, skips[r])
             r *= 2
-        return self.to_rgb[str(R)](x)
+        old_to_rgb = self.to_rgb[str(R // 2)] if str(R // 2) in self.to_rgb else None
+        if old_to_rgb is None:
+            return self.to_rgb[str(R)](x)
+        # The output fade, before the tanh: at alpha 0 exactly the previous stage's output, upsampled.
+        alpha = self.fade_alpha_tensor.to(x.dtype)
+        old = F.interpolate(old_to_rgb.conv(below), scale_factor=2.0, mode="nearest")
+        return torch.tanh(alpha * self.to_rgb[str(R)].conv(x) + (1 - alpha) * old)

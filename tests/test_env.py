@@ -53,14 +53,17 @@ def test_no_ext_false_means_use_the_extension(monkeypatch):
         assert (reason == "disabled by HPTRANSFER_NO_EXT") == disabled, (value, reason)
 
 
-@pytest.mark.parametrize("value", ["1", "true", "On", "YES", "0", "false", "", "2"])
+@pytest.mark.parametrize("value", ["1", "true", "On", "YES", "y", "Y", "0", "false", "", "2", "t"])
 def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value):
     """TRITON_INTERPRET is Triton's variable: the dispatch must agree with Triton on whether it is on."""
     from hptransfer.ops import _dispatch
 
     knobs = pytest.importorskip("triton.knobs")
     monkeypatch.setenv("TRITON_INTERPRET", value)
-    assert _dispatch.triton_interpret() == bool(knobs.runtime.interpret), value
+    triton_says = bool(knobs.runtime.interpret)
+    assert _dispatch.triton_interpret() == triton_says, value
+    monkeypatch.setitem(sys.modules, "triton", None)  # no Triton: our own reading
+    assert _dispatch.triton_interpret() == triton_says, value
 
 
 _SETUP_PROBE = """

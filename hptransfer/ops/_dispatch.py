@@ -65,9 +65,13 @@ def _triton(op: str = ""):
 
 
 def triton_interpret() -> bool:
-    """Will Triton run kernels in its interpreter? Triton's own reading of TRITON_INTERPRET: on for
-    1/true/yes/on in any case, off for anything else (no error: the variable is Triton's)."""
-    return os.environ.get("TRITON_INTERPRET", "").lower() in ENV_TRUE
+    """Will Triton run kernels in its interpreter? Triton's own knob, read from TRITON_INTERPRET at
+    every call (1/true/yes/y/on in any case); without Triton the same rule here."""
+    try:
+        from triton import knobs
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # no Triton, or one older than its knobs module
+        return os.environ.get("TRITON_INTERPRET", "").lower() in (*ENV_TRUE, "y")
 
 
 def deterministic() -> bool:

@@ -173,7 +173,8 @@ def onnx_max_abs_diff(generator, onnx_path: str | Path, batch: int = 2, seed: in
 def load_any(path: str | Path, device="cpu"):
     """An export directory, or a single-process training checkpoint (a ``step_*`` directory, or a
     checkpoint root whose ``latest`` names one): its ``meta.json`` architecture and the generator's
-    weights from ``generator.pt`` (read with ``weights_only=True``: tensors only, no code)."""
+    weights from ``generator.pt`` (read with ``weights_only=True``: tensors only, no code). A
+    checkpoint from inside the input fade is refused (its network needs the fade's old paths)."""
     path = Path(path)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return load_generator(path, device)
@@ -197,8 +198,19 @@ def load_any(path: str | Path, device="cpu"):
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle / zip errors of a truncated or foreign file
         raise CheckpointError(f"{weights}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    state = state["model"] if "model" in state else state
     g = Generator.from_arch(meta["arch"])
-    g.load_state_dict(state["model"] if "model" in state else state)
+    fade = (f"from_rgb.{g.resolution // 2}.", f"to_rgb.{g.resolution // 2}.")
+    if any(k.startswith(fade) for k in state):  # written during a grown stage with the input fade
+        alpha = meta.get("fade_alpha")
+        if alpha != 1.0:
+            raise CheckpointError(
+                f"{path}: written inside the input fade (alpha {alpha if alpha is not None else 'not recorded'}), "
+                "while the generator still blends in the previous stage's path; an export holds the network "
+                "without it. Export a checkpoint written after the fade, or use the run's export/ folder "
+                "(written at every stage end)")
+        state = {k: v for k, v in state.items() if not k.startswith(fade)}  # alpha 1: the old paths are off
+    g.load_state_dict(state)
     return g.to(device).eval()
 
 

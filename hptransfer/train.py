@@ -665,7 +665,8 @@ def _save_checkpoint(run: _Run, stage: _Stage) -> None:
     backend, state, engines = run.backend, run.state, stage.engines
     root = Path(run.cfg.train.out_dir) / "checkpoints"
     tmp = ckpt.begin(root, state["global_step"], backend.is_main, backend.barrier)
-    meta = {"state": dict(state), "arch": stage.generator.arch(), "world_size": backend.world_size,
+    meta = {"state": dict(state), "arch": stage.generator.arch(), "fade_alpha": stage.generator.fade_alpha,
+            "world_size": backend.world_size,
             "backend": "deepspeed" if backend.distributed else "single",
             "zero_stage": getattr(backend, "zero_stage", 0), "engines": sorted(engines), "time": time.time()}
     backend.save_engines(tmp, engines)

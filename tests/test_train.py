@@ -145,7 +145,8 @@ def test_input_fade_schedule_resume_and_export(full_run, data_root, tmp_path, ou
     """model.input_fade: alpha 1 at the first stage, 0 -> 1 over the share of the grown stage; a run
     stopped inside the fade resumes exactly; the export leaves the fade's from-RGB (and with
     model.output_fade its to-RGB) out."""
-    from hptransfer.export import load_generator
+    from hptransfer.errors import CheckpointError
+    from hptransfer.export import load_any, load_generator
 
     _, full, _ = full_run
     fade = ("model.input_fade=1.0", f"model.output_fade={str(output_fade).lower()}")
@@ -162,8 +163,14 @@ def test_input_fade_schedule_resume_and_export(full_run, data_root, tmp_path, ou
                      {k: result["generator_state"][k] for k in full["generator_state"]}) > 0
     loaded = load_generator(tmp_path / "full" / "export")
     assert loaded.resolution == 128 and not loaded.fading
+    # the last checkpoint (alpha 1, fade modules still held) exports as the stage-end export does
+    x, kp = torch.rand(2, 3, 128, 128) * 2 - 1, torch.rand(2, 18, 2) * 127
+    with torch.no_grad():
+        assert torch.equal(load_any(tmp_path / "full" / "checkpoints")(x, kp), loaded(x, kp))
     stopped_cfg = tiny_cfg(data_root, tmp_path / "stopped", *fade)
     assert train(stopped_cfg, stop_at_step=ITERS + 1)["stopped"]
+    with pytest.raises(CheckpointError, match=r"inside the input fade \(alpha 0\.\d+\)"):
+        load_any(tmp_path / "stopped" / "checkpoints")  # alpha < 1: no export of a network not trained
     resumed = train(stopped_cfg, resume="auto")
     assert _max_diff(result["generator_state"], resumed["generator_state"]) == 0.0
 

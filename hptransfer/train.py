@@ -591,7 +591,8 @@ def _init_from(cfg: Config, path: str, fade: bool = False):
     while g.resolution < R0:
         g.grow(input_fade=fade and g.resolution * 2 == R0)
     log.info("--init-from %s: %d-px generator weights%s (new run: fresh optimisers, step 0)", source, resolution,
-             f", grown to {R0} px" + (" with the input fade" if fade else "") if resolution < R0 else "")
+             f", grown to {R0} px" + (" with the input" + (" and output" if cfg.model.output_fade else "") + " fade"
+                                        if fade else "") if resolution < R0 else "")
     return g
 
 

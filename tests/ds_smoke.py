@@ -76,9 +76,11 @@ def _export_diff(export_dir: Path, state: dict) -> float:
     from safetensors.torch import load_file
 
     exported = load_file(str(Path(export_dir) / "model.safetensors"))
-    common = [k for k in state if k in exported]
-    assert len(common) >= len([k for k in state if not k.startswith("from_rgb.")]) - 1, "export misses weights"
-    return max((exported[k].double() - state[k].double()).abs().max().item() for k in common)
+    top = max(int(k.split(".")[1]) for k in state if k.startswith("encoder."))
+    fade = (f"from_rgb.{top // 2}.", f"to_rgb.{top // 2}.")  # the fade's modules: never exported
+    missing = [k for k in state if not k.startswith(fade) and k not in exported]
+    assert not missing and not any(k.startswith(fade) for k in exported), f"export misses weights: {missing}"
+    return max((exported[k].double() - state[k].double()).abs().max().item() for k in exported)
 
 
 def _run(cfg, ds_config, **kw):
@@ -106,7 +108,7 @@ def _cfg(out: Path, data: str, stages: str, *extra: str):
 
 def scenario_growth(args) -> dict:
     stages = "[{resolution: 64, iterations: 2, batch_size: 2}, {resolution: 128, iterations: 2, batch_size: 2}]"
-    extra = ("model.input_fade=0.5", "loss.disc_at_resolution=128", "train.checkpoint_every=2")
+    extra = ("model.input_fade=0.5", "model.output_fade=true", "loss.disc_at_resolution=128", "train.checkpoint_every=2")
     ds = DS / "zero2_bf16.json"
     full, full_own = _run(_cfg(Path(args.out) / "growth_full", args.data, stages, *extra), ds)
     out = Path(args.out) / "growth"
@@ -122,6 +124,7 @@ def scenario_growth(args) -> dict:
             "own": _gathered(own), "own_full": _gathered(full_own),
             "resolution_keys": sorted({k.split(".")[1] for k in state if k.startswith("encoder.")}),
             "from_rgb_keys": sorted(k for k in state if k.startswith("from_rgb.")),
+            "to_rgb_keys": sorted(k for k in state if k.startswith("to_rgb.")),
             "final_files": sorted(str(f.relative_to(final)) for f in final.rglob("*") if f.is_file()),
             "export": str(second["export"])}
 

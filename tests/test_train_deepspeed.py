@@ -97,6 +97,7 @@ def _check(r: dict, output: str) -> None:
     _assert_ranks_agree(g["own_full"])
     assert g["resolution_keys"] == ["128", "64"]  # grown once
     assert g["from_rgb_keys"] == [f"from_rgb.{r}.conv.{p}" for r in (128, 64) for p in ("bias", "weight")]  # fading
+    assert g["to_rgb_keys"] == [f"to_rgb.{r}.conv.{p}" for r in (128, 64) for p in ("bias", "weight")]  # output fade
     files = g["final_files"]
     assert "meta.json" in files and "rng_rank0.pt" in files and "rng_rank1.pt" in files
     for engine in ("generator", "discriminator"):  # DeepSpeed's own format, one optimiser shard per rank

@@ -171,8 +171,8 @@ def onnx_max_abs_diff(generator, onnx_path: str | Path, batch: int = 2, seed: in
 
 
 def load_any(path: str | Path, device="cpu"):
-    """An export directory, or a single-process training checkpoint (a ``step_*`` directory, or a
-    checkpoint root whose ``latest`` names one): its ``meta.json`` architecture and the generator's
+    """An export directory, or a single-process training checkpoint (a ``step_*`` directory, a
+    checkpoint root whose ``latest`` names one, or a run directory holding that root): its ``meta.json`` architecture and the generator's
     weights from ``generator.pt`` (read with ``weights_only=True``: tensors only, no code). A
     checkpoint from inside the input fade is refused (its network needs the fade's old paths)."""
     path = Path(path)
@@ -182,10 +182,11 @@ def load_any(path: str | Path, device="cpu"):
     from hptransfer.models import Generator
 
     if not (path / "meta.json").is_file():
-        latest = ckpt.read_latest(path) if path.is_dir() else None
+        # a checkpoint root, or a run directory (its checkpoints/), as train --init-from takes
+        latest = (ckpt.read_latest(path) or ckpt.read_latest(path / "checkpoints")) if path.is_dir() else None
         if latest is None:
             raise FileNotFoundError(f"{path}: neither an export (config.json + model.safetensors) nor a training "
-                                    "checkpoint (meta.json, or a root with 'latest')")
+                                    "checkpoint (meta.json, or a checkpoint root or run directory with 'latest')")
         path = Path(latest)
     meta = ckpt.read_meta(path)
     if "arch" not in meta:
@@ -218,7 +219,8 @@ def load_any(path: str | Path, device="cpu"):
 
 def add_arguments(p) -> None:
     p.add_argument("--checkpoint", required=True,
-                   help="export directory, or a single-process training checkpoint (step_* dir or its root)")
+                   help="export directory, or a single-process training checkpoint (step_* dir, its root, "
+                        "or the run directory)")
     p.add_argument("--format", required=True, choices=["safetensors", "onnx", "torchscript"])
     p.add_argument("--resolution", type=int, default=None,
                    help="check the model's resolution (exports are fixed-resolution; a model is not resized)")

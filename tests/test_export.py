@@ -86,13 +86,15 @@ def test_cli_export_formats(gen, tmp_path, capsys):
 def test_export_from_training_checkpoint(gen, tmp_path):
     """A single-process training checkpoint (meta.json + generator.pt) exports to the same generator."""
     from hptransfer import checkpoint as ckpt
-    root = tmp_path / "ckpt"
+    root = tmp_path / "run" / "checkpoints"
     tmp = ckpt.begin(root, 5, True)
     ckpt.atomic_torch_save({"model": gen.state_dict(), "optimizer": {}, "scaler": {}}, tmp / "generator.pt")
     ckpt.finish(root, tmp, {"arch": gen.arch(), "state": {"global_step": 5}}, keep=2, is_main=True)
     loaded = ex.load_any(root)  # the root: follows 'latest'
     ref, kp = ex.example_inputs(64, 2)
     torch.testing.assert_close(ex.generate(loaded, ref, kp, "reference"), ex.generate(gen, ref, kp, "reference"))
+    assert torch.equal(ex.load_any(tmp_path / "run").state_dict()["to_rgb.64.conv.weight"],
+                       loaded.state_dict()["to_rgb.64.conv.weight"])  # a run directory: its checkpoints/
     with pytest.raises(FileNotFoundError, match="neither an export"):
         ex.load_any(tmp_path)
 

@@ -205,11 +205,13 @@ def load_any(path: str | Path, device="cpu"):
     if any(k.startswith(fade) for k in state):  # written during a grown stage with the input fade
         alpha = meta.get("fade_alpha")
         if alpha != 1.0:
+            where = (f"inside the input fade (alpha {alpha})" if alpha is not None else
+                     "in a stage with the input fade, by a version that did not record the fade's alpha (so whether "
+                     "the fade had ended is unknown)")
             raise CheckpointError(
-                f"{path}: written inside the input fade (alpha {alpha if alpha is not None else 'not recorded'}), "
-                "while the generator still blends in the previous stage's path; an export holds the network "
-                "without it. Export a checkpoint written after the fade, or use the run's export/ folder "
-                "(written at every stage end)")
+                f"{path}: written {where}; while the fade runs the generator still blends in the previous stage's "
+                "path, and an export holds the network without it. Export a checkpoint written after the fade, or "
+                "use the run's export/ folder (written at every stage end)")
         state = {k: v for k, v in state.items() if not k.startswith(fade)}  # alpha 1: the old paths are off
     g.load_state_dict(state)
     return g.to(device).eval()

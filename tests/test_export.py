@@ -130,3 +130,26 @@ def test_generate_and_exports_leave_the_generator_as_given(gen, tmp_path):
     path = ex.export_onnx(gen, tmp_path / "g.onnx")
     ex.onnx_max_abs_diff(gen, path)
     _assert_unchanged(gen, snap)
+
+
+def test_export_of_a_fading_checkpoint_needs_the_fade_to_have_ended(tiny_cfg, tmp_path):
+    """A checkpoint holding the fade's modules exports only when its meta records alpha 1."""
+    from hptransfer import checkpoint as ckpt
+    from hptransfer.errors import CheckpointError
+
+    g = Generator(tiny_cfg, 64)
+    g.grow(input_fade=True)
+    for step, alpha in ((1, None), (2, 0.5), (3, 1.0)):
+        root = tmp_path / f"ckpt{step}"
+        tmp = ckpt.begin(root, step, True)
+        ckpt.atomic_torch_save({"model": g.state_dict()}, tmp / "generator.pt")
+        meta = {"arch": g.arch(), "state": {"global_step": step}}
+        if alpha is not None:
+            meta["fade_alpha"] = alpha
+        ckpt.finish(root, tmp, meta, keep=1, is_main=True)
+    with pytest.raises(CheckpointError, match="did not record the fade's alpha"):
+        ex.load_any(tmp_path / "ckpt1")
+    with pytest.raises(CheckpointError, match=r"inside the input fade \(alpha 0.5\)"):
+        ex.load_any(tmp_path / "ckpt2")
+    loaded = ex.load_any(tmp_path / "ckpt3")
+    assert not loaded.fading and set(loaded.state_dict()) == set(g.inference_state_dict())

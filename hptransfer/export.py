@@ -172,9 +172,10 @@ def onnx_max_abs_diff(generator, onnx_path: str | Path, batch: int = 2, seed: in
 
 def load_any(path: str | Path, device="cpu"):
     """An export directory, or a single-process training checkpoint (a ``step_*`` directory, a
-    checkpoint root whose ``latest`` names one, or a run directory holding that root): its ``meta.json`` architecture and the generator's
-    weights from ``generator.pt`` (read with ``weights_only=True``: tensors only, no code). A
-    checkpoint from inside the input fade is refused (its network needs the fade's old paths)."""
+    checkpoint root whose ``latest`` names one, or a run directory holding that root): its
+    ``meta.json`` architecture and the generator's weights from ``generator.pt`` (read with
+    ``weights_only=True``: tensors only, no code). A checkpoint from inside the input fade is refused
+    (its network needs the fade's old paths)."""
     path = Path(path)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return load_generator(path, device)
@@ -201,7 +202,7 @@ def load_any(path: str | Path, device="cpu"):
         raise CheckpointError(f"{weights}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     state = state["model"] if "model" in state else state
     g = Generator.from_arch(meta["arch"])
-    fade = (f"from_rgb.{g.resolution // 2}.", f"to_rgb.{g.resolution // 2}.")
+    fade = g.fade_prefixes
     if any(k.startswith(fade) for k in state):  # written during a grown stage with the input fade
         alpha = meta.get("fade_alpha")
         if alpha != 1.0:

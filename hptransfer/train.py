@@ -8,9 +8,9 @@ Three launches, same arguments::
 
 Per stage: generator at the stage's resolution (``grow()`` between stages, optimiser, loader and
 DeepSpeed engines rebuilt), criterion L2 in the first half of the stage and L1 in the second, local
-descriptors 18/31/44, local discriminators (their own engine and optimiser; each iteration both losses from the same D
-weights, then G's step, then D's) only at ``loss.disc_at_resolution``. A non-finite loss skips its
-network's step on every rank.
+descriptors 18/31/44, local discriminators (their own engine and optimiser; each iteration both
+losses from the same D weights, then G's step, then D's) only at ``loss.disc_at_resolution``. A
+non-finite loss skips its network's step on every rank.
 Checkpoints every ``train.checkpoint_every`` steps and at stage ends; export and a sample grid at
 every stage end. Reads top to bottom: :func:`train` (set-up, per stage: :func:`_begin_stage`,
 :func:`_train_stage` = the per-step loop, :func:`_end_stage`; summary), then resume, samples, export.
@@ -146,12 +146,11 @@ def _build_generator(cfg: Config, resolution: int, state: Optional[dict] = None,
     from hptransfer.models import Generator
 
     g = Generator(cfg.model, resolution)
-    if state is not None and any(k.startswith(f"from_rgb.{resolution // 2}.") for k in state):
-        g.add_input_fade(output=any(k.startswith(f"to_rgb.{resolution // 2}.") for k in state))
+    if state is not None:
+        g.add_fade_like(state)
+        g.load_state_dict(state)
     elif fading:
         g.add_input_fade()
-    if state is not None:
-        g.load_state_dict(state)
     g.impl = cfg.train.impl
     g.set_activation_checkpointing(cfg.train.activation_checkpointing)
     return g
@@ -590,9 +589,9 @@ def _init_from(cfg: Config, path: str, fade: bool = False):
         g.fade_alpha = 1.0
     while g.resolution < R0:
         g.grow(input_fade=fade and g.resolution * 2 == R0)
+    fades = " with the input and output fades" if cfg.model.output_fade else " with the input fade"
     log.info("--init-from %s: %d-px generator weights%s (new run: fresh optimisers, step 0)", source, resolution,
-             f", grown to {R0} px" + (" with the input" + (" and output" if cfg.model.output_fade else "") + " fade"
-                                        if fade else "") if resolution < R0 else "")
+             f", grown to {R0} px" + (fades if fade else "") if resolution < R0 else "")
     return g
 
 

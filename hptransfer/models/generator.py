@@ -289,11 +289,22 @@ class Generator(nn.Module):
         if self.cfg.output_fade if output is None else output:
             self.to_rgb[str(half)] = ToRGB(self.channels(half)).to(ref.device, ref.dtype)
 
+    @property
+    def fade_prefixes(self) -> tuple[str, str]:
+        """State-dict key prefixes of the fade's from-RGB and to-RGB (at R/2): never exported."""
+        half = self.resolution // 2
+        return f"from_rgb.{half}.", f"to_rgb.{half}."
+
+    def add_fade_like(self, state: dict) -> None:
+        """Add the fade's modules that ``state`` (a checkpoint's generator state) holds, if any."""
+        from_rgb, to_rgb = self.fade_prefixes
+        if any(k.startswith(from_rgb) for k in state):
+            self.add_input_fade(output=any(k.startswith(to_rgb) for k in state))
+
     def inference_state_dict(self) -> dict:
         """The state dict without the fade's from-RGB and to-RGB: what :meth:`from_arch` builds and an
         export holds."""
-        drop = (f"from_rgb.{self.resolution // 2}.", f"to_rgb.{self.resolution // 2}.")
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(drop)}
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(self.fade_prefixes)}
 
     def arch(self) -> dict:
         """Everything needed to rebuild this architecture: {"model": asdict(cfg), "resolution": R}."""

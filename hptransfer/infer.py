@@ -26,7 +26,7 @@ by ``--frame``:
 
 The choice and its reason are logged. Warned about (the result is still written): a pose with fewer than
 :data:`MIN_KEYPOINTS` visible keypoints; under fit framing, a pose frame whose shape differs from the
-reference's, or a pose that fitted to the square spans less than :data:`MIN_POSE_EXTENT` of its height
+reference's, or a pose that fitted to the square spans less than :data:`MIN_POSE_EXTENT` of it
 (e.g. a pose CSV of a 256x256 image taken as pixels of a 512x256 reference).
 """
 from __future__ import annotations
@@ -54,8 +54,8 @@ FRAME_MARGIN = 0.125
 # A pose with fewer visible keypoints is warned about (a head and shoulders give 8: nose, neck, eyes, ears,
 # shoulders); the model never saw such poses drawn as whole persons.
 MIN_KEYPOINTS = 8
-# Under fit framing a pose spanning less of the square's height than this is warned about (training poses
-# span about 1 / (1 + 2 * FRAME_MARGIN) = 80%).
+# Under fit framing a pose spanning less of the square than this (its longer side) is warned about
+# (training poses span about 1 / (1 + 2 * FRAME_MARGIN) = 80%).
 MIN_POSE_EXTENT = 0.5
 
 
@@ -286,21 +286,21 @@ def few_keypoints_warning(kp, source: str) -> Optional[str]:
 def fit_warnings(kp_fitted, pose_size, ref_size, assumed: bool, resolution: int) -> dict[str, str]:
     """Why fit framing may draw the person wrong: the pose's frame and the reference's differ in shape,
     or the pose fitted to the square (``kp_fitted``, :func:`fit_pose`'s result) spans less than
-    :data:`MIN_POSE_EXTENT` of its height (the pose comes from a larger frame than assumed, or shows a
-    small person). ``assumed``: ``pose_size`` is the reference's size because nothing said otherwise.
+    :data:`MIN_POSE_EXTENT` of it on its longer side (the pose comes from a larger frame than assumed, or
+    shows a small person). ``assumed``: ``pose_size`` is the reference's size because nothing said otherwise.
     Returns {"shape" | "extent": warning}."""
     out = {}
     (ph, pw), (rh, rw) = pose_size, ref_size
     if not assumed and abs(ph / pw - rh / rw) > 0.05 * (rh / rw):
-        out["shape"] = (f"the pose's frame ({ph}x{pw}) and the reference ({rh}x{rw}) differ in shape: each is fitted to "
-                        f"the model's square on its own, so the person is drawn where the pose's frame puts it")
+        out["shape"] = (f"the pose's frame ({ph}x{pw}) and the reference ({rh}x{rw}) differ in shape: each is fitted "
+                        f"to the model's square on its own, so the person is drawn where the pose's frame puts it")
     kp_r = np.asarray(kp_fitted)
     vis = kp_r[(kp_r >= 0).all(axis=1)]
-    extent = (vis[:, 0].max() - vis[:, 0].min()) / resolution if len(vis) else 0.0
+    extent = float((vis.max(axis=0) - vis.min(axis=0)).max()) / resolution if len(vis) else 0.0
     if extent < MIN_POSE_EXTENT:
         where = (f"taken as pixels of the {ph}x{pw} reference, since the pose file does not say its image's size"
                  if assumed else f"in its {ph}x{pw} frame")
-        out["extent"] = (f"fit framing: the pose spans only {extent:.0%} of the model's square in height ({where}; "
+        out["extent"] = (f"fit framing: the pose spans only {extent:.0%} of the model's square ({where}; "
                          f"training poses span about 80%): if the pose comes from an image of another size give "
                          f"--pose-size HxW; or --frame person to frame the person")
     return out

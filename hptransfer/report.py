@@ -50,10 +50,10 @@ class Reporter:
     """tqdm bar + ``out_dir/train.log`` + optional TensorBoard + the end-of-run summary table.
 
     The console: one bar per stage (one count, ``step/iterations`` of the stage, described as
-    "stage k (R px)" as the log lines number stages), its loss values and img/s refreshed every :data:`BAR_REFRESH_S` seconds when the
-    trainer passes values (:meth:`wants_values` says when); log lines are written above the bar
-    (console handlers go through ``tqdm.write`` while the Reporter is open: tqdm's
-    ``logging_redirect_tqdm``), so they never cut it in two."""
+    "stage k (R px)" as the log lines number stages), its loss values and img/s refreshed every
+    :data:`BAR_REFRESH_S` seconds when the trainer passes values (:meth:`wants_values` says when);
+    log lines are written above the bar (console handlers go through ``tqdm.write`` while the
+    Reporter is open: tqdm's ``logging_redirect_tqdm``), so they never cut it in two."""
 
     def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True, total_steps: int = 0,
                  initial_step: int = 0):
@@ -144,7 +144,8 @@ class Reporter:
             return
         ips = s["images"] / max(s["time"], 1e-9)
         log.info("stage %d step %d/%d (global %d%s) %s img/s=%.1f%s", stage, step_in_stage, s["iterations"],
-                 global_step, f" of {self.total_steps}" if self.total_steps else "", " ".join(f"{k}={v if isinstance(v, str) else _fmt(v)}" for k, v in terms.items()),
+                 global_step, f" of {self.total_steps}" if self.total_steps else "",
+                 " ".join(f"{k}={v if isinstance(v, str) else _fmt(v)}" for k, v in terms.items()),
                  ips, " SKIPPED (non-finite loss)" if skipped else "")
         if self.tb is not None:
             for k, v in terms.items():

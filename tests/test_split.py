@@ -15,7 +15,8 @@ KP = np.array([[10 + i, 20 + i] for i in range(18)], np.float32)
 def _deepfashion(root, n_persons=10, per_person=3, extra_pair=None):
     """Benchmark-style flattened names, one annotations.csv, a pairs.csv with extra columns."""
     root.mkdir(parents=True, exist_ok=True)
-    names = {p: [f"fashionWOMENDressesid{p:08d}{v:02d}_1front.jpg" for v in range(per_person)] for p in range(n_persons)}
+    names = {p: [f"fashionWOMENDressesid{p:08d}{v:02d}_1front.jpg" for v in range(per_person)]
+             for p in range(n_persons)}
     write_annotations(root / "annotations.csv", {n: KP for ns in names.values() for n in ns})
     rows = [f"{a},{b},test,0.5" for ns in names.values() for a in ns for b in ns if a != b]
     if extra_pair:
@@ -65,6 +66,11 @@ def test_a_pair_across_persons_keeps_them_together_and_image_split(tmp_path):
     # --by image: units are images joined by pairs; each person's three images are one such unit here
     s = split(tmp_path / "d", test=1, by="image", out=tmp_path / "img")
     assert s["test"]["images"] == 3 and s["test"]["pairs"] == 6
+    # names that say nothing about the person: --by image needs no person
+    write_annotations(tmp_path / "f" / "annotations.csv", {f"{i}.jpg": KP for i in range(4)})
+    (tmp_path / "f" / "pairs.csv").write_text("from,to\n0.jpg,1.jpg\n2.jpg,3.jpg\n")
+    s = split(tmp_path / "f", test=0.5, by="image")
+    assert s["test"]["images"] == 2 and s["test"]["pairs"] == 1 and s["train"]["pairs"] == 1
 
 
 def test_person_rules(tmp_path):

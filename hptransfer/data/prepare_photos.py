@@ -95,7 +95,8 @@ def prepare(images, out, keypoints=None, frame: str = "person", size: int = 256,
             if frame == "person":
                 from hptransfer.infer import FRAME_MARGIN
 
-                img, kp = crop_resize(img, kp, bbox_crop_box(kp, img.width, img.height, 1.0, FRAME_MARGIN), (size, size))
+                box = bbox_crop_box(kp, img.width, img.height, 1.0, FRAME_MARGIN)
+                img, kp = crop_resize(img, kp, box, (size, size))
             manifest.add(out_name, img, kp)
             kept.append((name, out_name))
     finally:
@@ -126,7 +127,8 @@ def add_arguments(parser) -> None:
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = PERSON_RULES + "\n\nnext: hptransfer data split OUT --by person --test 0.2"
-    parser.add_argument("--images", required=True, help="folder of photos (one folder per person, or DeepFashion names)")
+    parser.add_argument("--images", required=True,
+                        help="folder of photos (one folder per person, or DeepFashion names)")
     parser.add_argument("--out", required=True, help="output dataset folder")
     parser.add_argument("--keypoints", default=None, metavar="CSV",
                         help="keypoints of every photo (name:keypoints_y:keypoints_x, OpenPose-18, pixels of the "

@@ -53,14 +53,16 @@ def _read_person_csv(path: Path) -> dict[str, str]:
     rows = list(csv.reader(io.StringIO(_read_text(path))))
     header = [h.strip() for h in rows[0]] if rows else []
     if "name" not in header or "person" not in header:
-        raise DataFormatError(f"{path}: row 1: header must have a 'name' and a 'person' column, got {','.join(header)!r}")
+        raise DataFormatError(f"{path}: row 1: header must have a 'name' and a 'person' column, "
+                              f"got {','.join(header)!r}")
     i_name, i_person = header.index("name"), header.index("person")
     out = {}
     for row, fields in enumerate(rows[1:], start=2):
         if not fields or all(not f.strip() for f in fields):
             continue
         if len(fields) != len(header):
-            raise DataFormatError(f"{path}: row {row}: expected {len(header)} fields (as the header), got {len(fields)}")
+            raise DataFormatError(f"{path}: row {row}: expected {len(header)} fields (as the header), "
+                                  f"got {len(fields)}")
         name, person = fields[i_name].strip(), fields[i_person].strip()
         if not person:
             raise DataFormatError(f"{path}: row {row}: empty person for {name!r}")
@@ -180,7 +182,10 @@ def split(root, test: float = 0.2, by: str = "person", seed: int = 0, regex: Opt
     for p in pair_files:
         all_pairs += read_pairs(p, known_names=ann)
     names = sorted(ann)
-    who, rules = persons(names, regex, person_csv)
+    if by == "image" and regex is None and person_csv is None:  # no person needed: each image counts as one
+        who, rules = {n: n for n in names}, {"the image itself": len(names)}
+    else:
+        who, rules = persons(names, regex, person_csv)
     unit, joins = _units(names, who if by == "person" else None, all_pairs)
     if joins and by == "person":
         log.warning("%d pairs link images of different persons; those persons stay in one split together", joins)

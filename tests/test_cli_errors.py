@@ -289,3 +289,14 @@ def test_overrides_may_come_between_options():
     assert args.overrides == ["data.root=x", "train.lr=1e-4"] and args.out == "y" and args.overwrite
     with pytest.raises(SystemExit):  # anything else still unknown is argparse's error
         parse_args_with_overrides(build_parser("train"), argv + ["--nope"])
+
+
+def test_garment_help_says_what_a_real_photo_needs(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["garment", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Needs a trained flow network and parsing maps from an outside parser" in text
+    for needed in ("SCHP", "CIHP_PGN", "--parsing-numbering cihp", "configs/garment_flow.yaml",
+                   "a neck, a shoulder and a hip", "docs/own-data.md"):
+        assert needed in text, needed

@@ -126,6 +126,7 @@ def test_data_video_with_mediapipe_keypoints(tmp_path, capfd):
     assert len(names) == 6 and Image.open(out2 / "images" / names[0]).size == (128, 128)
 
 
+@pytest.mark.slow  # a fresh process imports torch and MediaPipe: 15-21 s on 2 shared cores
 def test_an_estimate_prints_nothing(tmp_path):
     """Importing MediaPipe and estimating twice, in a fresh process: no AttributeError about GetPrototype,
     no TF-Lite / absl / glog lines. They go to the DEBUG log (hptransfer -v)."""

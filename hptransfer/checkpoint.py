@@ -249,12 +249,31 @@ def load_rng(directory: Path, rank: int) -> None:
     set_rng_state(torch.load(path, weights_only=True))
 
 
-def read_export_config(path: str | Path) -> dict:
-    """The ``config.json`` of an export directory, with a clear error when it is not one."""
+EXPORT_FILES = ("config.json", "model.safetensors")
+
+
+def export_dir(path: str | Path) -> Path:
+    """``path`` when it is an export directory; a run directory's ``export/`` (said in the log), as
+    ``--checkpoint runs/x`` is what a person types; else FileNotFoundError saying what is missing."""
     path = Path(path)
-    for name in ("config.json", "model.safetensors"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path}: not an hptransfer export (missing {name})")
+    missing = [n for n in EXPORT_FILES if not (path / n).is_file()]
+    if not missing:
+        return path
+    if all((path / "export" / n).is_file() for n in EXPORT_FILES):
+        log.info("%s is a training run: using its export %s", path, path / "export")
+        return path / "export"
+    hint = ""
+    if (path / "checkpoints").is_dir() or (path / "config.yaml").is_file():
+        hint = (f"; it looks like a training run without an export yet (training writes {path / 'export'} at "
+                f"every stage end; `hptransfer export --checkpoint {path} --format safetensors --out DIR` "
+                f"exports its latest checkpoint)")
+    raise FileNotFoundError(f"{path}: not an hptransfer export (missing {missing[0]}){hint}")
+
+
+def read_export_config(path: str | Path) -> dict:
+    """The ``config.json`` of an export directory (or of a run directory's ``export/``, see
+    :func:`export_dir`), with a clear error when it is not one."""
+    path = export_dir(path)
     try:
         meta = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:

@@ -60,13 +60,26 @@ def main(argv: list[str] | None = None) -> int:
     if selected not in COMMANDS:
         selected = None
     parser = build_parser(selected)
-    args = parser.parse_args(argv)
+    args = parse_args_with_overrides(parser, argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.command is None:
         parser.print_help()
         return 0
     return run_guarded(_load(args.command).run, args, debug, check_device=True)
+
+
+def parse_args_with_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, except that ``section.key=value`` overrides may come anywhere, also
+    between options (``train --config a.yaml data.root=x --out runs/y``): argparse takes one run of
+    positionals only and would reject the rest."""
+    args, rest = parser.parse_known_args(argv)
+    if rest and isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in a and not a.startswith("-") for a in rest):
+        args.overrides += rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
 
 
 def run_guarded(run, args, debug: bool = False, check_device: bool = False) -> int:

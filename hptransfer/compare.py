@@ -4,7 +4,9 @@ against one ground-truth folder under the same protocol, one table.
     hptransfer compare --gt data/df/test_gt --method ours=out/ours --method PATN=out/patn \\
         [--crop 40:216] [--data data/df --split test] [--out table.json] [--md table.md]
 
-Images are matched by file name (:func:`hptransfer.evaluate.match_folders`). ``--crop x0:x1`` keeps
+Images are matched by file name (:func:`hptransfer.evaluate.match_folders`), and every method is scored
+on the same images: the ground-truth names that every method has (what is left out is counted in the
+table's notes and named in the log). ``--crop x0:x1`` keeps
 columns x0:x1 of prediction and ground truth *before* every metric (SSIM under both protocols,
 MS-SSIM, local-SSIM, LPIPS, FID), so a 256x256 output scored with ``--crop 40:216`` is compared on the
 176-wide DeepFashion frame the published numbers use; keypoints (``--data``, for local-SSIM) are
@@ -22,7 +24,7 @@ from typing import Optional
 import torch
 
 from hptransfer import metrics as M
-from hptransfer.errors import ConfigError
+from hptransfer.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +78,12 @@ def compare(gt: str | Path, methods: list[tuple[str, Path]], crop: Optional[tupl
             data: Optional[str] = None, split: str = "test", metrics: Optional[set] = None,
             data_range: str = "255", lpips_net: str = "alex", lpips_weights=None, inception_weights=None,
             batch_size: int = 16, device=None) -> dict:
-    """{method: {metric: {"value", "n"} | {"unavailable"}}} for every method (evaluate's results)."""
-    from hptransfer.evaluate import ALL_METRICS, _folder_batches, evaluate, match_folders
+    """Every method scored on the same images: the ground-truth names that every method has a prediction
+    for (a prediction without a ground truth, or of a name another method lacks, is left out and named in
+    the log). Returns {"results": {method: {metric: {"value", "n", ...} | {"unavailable"}}} (evaluate's
+    results), "images": n, "dropped": {method: [names]}, "ground_truth_unused": n}."""
+    from hptransfer.evaluate import (ALL_METRICS, _folder_batches, evaluate, ground_truth_keypoints, keypoint_note,
+                                     match_folders)
 
     gt = Path(gt)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -85,36 +91,71 @@ def compare(gt: str | Path, methods: list[tuple[str, Path]], crop: Optional[tupl
     wanted = set(metrics) if explicit else set(ALL_METRICS)
     if wanted - set(ALL_METRICS):
         raise ConfigError(f"unknown metrics {sorted(wanted - set(ALL_METRICS))}; choose from {', '.join(ALL_METRICS)}")
-    annotations = None
+    annotations = ann_path = None
     if data:
         from hptransfer.data import read_annotations
-        annotations = read_annotations(Path(data) / f"annotations-{split}.csv")
+        ann_path = Path(data) / f"annotations-{split}.csv"
+        annotations = read_annotations(ann_path)
     elif not explicit:
         wanted.discard("local_ssim")  # needs the ground truth's keypoints
+    matched = {name: match_folders(folder, gt) for name, folder in methods}
+    by_key = {name: {m.key(p): p for p in m} for name, m in matched.items()}
+    common = sorted(set.intersection(*(set(k) for k in by_key.values())))
+    dropped = {name: sorted(set(k) - set(common)) + m.pred_only for (name, m), k in zip(matched.items(),
+                                                                                        by_key.values())}
+    unused_gt = next(iter(matched.values())).gt_total - len(common)
+    if not common:
+        raise InputError(f"no ground-truth image in {gt} has a prediction from every method: "
+                         + ", ".join(f"{n} {len(k)}" for n, k in by_key.items()) + " matched each")
+    if any(dropped.values()):
+        log.warning("%s", dropped_note(dropped, len(common)))
+    reasons = None
     results = {}
-    for name, folder in methods:
-        pairs = match_folders(folder, gt)
-        batches = _folder_batches(pairs, gt, annotations, batch_size)
+    for name, _ in methods:
+        pairs = [by_key[name][k] for k in common]
+        keypoints = None
+        if annotations is not None:
+            keypoints, missing = ground_truth_keypoints(pairs, gt, annotations)
+            if missing and name == methods[0][0]:  # the same names for every method: said once
+                log.warning("%s", keypoint_note(missing, len(pairs), ann_path))
+            reasons = {"local_ssim": f"no row in {ann_path.name}"} if missing else None
         log.info("scoring %s: %d images", name, len(pairs))
-        results[name] = evaluate(batches, list(M.PROTOCOLS), crop, set(wanted), explicit, device, lpips_net,
-                                 lpips_weights, inception_weights, math.ceil(len(pairs) / batch_size), data_range)
-    return results
+        results[name] = evaluate(_folder_batches(pairs, keypoints, batch_size), list(M.PROTOCOLS), crop, set(wanted),
+                                 explicit, device, lpips_net, lpips_weights, inception_weights,
+                                 math.ceil(len(pairs) / batch_size), data_range, reasons)
+    return {"results": results, "images": len(common), "dropped": dropped, "ground_truth_unused": unused_gt}
 
 
-def format_markdown(results: dict, crop_text: Optional[str]) -> str:
+def dropped_note(dropped: dict, common: int) -> str:
+    """Which predictions the common set left out, per method, in a sentence."""
+    parts = [f"{name} {len(names)} (first: {names[0]})" for name, names in dropped.items() if names]
+    return (f"every method is scored on the {common} ground-truth names all of them have; predictions left out: "
+            + ", ".join(parts))
+
+
+def format_markdown(compared: dict, crop_text: Optional[str]) -> str:
+    """The table of :func:`compare`'s result, with notes: the images every method was scored on, what was
+    left out and why, unavailable metrics and why."""
+    results = compared["results"]
     cols = [c for c in COLUMNS if any("value" in r.get(c[0], {}) for r in results.values())]
     lines = ["| Method | n | " + " | ".join(f"{h} {'↑' if up else '↓'}" for _, h, up in cols) + " |",
              "|" + "---|" * (len(cols) + 2)]
     for name, r in results.items():
-        n = next((v["n"] for v in r.values() if "n" in v), 0)
-        cells = [f"{r[k]['value']:.4f}" if "value" in r.get(k, {}) else "" for k, _, _ in cols]
-        lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
+        cells = [f"{r[k]['value']:.4f}" + (f" (n={r[k]['n']})" if r[k].get("left_out") else "")
+                 if "value" in r.get(k, {}) else "" for k, _, _ in cols]
+        lines.append(f"| {name} | {compared['images']} | " + " | ".join(cells) + " |")
+    notes = [f"every method on the same {compared['images']} ground-truth images"]
+    if any(compared["dropped"].values()):
+        notes.append("predictions left out (no ground truth, or a name not every method has): "
+                     + ", ".join(f"{n} {len(d)}" for n, d in compared["dropped"].items() if d))
+    if compared["ground_truth_unused"]:
+        notes.append(f"{compared['ground_truth_unused']} ground-truth images without a prediction from every method")
+    notes.append(f"columns {crop_text} of every image for every metric" if crop_text else "whole images")
+    left = sorted({f"{k}: {v['left_out']} images left out ({v['why']})" for r in results.values()
+                   for k, v in r.items() if v.get("left_out")})
+    notes += left
     missing = sorted({f"{k}: {v['unavailable']}" for r in results.values() for k, v in r.items() if "unavailable" in v})
-    notes = [f"columns {crop_text} of every image for every metric" if crop_text else "whole images"]
     notes += [f"unavailable: {m}" for m in missing]
-    ns = {next((v["n"] for v in r.values() if "n" in v), 0) for r in results.values()}
-    if len(ns) > 1:
-        notes.append("WARNING: the methods were scored on different numbers of images (see n)")
     return "\n".join(lines) + "\n\n" + "; ".join(notes) + ".\n"
 
 
@@ -125,18 +166,19 @@ def run(args) -> int:
     crop = M.parse_crop(args.crop)
     wanted = None if args.metrics is None else {m.strip() for m in args.metrics.split(",") if m.strip()}
     try:
-        results = compare(args.gt, methods, crop, args.data, args.split, wanted, args.data_range, args.lpips_net,
-                          args.lpips_weights, args.inception_weights, args.batch_size, args.device)
+        compared = compare(args.gt, methods, crop, args.data, args.split, wanted, args.data_range, args.lpips_net,
+                           args.lpips_weights, args.inception_weights, args.batch_size, args.device)
     except RuntimeError as e:  # a metric listed in --metrics cannot run (evaluate's message names it)
         print(f"error: {e}")
         return 1
-    md = format_markdown(results, args.crop)
+    md = format_markdown(compared, args.crop)
     print(md)
     if args.md:
         atomic_write_text(args.md, md)
     if args.out:
         doc = {"gt": args.gt, "methods": {n: str(f) for n, f in methods}, "crop": args.crop, "split": args.split,
-               "data_range": args.data_range, "results": results}
+               "data_range": args.data_range, "images": compared["images"], "dropped": compared["dropped"],
+               "ground_truth_unused": compared["ground_truth_unused"], "results": compared["results"]}
         atomic_write_text(args.out, json.dumps(doc, indent=1))
         print(f"wrote {args.out}")
     return 0

@@ -16,8 +16,10 @@ stage, so a config without the key means what it meant before.
 
 Overrides are ``section.key=value`` (value parsed as YAML, so ``train.lr=1e-4``,
 ``data.flip=false``, ``loss.layers=[relu1_2,relu2_2]``); ``stages.0.iterations=100`` addresses a
-stage. An unknown key or a value of the wrong type raises :class:`ConfigError` naming the key and
-where it came from. A key that was renamed (:data:`RENAMED_KEYS`) still loads under its new name, with
+stage, and ``stages=[{resolution: 64, iterations: 500, batch_size: 4}, {resolution: 128, ...}]`` (one
+shell argument: quote it) replaces the whole list, e.g. to train fewer or other stages. An unknown key
+or a value of the wrong type raises :class:`ConfigError` naming the key and where it came from: the
+file that holds it, or the override. A key that was renamed (:data:`RENAMED_KEYS`) still loads under its new name, with
 one warning per file naming the file and the new key (saved configs of older runs resume as they are).
 """
 from __future__ import annotations
@@ -341,7 +343,9 @@ def load_config(path: Optional[str | Path | list] = None, overrides: Optional[li
     source = " + ".join(str(p) for p in paths) if paths else "<defaults>"
     raw: dict = {}
     for p in paths:
-        raw = merge_overlay(raw, _rename_old_keys(_read_yaml(p), str(p)))
+        one = _rename_old_keys(_read_yaml(p), str(p))
+        _build(Config, one, "", str(p))  # a typo or bad value inside this file is named with this file
+        raw = merge_overlay(raw, one)
     if "stages" not in raw:
         raw["stages"] = [dataclasses.asdict(s) for s in Config().stages]
     for item in overrides or []:
@@ -358,6 +362,7 @@ def load_config(path: Optional[str | Path | list] = None, overrides: Optional[li
         except yaml.YAMLError:
             value = text
         _set_override(raw, key, value)
+        _build(Config, raw, "", f"override {item!r}")  # a bad key or value is named with its override
     where = source + (" (with overrides)" if overrides else "")
     return _build(Config, raw, "", where).validate(where)
 

@@ -1,6 +1,8 @@
 """``hptransfer eval``: generate a test split with an exported generator and score it, or score
 existing images (``--pred DIR --gt DIR``, matched by file name) so other methods' outputs are
-compared under the same protocol.
+compared under the same protocol. Two folders holding different names are refused (the score would
+be of another test set), unless ``--intersection`` restricts both to the common names and says how
+many it dropped.
 
 Metrics: SSIM under the "gaussian" and/or "uniform51" protocols (see :mod:`hptransfer.metrics`),
 MS-SSIM, local-SSIM (needs keypoints: generated splits, or ``--data`` with the ground truth's
@@ -35,7 +37,10 @@ def add_arguments(p) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--resolution", type=int, default=None, help="check the generator's resolution")
     p.add_argument("--pred", help="folder of generated images (scored against --gt by file name)")
-    p.add_argument("--gt", help="folder of ground-truth images")
+    p.add_argument("--gt", help="folder of ground-truth images (the same names as --pred, else an error)")
+    p.add_argument("--intersection", action="store_true",
+                   help="with --pred/--gt holding different names: score the names both have (the dropped ones "
+                        "are counted and named in the log) instead of stopping")
     p.add_argument("--protocol", default="both", choices=["gaussian", "uniform51", "both"])
     p.add_argument("--data-range", default="255", choices=["255", "pred"],
                    help="SSIM data range: 255, or each prediction's max-min (PATN/GFLA Gaussian SSIM scripts)")
@@ -68,8 +73,34 @@ def _load_uint8(path: Path) -> torch.Tensor:
     return torch.from_numpy(a.copy()).permute(2, 0, 1)
 
 
-def match_folders(pred_dir: Path, gt_dir: Path) -> list[tuple[Path, Path]]:
-    """(pred, gt) paths matched by file name (then by stem, so .png outputs match .jpg ground truth)."""
+class Matching(list):
+    """``[(pred path, gt path), ...]`` matched by name; ``.pred_only`` / ``.gt_only``: the names (relative,
+    '/'-separated) of predictions without a ground truth and of ground truths without a prediction;
+    ``.pred_dir`` / ``.gt_dir``; ``key(pair)``: the ground truth's name of a pair."""
+
+    def __init__(self, pairs, pred_only, gt_only, pred_dir: Path, gt_dir: Path, gt_total: int):
+        super().__init__(pairs)
+        self.pred_only, self.gt_only, self.pred_dir, self.gt_dir = pred_only, gt_only, pred_dir, gt_dir
+        self.gt_total = gt_total
+
+    def key(self, pair) -> str:
+        return pair[1].relative_to(self.gt_dir).as_posix()
+
+    def mismatch(self) -> Optional[str]:
+        """What differs between the two sets, in a sentence, or None when they are the same names."""
+        if not self.pred_only and not self.gt_only:
+            return None
+        parts = [f"{len(self.pred_only)} predictions have no ground truth (first: {self.pred_only[0]})"
+                 if self.pred_only else "",
+                 f"{len(self.gt_only)} ground-truth images have no prediction (first: {self.gt_only[0]})"
+                 if self.gt_only else ""]
+        return (f"{self.pred_dir} holds {len(self) + len(self.pred_only)} images and {self.gt_dir} {self.gt_total}, "
+                f"{len(self)} with the same name: " + "; ".join(p for p in parts if p))
+
+
+def match_folders(pred_dir: Path, gt_dir: Path) -> Matching:
+    """(pred, gt) paths matched by file name (then by stem, so .png outputs match .jpg ground truth),
+    with the names on either side that have no partner (:class:`Matching`); none matching is an error."""
     def listing(d: Path):
         if not d.is_dir():
             raise InputError(f"{d}: no such folder")
@@ -77,35 +108,59 @@ def match_folders(pred_dir: Path, gt_dir: Path) -> list[tuple[Path, Path]]:
     gts = listing(gt_dir)
     by_name = {p.relative_to(gt_dir).as_posix(): p for p in gts}
     by_stem = {p.relative_to(gt_dir).with_suffix("").as_posix(): p for p in gts}
-    pairs, unmatched = [], []
+    pairs, unmatched, used = [], [], set()
     for p in listing(pred_dir):
         rel = p.relative_to(pred_dir)
         g = by_name.get(rel.as_posix()) or by_stem.get(rel.with_suffix("").as_posix())
-        (pairs.append((p, g)) if g is not None else unmatched.append(rel.as_posix()))
-    if unmatched:
-        log.warning("%d predicted images have no ground truth of the same name (first: %s)",
-                    len(unmatched), unmatched[0])
+        if g is None:
+            unmatched.append(rel.as_posix())
+        else:
+            pairs.append((p, g))
+            used.add(g)
     if not pairs:
         raise InputError(f"no image in {pred_dir} has a same-named ground truth in {gt_dir}")
-    return pairs
+    gt_only = [p.relative_to(gt_dir).as_posix() for p in gts if p not in used]
+    return Matching(pairs, unmatched, gt_only, Path(pred_dir), Path(gt_dir), len(gts))
 
 
-def _folder_batches(pairs, gt_dir: Path, annotations, batch_size: int):
+def ground_truth_keypoints(pairs, gt_dir: Path, annotations) -> tuple[list, list[str]]:
+    """The ground truth's (18, 2) keypoints for each (pred, gt) pair from ``annotations`` (looked up by
+    the name relative to ``gt_dir``, then by file name), all -1 where the annotations have no row; and
+    the names without a row (their local-SSIM is undefined: :func:`keypoint_note`)."""
+    kps, missing = [], []
+    for _, g in pairs:
+        rel = Path(g).relative_to(gt_dir).as_posix()
+        kp = annotations.get(rel)
+        if kp is None:
+            kp = annotations.get(Path(g).name)
+        if kp is None:
+            missing.append(rel)
+        kps.append(torch.as_tensor(kp) if kp is not None else torch.full((18, 2), -1.0))
+    return kps, missing
+
+
+def keypoint_note(missing: list[str], total: int, source) -> Optional[str]:
+    """The reason local-SSIM leaves images out (or cannot run) when ``missing`` names have no row in
+    the annotation file ``source``; logged by the caller, and the table's reason when none has one."""
+    if not missing:
+        return None
+    return (f"{len(missing)} of {total} ground-truth images have no row in {source} (first: {missing[0]}): "
+            "local-SSIM needs their keypoints")
+
+
+def _folder_batches(pairs, keypoints, batch_size: int):
+    """(pred uint8, gt uint8, kp or None) batches of matched files; ``keypoints`` aligned with ``pairs``
+    (:func:`ground_truth_keypoints`) or None."""
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
-        preds, gts, kps = [], [], []
+        preds, gts = [], []
         for p, g in chunk:
             a, b = _load_uint8(p), _load_uint8(g)
             if a.shape != b.shape:
                 raise InputError(f"{p}: size {tuple(a.shape[1:])} differs from ground truth {g} {tuple(b.shape[1:])}")
             preds.append(a)
             gts.append(b)
-            if annotations is not None:
-                rel = g.relative_to(gt_dir).as_posix()
-                kp = annotations.get(rel)
-                if kp is None:
-                    kp = annotations.get(g.name)
-                kps.append(torch.as_tensor(kp) if kp is not None else torch.full((18, 2), -1.0))
+        kps = keypoints[i:i + batch_size] if keypoints is not None else None
         if len({t.shape for t in gts}) > 1:  # mixed sizes: score one at a time
             for j in range(len(chunk)):
                 yield preds[j][None], gts[j][None], (kps[j][None] if kps else None)
@@ -160,13 +215,22 @@ def crop_batches(batches, crop: Optional[tuple[int, int]]):
         yield pred[..., x0:x1].contiguous(), gt[..., x0:x1].contiguous(), kp
 
 
+# Why a metric is undefined (NaN) for an image, when the caller knows no better reason.
+UNDEFINED = {"local_ssim": "no valid descriptor (keypoints missing)"}
+
+
 def evaluate(batches, protocols, crop, wanted, explicit: bool, device, lpips_net="alex",
-             lpips_weights=None, inception_weights=None, total=None, data_range="255") -> dict:
-    """Score (pred uint8, gt uint8, kp or None) batches. Returns {metric: {"value", "n"} | {"unavailable"}}.
+             lpips_weights=None, inception_weights=None, total=None, data_range="255",
+             reasons: Optional[dict] = None) -> dict:
+    """Score (pred uint8, gt uint8, kp or None) batches. Returns {metric: {"value", "n"[, "left_out",
+    "why"]} | {"unavailable"}}.
 
     ``crop`` = (x0, x1) keeps those columns of every image for EVERY metric (:func:`crop_batches`).
     An unavailable metric gets a short reason; a longer one (where weights go) is logged once. A
-    metric in ``wanted`` with ``explicit`` raises :class:`UserError` instead."""
+    metric in ``wanted`` with ``explicit`` raises :class:`UserError` instead. Images for which a metric
+    is undefined (local-SSIM without keypoints) are left out of its mean and counted, with ``reasons[metric]``
+    (else :data:`UNDEFINED`) as the why; a metric undefined for every image is unavailable with that reason:
+    no NaN reaches the table."""
     from tqdm import tqdm
 
     results: dict = {}
@@ -233,7 +297,15 @@ def evaluate(batches, protocols, crop, wanted, explicit: bool, device, lpips_net
             continue
         v = torch.cat(vals).numpy()
         ok = v[~np.isnan(v)]
-        results[name] = {"value": float(ok.mean()) if len(ok) else float("nan"), "n": int(len(ok))}
+        why = (reasons or {}).get(name) or UNDEFINED.get(name, "undefined")
+        if not len(ok):
+            if explicit and name in wanted:
+                raise UserError(f"{name}: not defined for any of the {len(v)} images: {why}")
+            results[name] = {"unavailable": f"not defined for any of the {len(v)} images: {why}"}
+            continue
+        results[name] = {"value": float(ok.mean()), "n": int(len(ok))}
+        if len(ok) < len(v):
+            results[name].update(left_out=int(len(v) - len(ok)), why=why)
     if "fid" in wanted:
         a, b = torch.cat(feats["pred"]).numpy(), torch.cat(feats["gt"]).numpy()
         try:
@@ -321,7 +393,8 @@ def format_table(results: dict) -> str:
         if "unavailable" in r:
             rows.append((name, f"unavailable ({r['unavailable']})", ""))
         else:
-            rows.append((name, f"{r['value']:.4f}", str(r["n"])))
+            left = f"  ({r['left_out']} images left out: {r['why']})" if r.get("left_out") else ""
+            rows.append((name, f"{r['value']:.4f}{left}", str(r["n"])))
     w0 = max(len(r[0]) for r in rows)
     w2 = max(len(r[2]) for r in rows)
     return "\n".join(f"{a:<{w0}}  {c:>{w2}}  {b}" for a, b, c in rows)
@@ -352,19 +425,33 @@ def run(args) -> int:
     bad = wanted - set(ALL_METRICS)
     if bad:
         raise InputError(f"unknown metrics {sorted(bad)}; choose from {', '.join(ALL_METRICS)}")
+    reasons, scored = None, {}
     if args.checkpoint:
         if not args.data:
             raise InputError("--checkpoint needs --data (the dataset to generate from)")
         batches, total, source = _generated_batches(args, device), None, {"checkpoint": args.checkpoint}
     elif args.pred and args.gt:
-        pairs = match_folders(Path(args.pred), Path(args.gt))[: args.limit]
-        annotations = None
+        matched = match_folders(Path(args.pred), Path(args.gt))
+        differ = matched.mismatch()
+        if differ and not args.intersection:
+            raise InputError(f"{differ}; scoring would compare other images than the ground truth holds: pass "
+                             f"--intersection to score the {len(matched)} common names only")
+        if differ:
+            log.warning("--intersection: scoring the %d common names only; %s", len(matched), differ)
+        pairs = matched[: args.limit]
+        keypoints = None
         if args.data:
             from hptransfer.data import read_annotations
-            annotations = read_annotations(Path(args.data) / f"annotations-{args.split}.csv")
-        batches = _folder_batches(pairs, Path(args.gt), annotations, args.batch_size)
+            ann_path = Path(args.data) / f"annotations-{args.split}.csv"
+            keypoints, missing = ground_truth_keypoints(pairs, Path(args.gt), read_annotations(ann_path))
+            if missing:
+                log.warning("%s", keypoint_note(missing, len(pairs), ann_path))
+                reasons = {"local_ssim": f"no row in {ann_path.name}"}
+        batches = _folder_batches(pairs, keypoints, args.batch_size)
         total = math.ceil(len(pairs) / args.batch_size)
         source = {"pred": args.pred, "gt": args.gt}
+        scored = {"images": len(pairs), "left_out": {"predictions": matched.pred_only,
+                                                      "ground_truth": matched.gt_only}}
     else:
         raise InputError("give --checkpoint EXPORT --data DIR, or --pred DIR --gt DIR")
     if args.pose_following:
@@ -376,18 +463,20 @@ def run(args) -> int:
             raise InputError(f"--pose-following needs {Path(args.data) / PARAMS_FILE}: body masks exist only for "
                              "datasets written by `hptransfer data synth`")
     results = evaluate(batches, protocols, crop, wanted, explicit, device, args.lpips_net,
-                       args.lpips_weights, args.inception_weights, total, args.data_range)
+                       args.lpips_weights, args.inception_weights, total, args.data_range, reasons)
     following = None
     if args.pose_following:
         following = pose_following(args.checkpoint, args.data, args.split, args.batch_size, device)
     doc = {"source": source, "split": args.split, "protocols": protocols, "crop": args.crop,
-           "data_range": args.data_range, "metrics": results}
+           "data_range": args.data_range, **scored, "metrics": results}
     if following is not None:
         doc["pose_following"] = following
     doc = _json_safe(doc)
     if args.json:
         print(json.dumps(doc, indent=1))
     else:
+        if scored:
+            print(f"{scored['images']} images: {args.pred} against {args.gt}")
         print(format_table(results))
         if following is not None:
             print(f"pose following ({following['pairs']} pairs; L1, image range [0, 1]; lower is better)")

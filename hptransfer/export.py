@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from hptransfer._version import __version__
-from hptransfer.checkpoint import read_export_config, write_dir_atomically
+from hptransfer.checkpoint import export_dir, read_export_config, write_dir_atomically
 from hptransfer.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ def export_generator(generator, out_dir: str | Path, extra: Optional[dict] = Non
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu"):
-    """Load an export directory into a Generator in eval mode on ``device``.
+    """Load an export directory (or a training run's ``export/``: :func:`hptransfer.checkpoint.export_dir`)
+    into a Generator in eval mode on ``device``.
 
     Only safetensors and JSON are read (nothing is unpickled). Raises FileNotFoundError naming
     the missing file, ValueError when weights and architecture disagree.
@@ -62,7 +63,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu"):
 
     from hptransfer.models import Generator
 
-    path = Path(path)
+    path = export_dir(path)
     meta = read_export_config(path)
     g = Generator.from_arch(meta["arch"])
     try:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from hptransfer._version import __version__
-from hptransfer.checkpoint import read_export_config, write_dir_atomically
+from hptransfer.checkpoint import export_dir, read_export_config, write_dir_atomically
 from hptransfer.errors import CheckpointError
 from hptransfer.flow_losses import flow_loss
 from hptransfer.step import read_nonfinite
@@ -122,22 +122,14 @@ def image_to_rgb(image: torch.Tensor) -> np.ndarray:
     return to_uint8(image[None])[0].permute(1, 2, 0).cpu().numpy()
 
 
-def save_grid(path, rows: list[list[np.ndarray]], pad: int = 2) -> Path:
-    """Write rows of equal-size (H, W, 3) uint8 cells as one PNG (white gaps), atomically."""
-    from PIL import Image
+def save_grid(path, rows: list[list[np.ndarray]], pad: int = 2, labels=None) -> Path:
+    """Rows of equal-size (H, W, 3) uint8 cells as one PNG: :func:`hptransfer.images.save_grid`."""
+    from hptransfer.images import save_grid as write
 
-    H, W = rows[0][0].shape[:2]
-    cols = max(len(r) for r in rows)
-    grid = np.full((len(rows) * (H + pad) - pad, cols * (W + pad) - pad, 3), 255, np.uint8)
-    for i, r in enumerate(rows):
-        for j, c in enumerate(r):
-            grid[i * (H + pad): i * (H + pad) + H, j * (W + pad): j * (W + pad) + W] = c
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return write(path, rows, labels, pad)
+
+
+SAMPLE_COLUMNS = ("source", "garment", "target region", "flow", "warped", "target garment")
 
 
 @torch.no_grad()
@@ -154,7 +146,7 @@ def write_samples(model, samples: dict, path) -> Path:
         rows.append([image_to_rgb(samples["source"][i]), image_to_rgb(samples["garment"][i]),
                      mask_to_rgb(samples["target_region"][i]), flow_to_color(out["flow"][i]),
                      image_to_rgb(out["warped"][i].cpu()), image_to_rgb(tgt)])
-    return save_grid(path, rows)
+    return save_grid(path, rows, labels=SAMPLE_COLUMNS)
 
 
 # ---------------------------------------------------------------- export
@@ -189,7 +181,7 @@ def load_flow(path, device="cpu"):
 
     from hptransfer.models import AppearanceFlow
 
-    path = Path(path)
+    path = export_dir(path)
     meta = read_export_config(path)
     if meta.get("task") != TASK:
         raise CheckpointError(f"{path}: not an appearance flow export (task {meta.get('task', 'transfer')!r}); "

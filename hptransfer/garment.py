@@ -250,7 +250,27 @@ def synthetic_frontal(root: Path, name: str, R: int):
     return torch.from_numpy(fit_keypoints(kp, S, S, R)), fit_labels(labels, R)
 
 
+REAL_PHOTOS = """On real photos (nothing below is shipped; docs/own-data.md, "Garment transfer"):
+  1. a transfer network trained on photos like these (hptransfer train, its export/);
+  2. an appearance-flow network (hptransfer train --config configs/garment_flow.yaml, a
+     task: garment_flow run's export/; that config trains on synthetic people, whose parsing
+     maps are exact: on real photos it needs a dataset with parsing maps under parsing/);
+  3. human-parsing label maps of both photos from an outside parser, at each photo's size,
+     8-bit class numbers: SCHP (Self-Correction-Human-Parsing, simple_extractor.py --dataset
+     lip or atr: palette PNGs, read as they are) or CIHP_PGN (test_pgn.py: the grey <id>.png in
+     output/cihp_parsing_maps, with --parsing-numbering cihp; not the coloured <id>_vis.png);
+     SCHP's pascal model has no garment classes. Or --parser module:Class with local weights;
+  4. poses with a neck, a shoulder and a hip (a JSON, a CSV row, or MediaPipe on the photo);
+  5. photos framed like the training data: one standing person, whole or upper body."""
+
+
 def add_arguments(p) -> None:
+    import argparse
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = ("Garment transfer / virtual try-on (paper section 4.5): person P wearing the upper garment of "
+                     "the photo G. Needs a trained flow network and parsing maps from an outside parser.")
+    p.epilog = REAL_PHOTOS
     p.add_argument("--person", required=True, help="image of the person P")
     p.add_argument("--garment", required=True, help="image of someone wearing the garment G")
     p.add_argument("--transfer", required=True, help="transfer network export (hptransfer train ... export/)")

@@ -74,3 +74,52 @@ def draw_skeleton(kp, image, *, background: RGB = (0, 0, 0), limb_colours: Seque
             fill = joint_colours[j % len(joint_colours)] if per_joint else joint_colours
             draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=tuple(fill), outline=joint_outline)
     return np.asarray(image)
+
+
+def _fitting_font(labels: Sequence[str], width: int):
+    """The default (FreeType) font at the largest size <= 14 px whose widest line of ``labels`` fits in
+    ``width`` px, and the labels broken into lines (a label that fits at no size >= 7 px is wrapped at
+    its spaces)."""
+    from PIL import ImageFont
+
+    lines = [[label] for label in labels]
+    for wrap in (False, True):
+        if wrap:
+            lines = [label.split(" ") if " " in label else [label] for label in labels]
+        for size in range(min(14, max(7, width // 5)), 6, -1):
+            font = ImageFont.load_default(size=size)
+            if all(font.getlength(line) <= width - 2 for ls in lines for line in ls):
+                return font, lines
+    return ImageFont.load_default(size=7), lines
+
+
+def save_grid(path, rows: Sequence[Sequence[np.ndarray]], labels: Optional[Sequence[str]] = None,
+              pad: int = 2) -> "Path":
+    """Write rows of equal-size (H, W, 3) uint8 cells as one PNG with white gaps, atomically; with
+    ``labels`` (one per column) a white strip above the first row names the columns. Returns the path."""
+    import os
+    from pathlib import Path
+
+    from PIL import Image, ImageDraw
+
+    H, W = rows[0][0].shape[:2]
+    cols = max(len(r) for r in rows)
+    grid = np.full((len(rows) * (H + pad) - pad, cols * (W + pad) - pad, 3), 255, np.uint8)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(r):
+            grid[i * (H + pad): i * (H + pad) + H, j * (W + pad): j * (W + pad) + W] = c
+    if labels:
+        font, lines = _fitting_font(labels, W)
+        line_h = font.getbbox("Ag")[3] + 2
+        strip = Image.new("RGB", (grid.shape[1], line_h * max(len(ls) for ls in lines) + 3), (255, 255, 255))
+        draw = ImageDraw.Draw(strip)
+        for j, ls in enumerate(lines):
+            for k, line in enumerate(ls):
+                draw.text((j * (W + pad) + W / 2, 1 + k * line_h), line, fill=(0, 0, 0), font=font, anchor="ma")
+        grid = np.concatenate([np.asarray(strip), grid])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(grid).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path

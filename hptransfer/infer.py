@@ -17,16 +17,24 @@ by ``--frame``:
   mapped onto R x R. The pose's image size does not matter: a BODY_25 JSON of a 1920x1080 frame
   works as is. ``--paste-back [FRAME]`` resizes the generated square to the box and pastes it into
   the frame the pose belongs to (the pose's own image by default).
-- ``fit``: the training transform from the pose's image size (the estimated image's size,
-  ``--pose-size HxW``, or else the reference's size): for poses already framed like the training data.
+- ``fit``: the training transform from the pose's image size (``--pose-size HxW``, the image of a
+  dataset CSV row (``DIR/images/NAME`` beside ``DIR/annotations-*.csv``), the estimated image's size,
+  or else the reference's size): for poses already framed like the training data.
 - ``auto`` (default): ``person`` for poses estimated from an image and for pose files (JSON, CSV)
   whose keypoints do not lie inside the reference image (another frame's coordinates); ``fit``
-  otherwise (poses framed like the reference, or ``--pose-size`` given).
+  otherwise (poses framed like the reference, or their frame's size known).
+
+The choice and its reason are logged. Warned about (the result is still written): a pose with fewer than
+:data:`MIN_KEYPOINTS` visible keypoints; under fit framing, a pose frame whose shape differs from the
+reference's, or a pose that fitted to the square spans less than :data:`MIN_POSE_EXTENT` of it
+(e.g. a pose CSV of a 256x256 image taken as pixels of a 512x256 reference).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -43,6 +51,12 @@ FRAMES = ("auto", "person", "fit")
 # Margin around the keypoints' extent, per side, as a fraction of it: keypoints (nose to ankles) fill
 # 1 / 1.25 = 80% of the box, as in DeepFashion's 256-px-high shots and the synthetic "centred" framing.
 FRAME_MARGIN = 0.125
+# A pose with fewer visible keypoints is warned about (a head and shoulders give 8: nose, neck, eyes, ears,
+# shoulders); the model never saw such poses drawn as whole persons.
+MIN_KEYPOINTS = 8
+# Under fit framing a pose spanning less of the square than this (its longer side) is warned about
+# (training poses span about 1 / (1 + 2 * FRAME_MARGIN) = 80%).
+MIN_POSE_EXTENT = 0.5
 
 
 class UnknownPoseName(InputError, KeyError):
@@ -58,27 +72,60 @@ def mediapipe_to_openpose18(landmarks, height: int, width: int, **kw) -> np.ndar
     return from_mediapipe33(landmarks, (height, width), **kw)
 
 
-def import_mediapipe():
-    """The ``mediapipe`` module, or :class:`MissingDependency` saying how to install it."""
+@contextlib.contextmanager
+def quiet_native_logs():
+    """File descriptor 2 into a temp file while MediaPipe's C++ runs: TF-Lite, absl and glog write their
+    INFO/WARNING lines there on every graph, below any Python log level or environment switch that
+    mediapipe 0.10.21 honours. What was written goes to this module's DEBUG log (``hptransfer -v``)."""
     try:
-        import mediapipe as mp
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no fd 2 (a detached process): nothing to keep quiet
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            try:
+                sys.stderr.flush()
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+        sink.seek(0)
+        text = sink.read().decode("utf-8", "replace").strip()
+    if text:
+        log.debug("MediaPipe's native log:\n%s", text)
+
+
+def import_mediapipe():
+    """The ``mediapipe`` module, or :class:`MissingDependency` saying how to install it. Imported
+    quietly (:func:`quiet_native_logs`), with protobuf's ``GetPrototype`` restored first."""
+    try:
+        from google.protobuf import message_factory
+    except ImportError:
+        message_factory = None
+    if message_factory is not None and not hasattr(message_factory.MessageFactory, "GetPrototype"):
+        # mediapipe 0.10.21's C++ bindings call GetPrototype while they load, gone since protobuf 5 (onnx
+        # needs >= 6): without it the import prints an AttributeError; GetMessageClass is its replacement
+        message_factory.MessageFactory.GetPrototype = lambda self, d: message_factory.GetMessageClass(d)
+    try:
+        with quiet_native_logs():
+            import mediapipe as mp
     except ImportError:
         raise MissingDependency("pose estimation from images needs MediaPipe: "
                                 'pip install --no-deps -r requirements-mediapipe.txt') from None
-    from google.protobuf import message_factory
-    if not hasattr(message_factory.MessageFactory, "GetPrototype"):
-        # mediapipe 0.10.21's C++ bindings call GetPrototype, gone since protobuf 5 (onnx needs >= 6):
-        # without it every graph prints an AttributeError; GetMessageClass is its replacement
-        message_factory.MessageFactory.GetPrototype = lambda self, d: message_factory.GetMessageClass(d)
     return mp
 
 
 def estimate_pose(image: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> (18, 2) (y, x) with MediaPipe Pose (all missing when no person is found)."""
+    """(H, W, 3) uint8 RGB -> (18, 2) (y, x) with MediaPipe Pose (all missing when no person is found).
+    Prints nothing: MediaPipe's native log lines go to the DEBUG log."""
     mp = import_mediapipe()
     h, w = image.shape[:2]
     # complexity 1 ("full"): its model ships in the wheel; 2 ("heavy") is downloaded on first use
-    with mp.solutions.pose.Pose(static_image_mode=True, model_complexity=1) as pose:
+    with quiet_native_logs(), mp.solutions.pose.Pose(static_image_mode=True, model_complexity=1) as pose:
         res = pose.process(np.ascontiguousarray(image))
     if res.pose_landmarks is None:
         return np.full((18, 2), -1, np.float32)
@@ -194,15 +241,86 @@ def frame_pose(kp: np.ndarray, box, resolution: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def choose_frame(frame: str, kp: np.ndarray, estimated: bool, pose_size_given: bool, ref_size) -> str:
-    """``--frame auto`` resolved (see the module docstring); "person" and "fit" pass through."""
+def explain_frame(frame: str, kp: np.ndarray, estimated: bool, pose_size_given: bool, ref_size) -> tuple[str, str]:
+    """``--frame auto`` resolved (see the module docstring), and why, for the log; "person" and "fit"
+    pass through."""
     if frame != "auto":
-        return frame
+        return frame, f"--frame {frame}"
     if estimated:
-        return "person"
+        return "person", "pose estimated from an image: a box around the person"
     if pose_size_given:
-        return "fit"
-    return "person" if _outside(np.asarray(kp, np.float32), ref_size).any() else "fit"
+        return "fit", ("the pose's frame size is known (--pose-size, or the dataset image of its CSV row): the "
+                       "training transform from that frame")
+    kp = np.asarray(kp, np.float32)
+    out = _outside(kp, ref_size)
+    if out.any():
+        vis = kp[(kp >= 0).all(axis=1)]
+        return "person", (f"{int(out.sum())} keypoints lie outside the {ref_size[0]}x{ref_size[1]} reference (up to "
+                          f"y {vis[:, 0].max():.0f}, x {vis[:, 1].max():.0f}): the pose is in another frame's "
+                          f"coordinates, so a box around the person")
+    return "fit", (f"the keypoints lie inside the {ref_size[0]}x{ref_size[1]} reference: taken as pixels of a frame "
+                   f"like it (the training transform)")
+
+
+def choose_frame(frame: str, kp: np.ndarray, estimated: bool, pose_size_given: bool, ref_size) -> str:
+    """``--frame auto`` resolved (see :func:`explain_frame`, which also says why)."""
+    return explain_frame(frame, kp, estimated, pose_size_given, ref_size)[0]
+
+
+def count_visible(kp) -> int:
+    return int((np.asarray(kp) >= 0).all(axis=-1).sum())
+
+
+def few_keypoints_warning(kp, source: str) -> Optional[str]:
+    """A warning when a pose has fewer than :data:`MIN_KEYPOINTS` visible keypoints, else None."""
+    n = count_visible(kp)
+    if n >= MIN_KEYPOINTS:
+        return None
+    from hptransfer.pose import KEYPOINT_NAMES
+
+    names = [KEYPOINT_NAMES[i] for i in np.flatnonzero((np.asarray(kp) >= 0).all(axis=1))]
+    return (f"{source}: only {n} of 18 keypoints ({', '.join(names) or 'none'}); the model learnt from poses with "
+            f"most of them (fewer than {MIN_KEYPOINTS} is warned about): expect a partial or distorted person")
+
+
+def fit_warnings(kp_fitted, pose_size, ref_size, assumed: bool, resolution: int) -> dict[str, str]:
+    """Why fit framing may draw the person wrong: the pose's frame and the reference's differ in shape,
+    or the pose fitted to the square (``kp_fitted``, :func:`fit_pose`'s result) spans less than
+    :data:`MIN_POSE_EXTENT` of it on its longer side (the pose comes from a larger frame than assumed, or
+    shows a small person). ``assumed``: ``pose_size`` is the reference's size because nothing said otherwise.
+    Returns {"shape" | "extent": warning}."""
+    out = {}
+    (ph, pw), (rh, rw) = pose_size, ref_size
+    if not assumed and abs(ph / pw - rh / rw) > 0.05 * (rh / rw):
+        out["shape"] = (f"the pose's frame ({ph}x{pw}) and the reference ({rh}x{rw}) differ in shape: each is fitted "
+                        f"to the model's square on its own, so the person is drawn where the pose's frame puts it")
+    kp_r = np.asarray(kp_fitted)
+    vis = kp_r[(kp_r >= 0).all(axis=1)]
+    extent = float((vis.max(axis=0) - vis.min(axis=0)).max()) / resolution if len(vis) else 0.0
+    if extent < MIN_POSE_EXTENT:
+        where = (f"taken as pixels of the {ph}x{pw} reference, since the pose file does not say its image's size"
+                 if assumed else f"in its {ph}x{pw} frame")
+        out["extent"] = (f"fit framing: the pose spans only {extent:.0%} of the model's square ({where}; "
+                         f"training poses span about 80%): if the pose comes from an image of another size give "
+                         f"--pose-size HxW; or --frame person to frame the person")
+    return out
+
+
+def dataset_image_size(source: str, pose_name: Optional[str]) -> Optional[tuple[int, int]]:
+    """(H, W) of the image a dataset annotation row belongs to (``DIR/images/NAME`` beside
+    ``DIR/annotations-*.csv``), or None when the pose is not such a row or the image is not there."""
+    from hptransfer.data.formats import image_size
+
+    path = Path(source)
+    if not path.exists() and ":" in source:
+        head, _, pose_name = source.rpartition(":")
+        path = Path(head)
+    if path.suffix.lower() != ".csv" or not pose_name:
+        return None
+    try:
+        return image_size(path.parent / "images" / pose_name)
+    except (OSError, ValueError):
+        return None
 
 
 def paste_back(frame, generated: np.ndarray, box):
@@ -273,8 +391,11 @@ def run(args) -> int:
     R = g.resolution
     ref, ref_size = fit_reference(args.reference, R)
     kp, est_size = read_pose(args.pose, args.pose_name, args.person)
-    if not (kp >= 0).all(axis=1).any():
+    if not count_visible(kp):
         raise InputError(f"{args.pose}: no keypoint found")
+    few = few_keypoints_warning(kp, args.pose)
+    if few:
+        log.warning("%s", few)
     frame_image = None
     if args.paste_back is not None:
         source = args.paste_back or (args.pose if est_size is not None else None)
@@ -283,15 +404,20 @@ def run(args) -> int:
                              "(or a pose estimated from an image)")
         from hptransfer.data.dataset import load_image
         frame_image = load_image(Path(source))
-    mode = choose_frame(args.frame, kp, est_size is not None, bool(args.pose_size), ref_size)
+    known = parse_size(args.pose_size) or dataset_image_size(args.pose, args.pose_name)
+    mode, why = explain_frame(args.frame, kp, est_size is not None, known is not None, ref_size)
+    log.info("framing: %s (%s)", mode, why)
     if mode == "person":
         box = person_box(kp)
         kp_r = frame_pose(kp, box, R)
     else:
         if frame_image is not None:
             raise InputError("--paste-back needs person framing (--frame person)")
-        pose_size = parse_size(args.pose_size) or est_size or ref_size
+        known = known or est_size
+        pose_size = known or ref_size
         kp_r = fit_pose(kp, pose_size, R)
+        for w in fit_warnings(kp_r, pose_size, ref_size, known is None, R).values():
+            log.warning("%s", w)
     out = generate(g, ref[None], kp_r[None])[0]
     if frame_image is not None:
         from hptransfer.metrics import to_uint8

@@ -88,12 +88,12 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="hptransfer train", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    from hptransfer.cli import parse_args_with_overrides, run_guarded  # as `hptransfer train` parses and reports
+
+    args = parse_args_with_overrides(parser, sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from hptransfer.cli import run_guarded  # user errors as one line, as under `hptransfer train`
-
     return run_guarded(run, args)
 
 
@@ -189,15 +189,86 @@ def _set_learning_rates(run: _Run, stage: _Stage, step: int) -> float:
 
 
 def _build_vgg(cfg: Config, backend: Backend):
+    from hptransfer.errors import WeightsUnavailable
     from hptransfer.models import VGG16Features
 
-    vgg = VGG16Features(weights=cfg.loss.vgg_weights, layers=tuple(cfg.loss.layers))
+    try:
+        vgg = VGG16Features(weights=cfg.loss.vgg_weights, layers=tuple(cfg.loss.layers))
+    except WeightsUnavailable as e:
+        e.message += ("; or train without them: loss.vgg_weights=random, an untrained VGG-16: the global and "
+                      "local losses are then NOT perceptual (random filters, a filtered pixel loss that does not "
+                      "reward texture or detail as ImageNet features do), so expect blurrier images than the "
+                      "paper's")
+        raise
     vgg = vgg.to(backend.device).eval()
     for p in vgg.parameters():  # frozen: not in any optimiser, not in checkpoints
         p.requires_grad_(False)
     if backend.device.type == "cuda" and backend.channels_last:
         vgg = vgg.to(memory_format=torch.channels_last)
     return vgg
+
+
+# A generator step (width 1/16, 64 px, batch 4, forward + backward) under bf16 autocast took this many
+# times the fp32 step on an AVX2 CPU without native bf16 (AMD EPYC, 2 threads; docs/own-data.md).
+CPU_BF16_SLOWDOWN = 29
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def _matmul_gflops(seconds: float = 0.2) -> float:
+    """This CPU's fp32 matmul rate, measured now (a rough yardstick for the time estimate)."""
+    a = torch.full((512, 512), 0.5)  # not random: the run's RNG stays untouched
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ a
+        n += 1
+    return 2 * 512**3 * n / (time.perf_counter() - t0) / 1e9
+
+
+def cpu_cost_warning(cfg: Config, device: torch.device) -> Optional[str]:
+    """One line naming the GPU-oriented settings of ``cfg`` that a run on a CPU ``device`` pays for (bf16,
+    loader workers beyond the cores, DALI, torch.compile, the paper's width), or None. Nothing is changed:
+    precision and the rest stay the config's (the caller decides)."""
+    if device.type != "cpu":
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    costs = []
+    if cfg.train.precision == "bf16":
+        native = {"avx512_bf16", "amx_bf16"} & _cpu_flags()
+        costs.append("train.precision=bf16 (" + (
+            f"this CPU has {'/'.join(sorted(native))}: measure it against fp32" if native else
+            f"this CPU has no native bf16: a bf16 generator step took {CPU_BF16_SLOWDOWN}x the fp32 step on an "
+            "AVX2 CPU") + ")")
+    elif cfg.train.precision == "fp16":
+        costs.append("train.precision=fp16 (autocast on a CPU: not measured here, no speed-up expected; fp32 is "
+                     "the CPU's precision)")
+    if cfg.data.workers >= 4 and cfg.data.workers > cores // 2:  # a GPU config's count, on a small CPU
+        costs.append(f"data.workers={cfg.data.workers} (this machine has {cores} cores: loader processes take "
+                     f"them from training; 0 or 1 here)")
+    if cfg.data.loader == "dali":
+        costs.append("data.loader=dali (DALI's CPU-only mode: no GPU decoding)")
+    if cfg.train.compile != "off":
+        costs.append(f"train.compile={cfg.train.compile} (minutes of compilation per stage; 0.94x eager on a "
+                     "2-core CPU)")
+    if cfg.task == "transfer" and cfg.model.width >= 0.5:
+        from hptransfer.models.summary import stage_table
+
+        gflop = {r["resolution"]: r["gflop"] for r in stage_table(cfg.model, cfg.stages[-1].resolution)}
+        total = sum(3 * gflop[s.resolution] * s.iterations * s.batch_size for s in cfg.stages)  # fwd + bwd ~ 3x
+        days = total / _matmul_gflops() / 86400
+        costs.append(f"model.width={cfg.model.width:g} ({gflop[cfg.stages[0].resolution]:.0f} GFLOP per "
+                     f"{cfg.stages[0].resolution}-px image forward; the generator alone, forward and backward, "
+                     f"at this CPU's matmul rate: about {days:,.0f} days for these stages)")
+    if not costs:
+        return None
+    return ("GPU-oriented settings on a CPU, kept as configured: " + "; ".join(costs) +
+            ". A CPU-sized config: configs/own_data_cpu.yaml (docs/own-data.md)")
 
 
 def _dataset(cfg: Config, split: str, resolution: int, flip: bool):
@@ -301,6 +372,9 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
     """
     backend = make_backend(cfg, ds_config)
     _seed_everything(cfg.train.seed + backend.rank, cfg.train.deterministic)
+    costly = cpu_cost_warning(cfg, backend.device) if backend.is_main else None
+    if costly:
+        log.warning("%s", costly)
     out_dir = Path(cfg.train.out_dir)
     resume_from, state = _where_to_start(resume, overwrite, out_dir, backend)  # before anything is written there
     # What a user can get wrong is read before anything is written: bad training data or missing VGG
@@ -352,6 +426,11 @@ def _train_stage(run: _Run, stage: _Stage) -> bool:
     while state["step"] < iterations:
         step = state["step"]
         criterion = losses.criterion_for_step(step, iterations)
+        if cfg.task == "transfer" and step > 0 and criterion != losses.criterion_for_step(step - 1, iterations):
+            log.info("stage %d step %d: criterion %s -> %s (paper section 3.3: L2 in the first half of each stage, "
+                     "L1 in the second). The loss values jump here because they measure differently: for feature "
+                     "differences below 1, |d| is larger than d^2; training did not diverge", stage.idx, step,
+                     losses.criterion_for_step(step - 1, iterations).upper(), criterion.upper())
         stage.generator.fade_alpha = _fade_alpha(cfg, stage.idx, step, iterations, state)
         lr_factor = _set_learning_rates(run, stage, step)
         batch = stage.batches.next()
@@ -370,7 +449,9 @@ def _train_stage(run: _Run, stage: _Stage) -> bool:
         state["epoch"], state["consumed"] = stage.batches.epoch, stage.batches.consumed
         last = state["step"] == iterations
         log_now = state["step"] % max(cfg.train.log_every, 1) == 0 or last or step == 0
-        values = _loss_values(criterion, out) if log_now or run.callback is not None else {}
+        # the bar's values are current too: read every BAR_REFRESH_S seconds (one host sync), not only at log steps
+        values = (_loss_values(criterion, out) if log_now or run.callback is not None or run.reporter.wants_values()
+                  else {})
         run.reporter.step(stage.idx, state["step"], state["global_step"], stage.spec.batch_size * backend.world_size,
                           values, out["skipped"], log_now)
         if run.callback is not None:
@@ -454,6 +535,10 @@ def _begin_stage(run: _Run, idx: int, generator, resume_from: Optional[Path]) ->
     if resume_from is not None:
         _load_checkpoint(run, stage, resume_from)
     run.reporter.stage_start(idx, R, st.iterations, state["step"])
+    switch = (st.iterations + 1) // 2  # the first step losses.criterion_for_step gives L1
+    if cfg.task == "transfer" and switch < st.iterations:
+        log.info("stage %d: criterion L2 for steps 0-%d, L1 from step %d (section 3.3; the loss values jump at the "
+                 "switch)", idx, switch - 1, switch)
     generator.train()
     return stage
 

@@ -187,9 +187,15 @@ def run(args) -> int:
     poses, src_size = read_pose_sequence(args.poses, args.person)
     if not poses:
         raise InputError(f"{args.poses}: no poses")
+    few = [t for t, k in enumerate(poses) if infer.count_visible(k) < infer.MIN_KEYPOINTS]
+    if few:
+        log.warning("%s", infer.few_keypoints_warning(poses[few[0]], f"{args.poses} (pose {few[0]} of {len(poses)})")
+                    + (f"; {len(few) - 1} more poses have fewer than {infer.MIN_KEYPOINTS}" if len(few) > 1 else ""))
     # auto: person framing as soon as one frame's pose calls for it
-    modes = {infer.choose_frame(args.frame, k, src_size is not None, bool(args.pose_size), ref_size) for k in poses}
-    mode = "person" if "person" in modes else "fit"
+    decisions = [infer.explain_frame(args.frame, k, src_size is not None, bool(args.pose_size), ref_size)
+                 for k in poses]
+    mode, why = next((d for d in decisions if d[0] == "person"), decisions[0])
+    log.info("framing: %s (%s)", mode, why)
     source = None
     if args.paste_back is not None:
         source = Path(args.paste_back) if args.paste_back else (Path(args.poses) if src_size is not None else None)
@@ -204,8 +210,16 @@ def run(args) -> int:
         boxes = sequence_boxes(poses)
         kp = torch.stack([infer.frame_pose(k, b, R) for k, b in zip(poses, boxes)])
     else:
-        pose_size = infer.parse_size(args.pose_size) or src_size or ref_size
+        known = infer.parse_size(args.pose_size) or src_size
+        pose_size = known or ref_size
         kp = torch.stack([infer.fit_pose(k, pose_size, R) for k in poses])
+        flagged: dict = {}  # kind -> [(pose index, warning)]: one line per kind
+        for t, k in enumerate(kp):
+            for kind, text in infer.fit_warnings(k, pose_size, ref_size, known is None, R).items():
+                flagged.setdefault(kind, []).append((t, text))
+        for hits in flagged.values():
+            log.warning("pose %d%s: %s", hits[0][0], f" (and {len(hits) - 1} more)" if len(hits) > 1 else "",
+                        hits[0][1])
     frames = generate_frames(g, ref, kp, args.batch_size, args.side_by_side)
     if source is not None:
         frames = _pasted(frames, source, boxes)

@@ -195,7 +195,7 @@ def fetch(name: str, dest_dir=None, base_url: Optional[str] = None, progress: bo
     except OSError as e:
         raise disk_error(dest_dir, e) or e
     try:
-        digest, got, expected = _download(url, fd, tmp, w, progress)
+        digest, got, expected = _download(url, fd, tmp, w, progress, offline_hint(name, dest))
         if expected is not None and got != expected:
             raise WeightsError(f"{url}: download truncated ({got} of {expected} bytes); nothing was kept", path=dest)
         if w.size is not None and got != w.size:
@@ -211,8 +211,16 @@ def fetch(name: str, dest_dir=None, base_url: Optional[str] = None, progress: bo
     return dest
 
 
-def _download(url: str, fd: int, tmp: str, w: Weight, progress: bool) -> tuple[str, int, Optional[int]]:
-    """Stream ``url`` into the open file ``fd`` (``tmp``; closed here). Returns (sha256, bytes, Content-Length)."""
+def offline_hint(name: str, dest: Path) -> str:
+    """What to do when ``name`` cannot be downloaded here: a mirror, or the file put in place by hand."""
+    w = _entry(name)
+    return (f"without network access: download {url_of(name)} on another machine and copy it to {dest} (or set "
+            f"{w.env}=/path/to/{w.filename}), or fetch from a mirror with --base-url URL (or ${BASE_URL_ENV})")
+
+
+def _download(url: str, fd: int, tmp: str, w: Weight, progress: bool, hint: str) -> tuple[str, int, Optional[int]]:
+    """Stream ``url`` into the open file ``fd`` (``tmp``; closed here). Returns (sha256, bytes, Content-Length);
+    a failed download raises :class:`WeightsError` ending with ``hint``."""
     h = hashlib.sha256()
     got = 0
     with os.fdopen(fd, "wb") as f:
@@ -247,13 +255,13 @@ def _download(url: str, fd: int, tmp: str, w: Weight, progress: bool) -> tuple[s
             f.flush()
             os.fsync(f.fileno())
         except urllib.error.HTTPError as e:
-            raise WeightsError(f"{url}: HTTP {e.code} {e.reason}") from None
+            raise WeightsError(f"{url}: HTTP {e.code} {e.reason}; {hint}") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             bad_disk = disk_error(tmp, e) if isinstance(e, OSError) else None
             if bad_disk is not None:
                 raise bad_disk from None
             reason = getattr(e, "reason", None) or e
-            raise WeightsError(f"{url}: download failed ({reason})") from None
+            raise WeightsError(f"{url}: download failed ({reason}); {hint}") from None
     return h.hexdigest(), got, expected
 
 

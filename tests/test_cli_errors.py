@@ -55,6 +55,11 @@ def corpus(tmp_path_factory):
     (df / "fasion-resize-pairs-train.csv").write_text("from,to\n")
     (d / "df_img").mkdir()
     (d / "h36m").mkdir()
+    (d / "photos" / "alice").mkdir(parents=True)  # own photos, one folder per person
+    Image.new("RGB", (48, 64), (20, 120, 200)).save(d / "photos" / "alice" / "1.png")
+    (d / "to_split").mkdir()  # one annotations file and one pairs file, the pairs naming an unknown image
+    (d / "to_split" / "annotations.csv").write_text("name:keypoints_y:keypoints_x\n")
+    (d / "to_split" / "pairs.csv").write_text("from,to,score\nalice/1.jpg,alice/2.jpg,0.5\n")
     return d
 
 
@@ -71,6 +76,10 @@ def _cases(d: Path, out: Path):
                               "--out", str(out / "df")], str(d / "df_img"), [out / "df"]),
         ("data h36m", ["data", "h36m", "--root", str(d / "h36m"), "--out", str(out / "h36m")], str(d / "h36m"),
          [out / "h36m"]),
+        ("data photos", ["data", "photos", "--images", str(d / "photos"), "--keypoints", str(d / "bad.json"),
+                         "--out", str(out / "ph")], str(d / "bad.json"), [out / "ph"]),
+        ("data split", ["data", "split", str(d / "to_split")], str(d / "to_split" / "pairs.csv") + ": row 2",
+         [d / "to_split" / "annotations-train.csv"]),
         ("data video", ["data", "video", "--video", str(d / "bad.mp4"), "--openpose-json", str(d),
                         "--out", str(out / "dv")], str(d / "bad.mp4"), [out / "dv"]),
         ("train bad data", ["train", *cfg, "--out", str(out / "run"), *short, f"data.root={d / 'bad'}"], bad_row,
@@ -218,3 +227,76 @@ def test_a_bug_keeps_its_traceback(corpus):
             f"sys.exit(c.main(['infer', '--checkpoint', 'x', '--reference', 'y', '--pose', 'z', '--out', 'w']))\n")
     r = _cli(None, code=code)
     assert r.returncode == 1 and "Traceback" in r.stderr and "KeyError: 'bug'" in r.stderr
+
+
+def test_newcomer_hints(corpus, tmp_path, capsys, caplog, monkeypatch):
+    """The one-line errors say what to do: a missing dataset folder, offline weights, a run directory given
+    as an export, training without VGG weights; a GPU config on a CPU says what it costs."""
+    import logging
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no weights anywhere
+    monkeypatch.delenv("HPTRANSFER_VGG16", raising=False)
+
+    def one_error(argv, rc=2):
+        assert main(argv) == rc, argv
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+        assert len(err) == 1, err
+        return err[0]
+
+    assert one_error(["data", "check", str(tmp_path / "nosuch")]) == f"error: {tmp_path / 'nosuch'}: no such folder"
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "annotations.csv").write_text("name:keypoints_y:keypoints_x\n")
+    assert f"hptransfer data split {single}" in one_error(["data", "check", str(single)])
+    # offline: where the file goes by hand, and the mirror option
+    line = one_error(["weights", "fetch", "vgg16", "--dir", str(tmp_path / "w"), "--base-url", "http://127.0.0.1:9/"])
+    assert "download failed" in line and f"copy it to {tmp_path / 'w' / 'vgg16-397923af.pth'}" in line
+    assert "--base-url" in line and "HPTRANSFER_VGG16" in line
+    # a run directory where an export is expected: its export/ is used, said in the log
+    run = tmp_path / "run"
+    shutil.copytree(corpus / "export", run / "export")
+    pose = tmp_path / "pose.csv"
+    from hptransfer.data import write_annotations
+    write_annotations(pose, {"p.jpg": np.array([[8 + 3 * i, 20 + i] for i in range(18)], np.float32)})
+    with caplog.at_level(logging.INFO):
+        assert main(["infer", "--checkpoint", str(run), "--reference", str(corpus / "ref.png"), "--pose",
+                     f"{pose}:p.jpg", "--out", str(tmp_path / "o.png"), "--device", "cpu"]) == 0
+    assert any(f"using its export {run / 'export'}" in r.getMessage() for r in caplog.records)
+    (run / "checkpoints").mkdir()
+    shutil.rmtree(run / "export")
+    assert "training run without an export yet" in one_error(
+        ["infer", "--checkpoint", str(run), "--reference", str(corpus / "ref.png"), "--pose", f"{pose}:p.jpg",
+         "--out", str(tmp_path / "o.png")])
+    # no VGG weights: how to train without them here, and what that costs
+    line = one_error(["train", "--config", DEMO_CONFIG, f"data.root={corpus / 'good'}", "--out", str(tmp_path / "r4"),
+                      "loss.vgg_weights=null", "stages.0.iterations=1"])
+    assert "vgg16-397923af.pth" in line and "loss.vgg_weights=random" in line and "NOT perceptual" in line
+    # a GPU-oriented config on a CPU: one line naming what it costs (before the data error stops it here)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        one_error(["train", "--config", str(ROOT / "configs" / "own_data_gpu.yaml"), f"data.root={tmp_path / 'none'}",
+                   "--out", str(tmp_path / "r5")])
+    costs = [r.getMessage() for r in caplog.records if "GPU-oriented settings on a CPU" in r.getMessage()]
+    assert len(costs) == 1 and "\n" not in costs[0]
+    assert "train.precision=bf16" in costs[0] and "data.workers=8" in costs[0] and "days" in costs[0]
+
+
+def test_overrides_may_come_between_options():
+    from hptransfer.cli import build_parser, parse_args_with_overrides
+
+    argv = ["train", "--config", "a.yaml", "data.root=x", "--out", "y", "train.lr=1e-4", "--overwrite"]
+    args = parse_args_with_overrides(build_parser("train"), argv)
+    assert args.overrides == ["data.root=x", "train.lr=1e-4"] and args.out == "y" and args.overwrite
+    with pytest.raises(SystemExit):  # anything else still unknown is argparse's error
+        parse_args_with_overrides(build_parser("train"), argv + ["--nope"])
+
+
+def test_garment_help_says_what_a_real_photo_needs(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["garment", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Needs a trained flow network and parsing maps from an outside parser" in text
+    for needed in ("SCHP", "CIHP_PGN", "--parsing-numbering cihp", "configs/garment_flow.yaml",
+                   "a neck, a shoulder and a hip", "docs/own-data.md"):
+        assert needed in text, needed

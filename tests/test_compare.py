@@ -65,7 +65,7 @@ def test_crop_applies_to_lpips_too(tmp_path):
     dirs, arrays = _folders(tmp_path, n=2)
     torch.manual_seed(0)
     got = compare(dirs["gt"], [("A", dirs["a"])], crop=(8, 56), metrics={"lpips"}, lpips_weights="random",
-                  device="cpu")["A"]["lpips_alex"]["value"]
+                  device="cpu")["results"]["A"]["lpips_alex"]["value"]
     torch.manual_seed(0)  # the same random backbone ("random": plumbing only, the numbers mean nothing)
     metric = LPIPSMetric("alex", "random", device="cpu")
     to_t = lambda arrs: torch.stack([torch.from_numpy(np.array(a)).permute(2, 0, 1) for a in arrs])  # noqa: E731
@@ -109,3 +109,27 @@ def test_eval_crop_applies_to_every_metric_not_only_ssim():
     kept = evaluate([(pred, gt, kp)], ["gaussian"], (8, 64), set(wanted), True, torch.device("cpu"))
     assert whole["ssim_gaussian"]["value"] < 0.99 and whole["local_ssim"]["value"] < 0.99
     assert kept["ssim_gaussian"]["value"] == pytest.approx(1.0) and kept["local_ssim"]["value"] == pytest.approx(1.0)
+
+
+def test_every_method_is_scored_on_the_same_images_and_the_dropped_are_named(tmp_path, caplog):
+    """A covers img0..img2, B img1..img3 (img3 has no ground truth): both are scored on img1 and img2."""
+    import logging
+
+    dirs, arrays = _folders(tmp_path, n=3)
+    (dirs["b"] / "img0.png").rename(dirs["b"] / "img3.png")
+    out = tmp_path / "t.json"
+    with caplog.at_level(logging.WARNING):
+        assert main(["compare", "--gt", str(dirs["gt"]), "--method", f"A={dirs['a']}", "--method", f"B={dirs['b']}",
+                     "--metrics", "ssim", "--out", str(out), "--md", str(tmp_path / "t.md"), "--device", "cpu"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["images"] == 2 and doc["dropped"] == {"A": ["img0.png"], "B": ["img3.png"]}
+    assert doc["ground_truth_unused"] == 1
+    for name, key in (("A", "a"), ("B", "b")):
+        want = np.mean([structural_similarity(arrays["gt"][i], arrays[key][i], channel_axis=-1, data_range=255,
+                                              **SK["gaussian"]) for i in (1, 2)])
+        got = doc["results"][name]["ssim_gaussian"]
+        assert got["n"] == 2 and got["value"] == pytest.approx(want, abs=1e-6), name
+    md = (tmp_path / "t.md").read_text()
+    assert "every method on the same 2 ground-truth images" in md and "A 1, B 1" in md
+    assert any("predictions left out: A 1 (first: img0.png), B 1 (first: img3.png)" in r.getMessage()
+               for r in caplog.records)

@@ -175,3 +175,23 @@ def test_fade_settings_are_checked():
     with pytest.raises(ConfigError, match="model.output_fade fades over model.input_fade's window"):
         load_config(None, ["model.output_fade=true"])
     assert load_config(None, ["model.input_fade=0.5", "model.output_fade=true"]).model.output_fade is True
+
+
+def test_a_typo_inside_a_file_is_named_with_that_file_not_the_overrides(tmp_path):
+    base = write(tmp_path, "train: {lr: 1.0e-3}\n")
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("model: {widht: 0.5}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config([base, overlay], ["train.seed=1"])
+    msg = str(e.value)
+    assert msg.startswith(f"{overlay}: unknown key 'model.widht'") and "with overrides" not in msg
+    with pytest.raises(ConfigError) as e:  # a bad value given by an override: named with the override
+        load_config(base, ["train.seed=1", "train.lr=fast"])
+    assert str(e.value).startswith("override 'train.lr=fast': train.lr='fast'")
+
+
+def test_stages_replaced_whole_by_an_override(tmp_path):
+    p = write(tmp_path, "stages: [{resolution: 64, iterations: 9, batch_size: 8}, {resolution: 128}]\n")
+    cfg = load_config(p, ["stages=[{resolution: 128, iterations: 5, batch_size: 2}, "
+                          "{resolution: 256, iterations: 7, batch_size: 1}]", "stages.1.iterations=8"])
+    assert [(s.resolution, s.iterations, s.batch_size) for s in cfg.stages] == [(128, 5, 2), (256, 8, 1)]

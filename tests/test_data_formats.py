@@ -183,3 +183,18 @@ def test_skip_bad_counts_on_cli(tmp_path, capsys):
     assert lines["images"] == ["2"] and lines["pairs"] == ["2"]
     assert main(["data", "check", str(root), "--skip-bad"]) == 0
     assert "skipped 3 bad rows/images" in capsys.readouterr().out
+
+
+def test_pairs_with_extra_columns_are_read_with_a_note(tmp_path, caplog):
+    import logging
+
+    p = tmp_path / "pairs.csv"
+    p.write_text("split,from,score,to\ntest,a.jpg,0.9,b.jpg\ntest,b.jpg,0.1,a.jpg\n")
+    with caplog.at_level(logging.INFO):
+        assert list(read_pairs(p)) == [("a.jpg", "b.jpg"), ("b.jpg", "a.jpg")]
+        read_pairs(p)  # noted once per file, not at every read
+    notes = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert notes == [f"{p}: columns 'split', 'score' ignored (a pair is its 'from' and 'to' columns)"]
+    p.write_text("source,target\na.jpg,b.jpg\n")
+    with pytest.raises(DataFormatError, match="row 1: header must name one 'from' and one 'to' column"):
+        read_pairs(p)

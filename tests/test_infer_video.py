@@ -202,3 +202,86 @@ def test_eval_generates_a_split(exported, tmp_path):
     (root / "synth.json").unlink()
     assert main(["eval", "--checkpoint", str(path), "--data", str(root), "--device", "cpu", "--metrics", "ssim",
                  "--pose-following"]) == 2
+
+
+def _messages(caplog, level=None):
+    import logging
+    return [r.getMessage() for r in caplog.records if level is None or r.levelno >= getattr(logging, level)]
+
+
+def test_infer_warns_when_pose_frame_and_reference_disagree(exported, tmp_path, caplog):
+    """A pose CSV of a 256x256 image against a 512x256 (H x W) reference: fit framing would take its
+    coordinates as pixels of the reference and draw the person at half size, shifted. Said, with the fix."""
+    import logging
+
+    from hptransfer.cli import main
+    from hptransfer.data import write_annotations
+    _, path = exported
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (512, 256, 3), dtype=np.uint8)).save(tmp_path / "tall.png")
+    kp = np.where(PERSON < 0, -1, PERSON * 256 / 80).astype(np.float32)  # the person filling a 256x256 image
+    write_annotations(tmp_path / "poses.csv", {"p.jpg": kp})
+    args = ["infer", "--checkpoint", str(path), "--reference", str(tmp_path / "tall.png"), "--pose",
+            f"{tmp_path / 'poses.csv'}:p.jpg", "--out", str(tmp_path / "o.png"), "--device", "cpu"]
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0
+    warned = _messages(caplog, "WARNING")
+    assert any("spans only 40%" in m and "512x256 reference" in m and "--pose-size" in m for m in warned), warned
+    assert any(m.startswith("framing: fit (the keypoints lie inside the 512x256 reference") for m in _messages(caplog))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # the pose's own frame given: no size warning, the shapes still differ
+        assert main(args + ["--pose-size", "256x256"]) == 0
+    warned = _messages(caplog, "WARNING")
+    assert not any("spans only" in m for m in warned)
+    assert any("pose's frame (256x256) and the reference (512x256) differ in shape" in m for m in warned), warned
+    caplog.clear()
+    # the CSV is a dataset's (its image beside it): the image's size is read, nothing assumed
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (256, 256)).save(tmp_path / "images" / "p.jpg")
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0
+    assert not any("spans only" in m for m in _messages(caplog, "WARNING"))
+    assert any("frame size is known" in m for m in _messages(caplog))
+
+
+def test_infer_warns_on_few_keypoints_and_says_why_it_frames_the_person(exported, tmp_path, caplog):
+    import logging
+
+    from hptransfer.cli import main
+    _, path = exported
+    ref = _reference(tmp_path)
+    few = np.full((18, 2), -1, np.float32)
+    few[:2] = PERSON[:2]  # nose and neck only
+    write_pose_fixtures(tmp_path, few, tag="few")
+    with caplog.at_level(logging.INFO):
+        assert main(["infer", "--checkpoint", str(path), "--reference", str(ref), "--pose",
+                     str(tmp_path / "op18few.json"), "--out", str(tmp_path / "o.png"), "--device", "cpu"]) == 0
+    assert any("only 2 of 18 keypoints (nose, neck)" in m for m in _messages(caplog, "WARNING"))
+    caplog.clear()
+    far = np.where(PERSON < 0, -1, PERSON * 10).astype(np.float32)  # a 800x600 frame's coordinates
+    write_pose_fixtures(tmp_path, far, tag="far")
+    with caplog.at_level(logging.INFO):
+        assert main(["infer", "--checkpoint", str(path), "--reference", str(ref), "--pose",
+                     str(tmp_path / "op18far.json"), "--out", str(tmp_path / "o.png"), "--device", "cpu"]) == 0
+    framing = [m for m in _messages(caplog) if m.startswith("framing: ")]
+    assert framing == ["framing: person (17 keypoints lie outside the 80x60 reference (up to y 720, x 420): the pose "
+                       "is in another frame's coordinates, so a box around the person)"]
+    assert not any("keypoints" in m and "only" in m for m in _messages(caplog, "WARNING"))
+
+
+def test_video_warns_once_for_poses_with_few_keypoints(exported, tmp_path, caplog):
+    import logging
+
+    from hptransfer.cli import main
+    from hptransfer.data import write_annotations
+    _, path = exported
+    ref = _reference(tmp_path)
+    seq = {f"f{t}.jpg": PERSON.copy() for t in range(4)}
+    for t in (1, 3):
+        seq[f"f{t}.jpg"][3:] = -1  # nose, neck, right shoulder only
+    write_annotations(tmp_path / "seq.csv", seq)
+    with caplog.at_level(logging.WARNING):
+        assert main(["video", "--checkpoint", str(path), "--reference", str(ref), "--poses", str(tmp_path / "seq.csv"),
+                     "--out", str(tmp_path / "v.mp4"), "--device", "cpu"]) == 0
+    few = [m for m in _messages(caplog, "WARNING") if "keypoints" in m and "only" in m]
+    assert len(few) == 1 and "(pose 1 of 4): only 3 of 18" in few[0] and "1 more poses have fewer than 8" in few[0]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from hptransfer.data.formats import (DataFormatError, atomic_write_bytes, read_annotations, read_pairs)
+from hptransfer.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +96,14 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     root = Path(args.root)
+    if not root.is_dir():
+        raise InputError(f"{root}: no such folder" if not root.exists() else f"{root}: not a folder")
     report = check_dataset(root, decode=not args.no_decode)
     if not report:
-        print(f"{root}: no annotations-<split>.csv found")
-        return 1
+        single = [n for n in ("annotations.csv", "pairs.csv") if (root / n).is_file()]
+        hint = (f" (it has {' and '.join(single)}: make the splits with `hptransfer data split {root}`)" if single
+                else " (a dataset holds images/, annotations-<split>.csv and pairs-<split>.csv)")
+        raise InputError(f"{root}: no annotations-<split>.csv found{hint}")
     print(format_report(report))
     bad = sum(len(r["problems"]) for r in report.values())
     if args.skip_bad:

@@ -15,6 +15,9 @@ SUBCOMMANDS = {
     "deepfashion": ("hptransfer.data.prepare_deepfashion", "DeepFashion In-shop + benchmark CSVs -> dataset"),
     "h36m": ("hptransfer.data.prepare_h36m", "Human3.6M videos/frames + 2D poses + masks -> dataset"),
     "video": ("hptransfer.data.prepare_video", "videos (+ OpenPose JSON or mediapipe) -> dataset"),
+    "photos": ("hptransfer.data.prepare_photos", "a folder of your photos (+ keypoint CSV or MediaPipe) -> "
+               "images/, annotations.csv, pairs.csv"),
+    "split": ("hptransfer.data.split", "annotations.csv + pairs.csv -> train/test split files, by person"),
 }
 
 

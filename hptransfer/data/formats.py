@@ -7,7 +7,8 @@ Annotations (``annotations-{split}.csv``, the real ``fasion-resize-annotation-*.
 
 18 OpenPose keypoints per list, in pixels of the image, ``-1`` for a missing keypoint.
 Pairs (``pairs-{split}.csv``, the real ``fasion-resize-pairs-*.csv``): header ``from,to``, or
-``,from,to`` with a leading index column as some released versions have.
+``,from,to`` with a leading index column as some released versions have; other named columns (a
+score, a split) are ignored with a note in the log.
 
 Every problem raises :class:`DataFormatError` naming file, row (1-based line number) and what is
 wrong; with ``skip_bad=True`` the bad row is skipped instead and the message is kept in the
@@ -156,8 +157,12 @@ def read_annotations(path, image_dir=None, skip_bad: bool = False,
     return out
 
 
+_NOTED_EXTRA_COLUMNS: set = set()  # pairs files whose extra columns were noted in the log (once each)
+
+
 def read_pairs(path, known_names: Optional[Iterable[str]] = None, skip_bad: bool = False) -> Pairs:
-    """Read a pairs file into ``[(from, to), ...]``; header ``from,to`` or ``,from,to``.
+    """Read a pairs file into ``[(from, to), ...]``. The header names a ``from`` and a ``to`` column (``from,to``,
+    ``,from,to`` with a leading index column, or more columns: those are ignored, noted once in the log).
 
     ``known_names``: when given, both names of each pair must be in it (e.g. the annotations).
     """
@@ -173,20 +178,23 @@ def read_pairs(path, known_names: Optional[Iterable[str]] = None, skip_bad: bool
 
     rows = list(csv.reader(io.StringIO(_read_text(path))))
     header = [h.strip() for h in rows[0]] if rows else []
-    if header == ["from", "to"]:
-        index_col = False
-    elif header == ["", "from", "to"]:
-        index_col = True
-    else:
-        raise DataFormatError(f"{path}: row 1: header must be 'from,to' or ',from,to', got {','.join(header)!r}")
-    width = 3 if index_col else 2
+    if header.count("from") != 1 or header.count("to") != 1:
+        raise DataFormatError(f"{path}: row 1: header must name one 'from' and one 'to' column (e.g. 'from,to'), "
+                              f"got {','.join(header)!r}")
+    i_from, i_to = header.index("from"), header.index("to")
+    extra = [h for i, h in enumerate(header) if i not in (i_from, i_to) and h]  # an unnamed index column: silent
+    if extra and str(path) not in _NOTED_EXTRA_COLUMNS:
+        _NOTED_EXTRA_COLUMNS.add(str(path))
+        log.info("%s: column%s %s ignored (a pair is its 'from' and 'to' columns)", path,
+                 "s" if len(extra) > 1 else "", ", ".join(repr(h) for h in extra))
+    width = len(header)
     for row, fields in enumerate(rows[1:], start=2):
         if not fields or all(not f.strip() for f in fields):
             continue
         if len(fields) != width:
             bad(row, f"expected {width} comma-separated fields, got {len(fields)}")
             continue
-        a, b = (f.strip() for f in fields[-2:])
+        a, b = fields[i_from].strip(), fields[i_to].strip()
         why = check_name(a) or check_name(b)
         if why:
             bad(row, why)

@@ -83,23 +83,30 @@ def count_frames(path: Path) -> tuple[int, float]:
 
 
 class MediaPipePose:
-    """MediaPipe Pose on a frame sequence: keypoints (18, 2) (y, x) and optionally the person mask."""
+    """MediaPipe Pose on a frame sequence (``static``: on unrelated photos, each detected afresh): keypoints
+    (18, 2) (y, x) and optionally the person mask."""
 
-    def __init__(self, segmentation: bool):
+    def __init__(self, segmentation: bool, static: bool = False):
         from hptransfer.errors import MissingDependency
-        from hptransfer.infer import import_mediapipe
+        from hptransfer.infer import import_mediapipe, quiet_native_logs
 
         try:
             mp = import_mediapipe()
         except MissingDependency:
             raise PrepareError(MEDIAPIPE_HINT) from None
-        self.pose = mp.solutions.pose.Pose(static_image_mode=False, model_complexity=1,
-                                           enable_segmentation=segmentation)
+        self.quiet = quiet_native_logs  # MediaPipe's C++ log lines go to the DEBUG log, not the console
+        with self.quiet():
+            self.pose = mp.solutions.pose.Pose(static_image_mode=static, model_complexity=1,
+                                               enable_segmentation=segmentation)
+            # The graph's calculators open (and log) in its own threads after the constructor returns: one
+            # blank frame waits for them inside the quiet window. No person in it: the next frame detects afresh.
+            self.pose.process(np.zeros((64, 64, 3), np.uint8))
 
     def __call__(self, frame: np.ndarray):
         from hptransfer.pose import _empty, from_mediapipe33
 
-        res = self.pose.process(frame)
+        with self.quiet():
+            res = self.pose.process(frame)
         kp = _empty() if res.pose_landmarks is None else from_mediapipe33(res.pose_landmarks, frame.shape[:2])
         mask = None if res.segmentation_mask is None else np.asarray(res.segmentation_mask) > 0.5
         return kp, mask

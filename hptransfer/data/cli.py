@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "deepfashion": ("hptransfer.data.prepare_deepfashion", "DeepFashion In-shop + benchmark CSVs -> dataset"),
     "h36m": ("hptransfer.data.prepare_h36m", "Human3.6M videos/frames + 2D poses + masks -> dataset"),
     "video": ("hptransfer.data.prepare_video", "videos (+ OpenPose JSON or mediapipe) -> dataset"),
+    "shard": ("hptransfer.data.shard_writer", "dataset folder -> tar shards with every stage's resolution"),
 }
 
 

@@ -332,24 +332,28 @@ def test_h36m_conversion_and_errors(tmp_path):
 
 
 def test_interrupted_run_resumes_without_redoing(tmp_path, monkeypatch):
+    """Ctrl-C after 4 frames with 2 workers: the frames in flight are finished and kept, the
+    manifest is one JSON line per image, and the rerun makes only the rest."""
     from hptransfer.data import prepare_common
     from hptransfer.data.prepare_h36m import prepare
 
     root = _h36m_tree(tmp_path)
     out = tmp_path / "out"
-    real_add = prepare_common.Manifest.add
+    real_submit = prepare_common.Manifest.submit
     calls = []
 
-    def flaky_add(self, *a, **kw):
+    def flaky_submit(self, *a, **kw):
         if len(calls) == 4:
             raise KeyboardInterrupt  # Ctrl-C after 4 images
         calls.append(1)
-        return real_add(self, *a, **kw)
+        return real_submit(self, *a, **kw)
 
-    monkeypatch.setattr(prepare_common.Manifest, "add", flaky_add)
+    monkeypatch.setattr(prepare_common.Manifest, "submit", flaky_submit)
     with pytest.raises(KeyboardInterrupt):
-        prepare(root, out, size=64)
-    monkeypatch.setattr(prepare_common.Manifest, "add", real_add)
+        prepare(root, out, size=64, workers=2)
+    monkeypatch.setattr(prepare_common.Manifest, "submit", real_submit)
     assert len(list((out / "images").rglob("*.jpg"))) == 4 and not list((out / "images").rglob("*.tmp"))
-    assert prepare(root, out, size=64)["written"] == 5  # only the remaining ones
+    lines = (out / prepare_common.MANIFEST).read_text().splitlines()
+    assert len(lines) == 1 + 4 and json.loads(lines[0])["settings"]["tool"] == "h36m"
+    assert prepare(root, out, size=64, workers=2)["written"] == 5  # only the remaining ones
     assert not any(r["problems"] for r in check_dataset(out).values())

@@ -300,6 +300,32 @@ def crop_resize(image, kp: np.ndarray, box, size: tuple[int, int]):
     return out, new
 
 
+def person_frame(source, kp: np.ndarray, mask, margin: Optional[float], size: int, label: str):
+    """A video frame made into a sample, in a sink's worker: ``source`` (an (H, W, 3) uint8 frame or an
+    image file), the background whitened where ``mask`` is given, cropped to a square box around the
+    person's keypoints (``margin`` of the body height, :func:`bbox_crop_box`) and resized to ``size``
+    unless ``margin`` is None (the whole frame). Returns (PIL image, (18, 2) keypoints); errors name
+    ``label`` (the sequence and frame)."""
+    from PIL import Image
+
+    if isinstance(source, np.ndarray):
+        img = Image.fromarray(source)
+    else:
+        try:
+            with Image.open(source) as im:
+                img = im.convert("RGB")
+        except OSError as e:
+            raise PrepareError(f"{source}: cannot read {label}: {e}") from None
+    if mask is not None:
+        try:
+            img = mask_background(img, mask)
+        except PrepareError as e:
+            raise PrepareError(f"{label}: {e}") from None
+    if margin is None:
+        return img, kp
+    return crop_resize(img, kp, bbox_crop_box(kp, img.width, img.height, 1.0, margin), (size, size))
+
+
 def inside_only(kp: np.ndarray, height: int, width: int) -> np.ndarray:
     """(18, 2) (y, x) with keypoints outside a ``height`` x ``width`` image set to -1 (missing)."""
     kp = np.array(kp, dtype=np.float32)

@@ -318,10 +318,14 @@ class ShardSink:
 
 
 # ----------------------------------------------------------------------------- sinks for the preparers
-def add_sink_arguments(parser) -> None:
-    """--workers and the shard options, shared by ``data shard`` and the preparation tools."""
+def add_sink_arguments(parser, shards_flag: bool = True) -> None:
+    """--workers and the shard options, shared by ``data shard`` and the preparation tools (which
+    also get ``--shards``: write OUT as a shard folder instead of images and CSVs)."""
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="processes making images (default: the cores this process may use)")
+    if shards_flag:
+        parser.add_argument("--shards", action="store_true",
+                            help="write --out as tar shards with every stage's resolution (no images/ folder)")
     parser.add_argument("--sizes", default=",".join(map(str, STAGE_SIZES)),
                         help="shards: the stage resolutions each sample holds, comma-separated")
     parser.add_argument("--shard-size", default="1GB", help="shards: bytes per tar shard (e.g. 1GB, 500MB)")
@@ -333,8 +337,16 @@ def add_sink_arguments(parser) -> None:
 
 
 def shard_options(args) -> ShardOptions:
+    if args.workers < 1:
+        raise PrepareError(f"--workers must be at least 1, got {args.workers}")
     return ShardOptions(sizes=parse_sizes(args.sizes), fit=args.fit, image_format=args.image_format,
                         quality=args.quality, shard_bytes=parse_bytes(args.shard_size))
+
+
+def sink_shards(args) -> Optional[ShardOptions]:
+    """A preparation tool's shard options: None without ``--shards`` (a folder)."""
+    opts = shard_options(args)
+    return opts if args.shards else None
 
 
 def open_sink(out, settings: dict, workers: int = 1, shards: Optional[ShardOptions] = None):
@@ -395,13 +407,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("out", help="output shard folder")
     parser.add_argument("--skip-bad", action="store_true", help="skip (and count) bad rows and images")
     parser.add_argument("--splits", nargs="+", help="splits to write (default: every annotations-<split>.csv)")
-    add_sink_arguments(parser)
+    add_sink_arguments(parser, shards_flag=False)
 
 
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    if args.workers < 1:
-        raise PrepareError(f"--workers must be at least 1, got {args.workers}")
     s = shard_folder(args.src, args.out, shard_options(args), args.workers, args.skip_bad, args.splits)
     from hptransfer.data.prepare_common import final_check
 

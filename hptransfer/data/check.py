@@ -139,7 +139,12 @@ def check_shards(root, decode: bool = True) -> dict:
                     problems.append(str(e) if isinstance(e, (DataFormatError, FileNotFoundError))
                                     else f"{where}: does not decode ({e})")
             if decode and i < 4:  # the json member's keypoints are the table's, mapped (a spot check)
-                meta = _json_member(shards, row, members)
+                try:
+                    meta = _json_member(shards, row, members)
+                except (OSError, ValueError) as e:
+                    problems.append(f"{root / shards.shards[int(row['shard'])]}: member {sample_key(int(row['key']))}"
+                                    f".json: unreadable ({e})")
+                    meta = None
                 if meta is not None:
                     for R in shards.sizes:
                         want = fit_keypoints(kp, int(row["hw"][0]), int(row["hw"][1]), R, shards.fit)

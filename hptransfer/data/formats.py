@@ -122,9 +122,11 @@ class ImageSizes:
     """(H, W) of a folder's images without opening them: ``image-sizes.csv`` (written by the
     preparation tools, ``data synth`` and by the first load of an older dataset).
 
-    Calling it with a name returns the indexed size, or reads that image's header (FileNotFoundError
-    / OSError as :func:`image_size`) and remembers it; :meth:`save` then writes the grown index
-    atomically, once, with one warning. A read-only folder keeps the scanned sizes in this process.
+    Calling it with a name returns the indexed size; the first name it lacks starts the one-time
+    scan: the headers of every image that any ``annotations-*.csv`` names (all splits, so the next
+    split finds them too); an image that cannot be read raises FileNotFoundError / OSError as
+    :func:`image_size` when it is asked for. :meth:`save` then writes the grown index atomically,
+    with one warning. A read-only folder keeps the scanned sizes in this process.
     """
 
     _memory: dict[str, dict] = {}  # root -> sizes scanned where the index could not be written
@@ -138,10 +140,24 @@ class ImageSizes:
 
     def __call__(self, name: str) -> tuple[int, int]:
         hw = self.sizes.get(name)
+        if hw is None and not self.scanned:
+            self._scan()
+            hw = self.sizes.get(name)
         if hw is None:
-            hw = self.sizes[name] = image_size(self.image_dir / name)
+            hw = self.sizes[name] = image_size(self.image_dir / name)  # raises for a bad image
             self.scanned += 1
         return hw
+
+    def _scan(self) -> None:
+        for ann in sorted(self.root.glob("annotations-*.csv")):
+            for line in _read_text(ann).splitlines()[1:]:
+                name = line.split(":", 1)[0].strip()
+                if name and name not in self.sizes and check_name(name) is None:
+                    try:
+                        self.sizes[name] = image_size(self.image_dir / name)
+                        self.scanned += 1
+                    except (OSError, ValueError, SyntaxError):
+                        pass  # reported when that image is asked for
 
     def save(self) -> None:
         """Write the index if images were scanned (the one-time scan of an older dataset)."""

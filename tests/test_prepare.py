@@ -146,6 +146,40 @@ def test_deepfashion_resume_missing_and_cli(tmp_path):
         prepare(img, bad, tmp_path / "o2")
 
 
+def test_deepfashion_workers_and_direct_shards(tmp_path):
+    """--workers 2 writes the same bytes as 1; --shards writes a shard folder (no images/) whose
+    names and keypoints are the folder's, and a rerun makes nothing again."""
+    import torch
+
+    from hptransfer.data.dataset import PairDataset
+    from hptransfer.data.formats import IMAGE_SIZES
+    from hptransfer.data.prepare_deepfashion import prepare
+    from hptransfer.data.shard_writer import ShardOptions
+    from hptransfer.data.shards import ShardPairDataset, ShardSet
+
+    img, ann, _ = _inshop(tmp_path)
+    one, two, sh = tmp_path / "one", tmp_path / "two", tmp_path / "sh"
+    prepare(img, ann, one, workers=1)
+    prepare(img, ann, two, workers=2)
+    for p in sorted(one.rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            assert p.read_bytes() == (two / p.relative_to(one)).read_bytes(), p
+    assert (one / IMAGE_SIZES).is_file()
+    s = prepare(img, ann, sh, workers=2, shards=ShardOptions(sizes=[64, 256], image_format="png"))
+    assert s["problems"] == 0 and s["written"] == 4 and not (sh / "images").exists()
+    shards = ShardSet(sh)
+    csv = read_annotations(one / "annotations-train.csv")
+    assert shards.names("train") == sorted(csv)
+    for name, row in zip(shards.names("train"), shards.table("train")):
+        assert np.array_equal(row["kp"], csv[name]) and tuple(row["hw"]) == (256, 176)
+    a, b = PairDataset(one, "train", 64), ShardPairDataset(sh, "train", 64)
+    assert len(a) == len(b) == 2
+    for i in range(2):
+        assert torch.equal(a[i]["kp_target"], b[i]["kp_target"])
+        assert (a[i]["reference"] - b[i]["reference"]).abs().mean() < 0.05  # the folder's JPEG generation apart
+    assert prepare(img, ann, sh, workers=1, shards=ShardOptions(sizes=[64, 256], image_format="png"))["written"] == 0
+
+
 # ---------------------------------------------------------------- video
 
 def _dot_pos(t):

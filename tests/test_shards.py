@@ -303,6 +303,20 @@ def _bad_x(root) -> str:
     return "\n".join(lines) + "\n"
 
 
+def test_dataset_pickles_without_its_table(png_shards):
+    """DALI's Python workers are spawned on a GPU (CUDA forbids fork): the dataset travels pickled,
+    without its memory-mapped table or open files, and reopens them there."""
+    import pickle
+
+    ds = ShardPairDataset(png_shards, "train", 32, flip=True, seed=1)
+    first = ds[0]
+    blob = pickle.dumps(ds)
+    assert ds.table[1:].tobytes() not in blob  # the table is not in it
+    again = pickle.loads(blob)
+    assert not again.shards._maps and not again.shards._fds
+    _items_equal(first, again[0], "unpickled")
+
+
 def test_shard_errors_name_what_is_wrong(png_shards, tmp_path):
     with pytest.raises(DataFormatError, match=r"hold \[16, 32, 64\] px, not 128 px"):
         ShardPairDataset(png_shards, "train", 128)

@@ -8,8 +8,8 @@ dataset itself so the two loaders cannot drift. The callback is a pure function 
 (stateless), so ``py_num_workers`` processes prepare several batches at once and a failed batch can
 be replayed in the main process to name its file. DALI does the expensive work: decoding
 (``device="mixed"`` = nvJPEG on a GPU, ``"cpu"`` in CPU-only mode with ``device_id=None``), for a
-folder the resize and the pad (shard members are stored at R x R already), the mirror and the
-normalisation to [-1, 1] NCHW. Use ``make_loader_for_config`` from the trainer (``data.loader``:
+folder the resize and the pad (shard members are stored at R x R already) and the mirror, and hands
+uint8 NCHW to torch, which maps it to [-1, 1] with the torch loader's own arithmetic. Use ``make_loader_for_config`` from the trainer (``data.loader``:
 auto = DALI on CUDA, torch on CPU), or ``make_dali_loader`` / ``make_dali_loader_from_dataset``.
 
 Differences from the torch loader, by design:

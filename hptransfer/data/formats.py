@@ -136,11 +136,11 @@ class ImageSizes:
         self.image_dir = self.root / "images"
         self.sizes = dict(read_image_sizes(self.root))
         self.sizes.update(self._memory.get(str(self.root.resolve()), {}))
-        self.scanned = 0
+        self.scanned, self._swept = 0, False
 
     def __call__(self, name: str) -> tuple[int, int]:
         hw = self.sizes.get(name)
-        if hw is None and not self.scanned:
+        if hw is None and not self._swept:
             self._scan()
             hw = self.sizes.get(name)
         if hw is None:
@@ -149,6 +149,7 @@ class ImageSizes:
         return hw
 
     def _scan(self) -> None:
+        self._swept = True
         for ann in sorted(self.root.glob("annotations-*.csv")):
             for line in _read_text(ann).splitlines()[1:]:
                 name = line.split(":", 1)[0].strip()

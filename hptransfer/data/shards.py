@@ -219,9 +219,17 @@ class ShardPairDataset(PairSource):
             raise DataFormatError(f"{self.root / MANIFEST}: the shards were written with fit={self.shards.fit!r}; "
                                   f"data.fit={fit!r} needs `hptransfer data shard --fit {fit}`")
         self.shards.column(self.resolution)  # the stage's size is there
-        self.table = self.shards.table(split)
-        self.pair_rows = self.shards.pairs(split)
+        self.table, self.pair_rows  # noqa: B018 - opened now: a bad table fails here, not in a worker
         self.problems: list[str] = []
+
+    @property
+    def table(self) -> np.ndarray:
+        """The split's rows, memory-mapped (reopened after pickling, not pickled)."""
+        return self.shards.table(self.split)
+
+    @property
+    def pair_rows(self) -> np.ndarray:
+        return self.shards.pairs(self.split)
 
     def __len__(self) -> int:
         return len(self.pair_rows)

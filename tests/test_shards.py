@@ -293,6 +293,20 @@ def test_no_image_header_read_at_training_start(folder, png_shards, tmp_path, mo
     assert opened == []
 
 
+def test_check_finds_a_stale_size_index(folder, tmp_path):
+    from hptransfer.data.check import check_dataset
+    from hptransfer.data.formats import read_image_sizes, write_image_sizes
+
+    root = tmp_path / "ds"
+    shutil.copytree(folder, root)
+    PairDataset(root, "train", 16)  # writes the index
+    sizes = read_image_sizes(root)
+    assert sizes["sub/p0.png"] == SHAPES[0]
+    write_image_sizes(root, {**sizes, "sub/p0.png": (5, 5)})
+    problems = [p for r in check_dataset(root, decode=False).values() for p in r["problems"]]
+    assert len(problems) == 1 and "sub/p0.png is 5x5 there, the image is 96x64" in problems[0]
+
+
 def _bad_x(root) -> str:
     """annotations-train.csv with row 3's first x far outside its image."""
     lines = (root / "annotations-train.csv").read_text().splitlines()
@@ -348,6 +362,15 @@ def test_cli_shard_check_show(folder, tmp_path, capsys):
     assert main(["data", "shard", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
     assert "no annotations" in capsys.readouterr().err
     assert main(["data", "shard", str(folder), str(tmp_path / "y"), "--shard-size", "big"]) == 2
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "images" / "sub/p1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 9)
+    args = ["data", "shard", str(broken), str(tmp_path / "z"), "--sizes", "16", "--workers", "1"]
+    assert main(args) == 2
+    assert "sub/p1.png is unreadable" in capsys.readouterr().err
+    assert main(args[:3] + [str(tmp_path / "z2")] + args[4:] + ["--skip-bad"]) == 0
+    assert "skipped 1" in capsys.readouterr().out
+    assert len(ShardPairDataset(tmp_path / "z2", "train", 16)) < 12  # its pairs went with it
 
 
 @pytest.fixture(scope="module")

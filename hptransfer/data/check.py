@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hptransfer.data.formats import (DataFormatError, atomic_write_bytes, read_annotations, read_pairs)
+from hptransfer.data.formats import (IMAGE_SIZES, DataFormatError, atomic_write_bytes, read_annotations,
+                                     read_image_sizes, read_pairs)
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,14 @@ def check_dataset(root, decode: bool = True) -> dict:
     root = Path(root)
     if is_shard_root(root):
         return check_shards(root, decode)
+    index_problems = []
+    try:
+        indexed = read_image_sizes(root)
+    except DataFormatError as e:
+        indexed, index_problems = {}, [str(e)]
     report = {}
     for split in splits_in(root):
-        problems: list[str] = []
+        problems: list[str] = [] if report else list(index_problems)
         stats = {"images": 0, "pairs": 0, "visible": np.zeros(18, np.int64), "sizes": Counter(), "problems": problems}
         try:
             ann = read_annotations(root / f"annotations-{split}.csv", image_dir=root / "images", skip_bad=True)
@@ -50,6 +56,9 @@ def check_dataset(root, decode: bool = True) -> dict:
         stats["images"] = len(ann)
         for name, kp in ann.items():
             stats["visible"] += (kp >= 0).all(axis=1)
+            if name in indexed and tuple(indexed[name]) != ann.sizes.get(name, indexed[name]):
+                problems.append(f"{root / IMAGE_SIZES}: {name} is {indexed[name][0]}x{indexed[name][1]} there, the image "
+                                f"is {ann.sizes[name][0]}x{ann.sizes[name][1]} (delete the file to have it rebuilt)")
             stats["sizes"][ann.sizes.get(name)] += 1
             if decode:
                 try:

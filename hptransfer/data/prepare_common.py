@@ -84,12 +84,19 @@ class JsonLines:
 
 
 class WorkerPool:
-    """Jobs in ``workers`` forked processes (in this one for 1), results in submission order, at
-    most 2 per worker in flight (frames are large)."""
+    """Jobs in ``workers`` processes (in this one for 1), results in submission order, at most 2 per
+    worker in flight (frames are large). The processes come from a fork server: they do not inherit
+    the threads of libraries the tool has started (MediaPipe, torch), which a plain fork could
+    deadlock on; jobs and their arguments are pickled."""
 
     def __init__(self, workers: int):
         self.workers = max(1, int(workers))
-        self.pool = multiprocessing.get_context("fork").Pool(self.workers) if self.workers > 1 else None
+        self.pool = None
+        if self.workers > 1:
+            ctx = multiprocessing.get_context("forkserver")
+            # The server imports the jobs' modules once (torch among them); each worker forks from it ready.
+            ctx.set_forkserver_preload(["hptransfer.data.shard_writer"])
+            self.pool = ctx.Pool(self.workers)
         self.pending: collections.deque = collections.deque()
 
     def submit(self, fn: Callable, *args) -> list:

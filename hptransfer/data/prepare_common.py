@@ -45,12 +45,15 @@ class JsonLines:
     ``records`` are the lines after the first, read at opening. A last line torn by a kill is
     dropped (the file is cut back to its last newline). With other ``settings`` than the file's,
     ``on_mismatch`` = "restart" starts the file afresh with a warning, "error" raises PrepareError.
+    Nothing is written before the first :meth:`append` (a tool that fails early leaves no output).
     """
 
     def __init__(self, path, settings: dict, on_mismatch: str = "restart"):
         self.path = Path(path)
         self.settings = settings
         self.records: list[dict] = []
+        self.file = None
+        self.fresh = True  # the first append starts the file (header line)
         if self.path.exists():
             data = self.path.read_bytes()
             end = data.rfind(b"\n") + 1
@@ -58,6 +61,7 @@ class JsonLines:
             head = json.loads(lines[0]).get("settings") if lines else None
             if head == settings:
                 self.records = [json.loads(line) for line in lines[1:]]
+                self.fresh = False
                 if end < len(data):
                     with open(self.path, "r+b") as f:
                         f.truncate(end)
@@ -66,21 +70,20 @@ class JsonLines:
                                    "another output folder or delete this one")
             else:
                 log.warning("%s: settings changed (%s -> %s); redoing every image", self.path, head, settings)
-                self._start()
-        else:
-            self._start()
-        self.file = open(self.path, "ab")
-
-    def _start(self) -> None:
-        atomic_write_text(self.path, json.dumps({"settings": self.settings}) + "\n")
 
     def append(self, record: dict) -> None:
         """One line, written with one call and flushed: a kill leaves at most a torn last line."""
+        if self.file is None:
+            if self.fresh:
+                atomic_write_text(self.path, json.dumps({"settings": self.settings}) + "\n")
+            self.file = open(self.path, "ab")
         self.file.write((json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8"))
         self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 class WorkerPool:
@@ -152,7 +155,6 @@ class Manifest:
     def __init__(self, out: Path, settings: dict, workers: int = 1):
         self.out = Path(out)
         self.path = self.out / MANIFEST
-        self.out.mkdir(parents=True, exist_ok=True)
         self._import_old(settings)
         self.log = JsonLines(self.path, settings)
         self.done: dict[str, dict] = {r["name"]: r for r in self.log.records}

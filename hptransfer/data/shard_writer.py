@@ -161,6 +161,7 @@ class _OpenShard:
         from webdataset import TarWriter
 
         self.name, self.path = name, out / name
+        out.mkdir(parents=True, exist_ok=True)
         self.tmp = out / f".{name}.tmp"
         self.file = _HashingFile(self.tmp)
         self.writer = TarWriter(self.file, encoder=False, mtime=0)
@@ -176,7 +177,6 @@ class ShardSink:
 
     def __init__(self, out, settings: dict, opts: ShardOptions, workers: int = 1):
         self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.opts = opts
         self.settings = {"tool": settings, **asdict(opts)}
         for stale in self.out.glob(".*.tar.tmp"):
@@ -371,22 +371,24 @@ def shard_folder(src, out, opts: ShardOptions, workers: int = 1, skip_bad: bool 
         for kind in ("annotations", "pairs"):
             p = src / f"{kind}-{split}.csv"
             source[f"{kind}-{split}.csv sha256"] = hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else None
+    tables, skipped = {}, 0
+    for split in splits:  # all read before anything is written: bad rows stop the command here
+        ann = read_annotations(src / f"annotations-{split}.csv", skip_bad=skip_bad)
+        pairs = read_pairs(src / f"pairs-{split}.csv", known_names=ann.keys(), skip_bad=skip_bad)
+        skipped += len(ann.problems) + len(pairs.problems)
+        tables[split] = (ann, pairs)
     sink = ShardSink(out, source, opts, workers)
     job = _folder_image_or_skip if skip_bad else _folder_image
-    tables, skipped = {}, 0
     try:
-        for split in splits:
-            ann = read_annotations(src / f"annotations-{split}.csv", skip_bad=skip_bad)
-            pairs = read_pairs(src / f"pairs-{split}.csv", known_names=ann.keys(), skip_bad=skip_bad)
-            skipped += len(ann.problems) + len(pairs.problems)
+        for split, (ann, _) in tables.items():
             names = sorted(ann)
             for name in progress(names, total=len(names), desc=f"shard {split}"):
                 if not sink.is_done(name):
                     sink.submit(name, split, job, src / "images" / name, ann[name])
-            tables[split] = (names, pairs)
     finally:
         sink.finish()
-    for split, (names, pairs) in tables.items():
+    for split, (ann, pairs) in tables.items():
+        names = sorted(ann)
         kept = [n for n in names if sink.is_done(n)]
         dropped = len(names) - len(kept)
         kept_set = set(kept)

@@ -76,6 +76,7 @@ class JsonLines:
         if self.file is None:
             if self.fresh:
                 atomic_write_text(self.path, json.dumps({"settings": self.settings}) + "\n")
+                self.fresh = False
             self.file = open(self.path, "ab")
         self.file.write((json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8"))
         self.file.flush()

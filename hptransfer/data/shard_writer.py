@@ -197,7 +197,7 @@ class ShardSink:
         self.open: dict[str, _OpenShard] = {}
         self.pool = WorkerPool(workers)
         self.writes = 0
-        self.splits: dict[str, tuple] = {}
+        self.splits: dict[str, dict] = {}  # split -> its manifest entry, as written by write_split
 
     # -- Manifest's interface
     def is_done(self, name: str) -> bool:
@@ -226,6 +226,7 @@ class ShardSink:
                 self._commit(split)
         finally:
             self.pool.close()
+            self.log.close()
 
     def write_split(self, split: str, annotations: dict, pairs: list) -> None:
         """The split's table (rows in the order of ``annotations``' names; the keypoints are the ones
@@ -241,13 +242,13 @@ class ShardSink:
         index_of = {s["shard"]: k for k, s in enumerate(self.shards)}
         indexes: dict[str, dict] = {}
         table = np.zeros(len(names), table_dtype(len(self.opts.sizes)))
+        exts = [f"{R}.{self.opts.image_format}" for R in self.opts.sizes]
         for i, name in enumerate(names):
             rec = self.done[name]
             shard = rec["shard"]
             if shard not in indexes:
                 indexes[shard] = dict(read_wds_index(self.out / shard.replace(".tar", ".idx")))
             members = indexes[shard][sample_key(rec["key"])]
-            exts = [f"{R}.{self.opts.image_format}" for R in self.opts.sizes]
             table[i] = (index_of[shard], rec["key"], rec["hw"], np.asarray(rec["kp"], np.float32).reshape(18, 2),
                         [members[e][0] for e in exts], [members[e][1] for e in exts], rec["crc"])
         pair_rows = np.array([(row_of[a], row_of[b]) for a, b in pairs], np.int32).reshape(-1, 2)

@@ -272,12 +272,29 @@ def cpu_cost_warning(cfg: Config, device: torch.device) -> Optional[str]:
 
 
 def _dataset(cfg: Config, split: str, resolution: int, flip: bool):
+    """The split's pair dataset at ``resolution``: a shard folder or a folder, as data.root holds."""
     if cfg.task == "garment_flow":
         return flow_task.dataset(cfg, split, resolution, flip)
-    from hptransfer.data import PairDataset
+    from hptransfer.data.shards import open_pair_dataset
 
-    return PairDataset(cfg.data.root, split, resolution, flip=flip, fit=cfg.data.fit, skip_bad=cfg.data.skip_bad,
-                       seed=cfg.train.seed)
+    return open_pair_dataset(cfg.data.root, split, resolution, flip=flip, fit=cfg.data.fit,
+                             skip_bad=cfg.data.skip_bad, seed=cfg.train.seed)
+
+
+def _check_dataset(cfg: Config, backend: Backend) -> None:
+    """Open the training data on rank 0 first (an older folder's one-time image-size scan writes its
+    index there, once), then on the others; rank 0's error is raised on every rank."""
+    error = None
+    if backend.is_main:
+        try:
+            _dataset(cfg, cfg.data.train_split, cfg.stages[0].resolution, flip=False)
+        except Exception as e:  # raised on every rank below: none may wait in a collective for rank 0
+            error = e
+    error = backend.broadcast_object(error)
+    if error is not None:
+        raise error
+    if not backend.is_main:
+        _dataset(cfg, cfg.data.train_split, cfg.stages[0].resolution, flip=False)
 
 
 class _Batches:
@@ -379,7 +396,7 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
     resume_from, state = _where_to_start(resume, overwrite, out_dir, backend)  # before anything is written there
     # What a user can get wrong is read before anything is written: bad training data or missing VGG
     # weights stop the run with out_dir as it was.
-    _dataset(cfg, cfg.data.train_split, cfg.stages[0].resolution, flip=False)
+    _check_dataset(cfg, backend)
     vgg = _build_vgg(cfg, backend)
     if backend.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,8 @@ LAYERS = {
               "hptransfer.ablate", "hptransfer.compare", "hptransfer.garment", "hptransfer.garment_eval",
               "hptransfer.doctor", "hptransfer.models.summary", "hptransfer.data.cli", "hptransfer.data.check",
               "hptransfer.data.prepare_common", "hptransfer.data.prepare_deepfashion", "hptransfer.data.prepare_h36m",
-              "hptransfer.data.prepare_video", "hptransfer.data.prepare_photos", "hptransfer.data.split"],
+              "hptransfer.data.prepare_video", "hptransfer.data.prepare_photos", "hptransfer.data.split",
+              "hptransfer.data.shard_writer"],
 }
 ORDER = list(LAYERS)
 # ops' private modules and names are for ops alone; everything above uses hptransfer.ops' public names

@@ -72,6 +72,8 @@ def _cases(d: Path, out: Path):
         ("data synth", ["data", "synth", "--out", str(d / "bad.json" / "x"), "--identities", "2", "--poses", "2",
                         "--size", "64", "--workers", "1"], str(d / "bad.json"), []),
         ("data show", ["data", "show", str(d / "bad"), "--out", str(out / "grid.png")], bad_row, [out / "grid.png"]),
+        ("data shard", ["data", "shard", str(d / "bad"), str(out / "shards"), "--sizes", "64", "--workers", "1"],
+         bad_row, [out / "shards"]),
         ("data deepfashion", ["data", "deepfashion", "--images", str(d / "df_img"), "--annotations", str(d / "df_csv"),
                               "--out", str(out / "df")], str(d / "df_img"), [out / "df"]),
         ("data h36m", ["data", "h36m", "--root", str(d / "h36m"), "--out", str(out / "h36m")], str(d / "h36m"),

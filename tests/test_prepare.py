@@ -146,6 +146,40 @@ def test_deepfashion_resume_missing_and_cli(tmp_path):
         prepare(img, bad, tmp_path / "o2")
 
 
+def test_deepfashion_workers_and_direct_shards(tmp_path):
+    """--workers 2 writes the same bytes as 1; --shards writes a shard folder (no images/) whose
+    names and keypoints are the folder's, and a rerun makes nothing again."""
+    import torch
+
+    from hptransfer.data.dataset import PairDataset
+    from hptransfer.data.formats import IMAGE_SIZES
+    from hptransfer.data.prepare_deepfashion import prepare
+    from hptransfer.data.shard_writer import ShardOptions
+    from hptransfer.data.shards import ShardPairDataset, ShardSet
+
+    img, ann, _ = _inshop(tmp_path)
+    one, two, sh = tmp_path / "one", tmp_path / "two", tmp_path / "sh"
+    prepare(img, ann, one, workers=1)
+    prepare(img, ann, two, workers=2)
+    for p in sorted(one.rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            assert p.read_bytes() == (two / p.relative_to(one)).read_bytes(), p
+    assert (one / IMAGE_SIZES).is_file()
+    s = prepare(img, ann, sh, workers=2, shards=ShardOptions(sizes=[64, 256], image_format="png"))
+    assert s["problems"] == 0 and s["written"] == 4 and not (sh / "images").exists()
+    shards = ShardSet(sh)
+    csv = read_annotations(one / "annotations-train.csv")
+    assert shards.names("train") == sorted(csv)
+    for name, row in zip(shards.names("train"), shards.table("train")):
+        assert np.array_equal(row["kp"], csv[name]) and tuple(row["hw"]) == (256, 176)
+    a, b = PairDataset(one, "train", 64), ShardPairDataset(sh, "train", 64)
+    assert len(a) == len(b) == 2
+    for i in range(2):
+        assert torch.equal(a[i]["kp_target"], b[i]["kp_target"])
+        assert (a[i]["reference"] - b[i]["reference"]).abs().mean() < 0.05  # the folder's JPEG generation apart
+    assert prepare(img, ann, sh, workers=1, shards=ShardOptions(sizes=[64, 256], image_format="png"))["written"] == 0
+
+
 # ---------------------------------------------------------------- video
 
 def _dot_pos(t):
@@ -332,24 +366,28 @@ def test_h36m_conversion_and_errors(tmp_path):
 
 
 def test_interrupted_run_resumes_without_redoing(tmp_path, monkeypatch):
+    """Ctrl-C after 4 frames with 2 workers: the frames in flight are finished and kept, the
+    manifest is one JSON line per image, and the rerun makes only the rest."""
     from hptransfer.data import prepare_common
     from hptransfer.data.prepare_h36m import prepare
 
     root = _h36m_tree(tmp_path)
     out = tmp_path / "out"
-    real_add = prepare_common.Manifest.add
+    real_submit = prepare_common.Manifest.submit
     calls = []
 
-    def flaky_add(self, *a, **kw):
+    def flaky_submit(self, *a, **kw):
         if len(calls) == 4:
             raise KeyboardInterrupt  # Ctrl-C after 4 images
         calls.append(1)
-        return real_add(self, *a, **kw)
+        return real_submit(self, *a, **kw)
 
-    monkeypatch.setattr(prepare_common.Manifest, "add", flaky_add)
+    monkeypatch.setattr(prepare_common.Manifest, "submit", flaky_submit)
     with pytest.raises(KeyboardInterrupt):
-        prepare(root, out, size=64)
-    monkeypatch.setattr(prepare_common.Manifest, "add", real_add)
+        prepare(root, out, size=64, workers=2)
+    monkeypatch.setattr(prepare_common.Manifest, "submit", real_submit)
     assert len(list((out / "images").rglob("*.jpg"))) == 4 and not list((out / "images").rglob("*.tmp"))
-    assert prepare(root, out, size=64)["written"] == 5  # only the remaining ones
+    lines = (out / prepare_common.MANIFEST).read_text().splitlines()
+    assert len(lines) == 1 + 4 and json.loads(lines[0])["settings"]["tool"] == "h36m"
+    assert prepare(root, out, size=64, workers=2)["written"] == 5  # only the remaining ones
     assert not any(r["problems"] for r in check_dataset(out).values())

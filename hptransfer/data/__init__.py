@@ -1,5 +1,5 @@
-"""Datasets in the DeepFashion pose-transfer benchmark format: readers/writers, the PyTorch pair
-dataset and loader, synthetic people, checks. Names load lazily so ``hptransfer.data.synth`` and
+"""Datasets in the DeepFashion pose-transfer benchmark format (folders) and as tar shards
+(docs/data.md): readers/writers, the PyTorch pair datasets and loader, synthetic people, checks. Names load lazily so ``hptransfer.data.synth`` and
 the format readers do not import torch's DataLoader machinery until needed."""
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ _EXPORTS = {
     "DataFormatError": "formats", "read_annotations": "formats", "read_pairs": "formats",
     "write_annotations": "formats", "write_pairs": "formats",
     "PairDataset": "dataset", "make_loader": "dataset",
+    "ShardPairDataset": "shards", "open_pair_dataset": "shards",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "photos": ("hptransfer.data.prepare_photos", "a folder of your photos (+ keypoint CSV or MediaPipe) -> "
                "images/, annotations.csv, pairs.csv"),
     "split": ("hptransfer.data.split", "annotations.csv + pairs.csv -> train/test split files, by person"),
+    "shard": ("hptransfer.data.shard_writer", "dataset folder -> tar shards with every stage's resolution"),
 }
 
 

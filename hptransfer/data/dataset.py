@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from hptransfer.data.formats import DataFormatError, read_annotations, read_pairs
+from hptransfer.data.formats import DataFormatError, ImageSizes, read_annotations, read_pairs
 from hptransfer.pose import flip_keypoints
 
 log = logging.getLogger(__name__)
@@ -91,37 +91,19 @@ def load_image(path: Path):
         raise DataFormatError(f"image file {path} is unreadable: {e}") from None
 
 
-class PairDataset(Dataset):
-    """(reference, target) pairs of one split at resolution R.
-
-    Item: ``{"reference": (3, R, R) float32 [-1, 1], "target": (3, R, R), "kp_reference": (18, 2)
-    float32 (y, x) at R, "kp_target": (18, 2), "index": int}``. With ``flip=True`` both images and
-    both keypoint sets of a pair are mirrored together, at random with probability 1/2 from a
-    generator seeded by (seed, epoch, index): reproducible whatever the worker or order.
-    ``skip_bad``: bad annotation/pair rows are skipped (counted in ``.problems``) and an image that
-    fails to decode is replaced by the next pair (counted in ``.decode_failures`` per process).
-    """
+class PairSource(Dataset):
+    """What every pair dataset shares: the item dict, flips seeded by (seed, epoch, index), and the
+    ``skip_bad`` replacement of an unreadable pair by the next one. A subclass gives ``__len__``,
+    ``_pair(i)`` -> (a, b) image ids, ``_load(id)`` -> (image (3, R, R), keypoints (18, 2)) and
+    ``_describe(id)`` (the file or member, for messages)."""
 
     def __init__(self, root, split: str, resolution: int, flip: bool = False, fit: str = "pad",
-                 skip_bad: bool = False, seed: int = 0, check_images: bool = True):
+                 skip_bad: bool = False, seed: int = 0):
         self.root = Path(root)
         self.split, self.resolution, self.flip, self.fit = split, int(resolution), bool(flip), fit
         self.skip_bad, self.seed, self.epoch = bool(skip_bad), int(seed), 0
         fit_geometry(1, 1, 1, fit)  # validates fit
-        self.image_dir = self.root / "images"
-        ann_path = self.root / f"annotations-{split}.csv"
-        pairs_path = self.root / f"pairs-{split}.csv"
-        for p in (ann_path, pairs_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"{p}: no such file (dataset root {self.root}, split {split!r})")
-        self.annotations = read_annotations(ann_path, image_dir=self.image_dir if check_images else None,
-                                            skip_bad=skip_bad)
-        self.pairs = read_pairs(pairs_path, known_names=self.annotations.keys(), skip_bad=skip_bad)
-        self.problems = self.annotations.problems + self.pairs.problems
         self.decode_failures = 0
-
-    def __len__(self) -> int:
-        return len(self.pairs)
 
     def set_epoch(self, epoch: int, seed: Optional[int] = None) -> None:
         """Flips of epoch ``epoch`` (and of run seed ``seed`` when given); call before making the
@@ -135,32 +117,77 @@ class PairDataset(Dataset):
             return False
         return bool(np.random.default_rng([self.seed, self.epoch, index]).random() < 0.5)
 
-    def _load(self, name: str):
-        img = load_image(self.image_dir / name)
-        kp = fit_keypoints(self.annotations[name], img.height, img.width, self.resolution, self.fit)
-        return to_tensor(fit_image(img, self.resolution, self.fit)), torch.from_numpy(kp)
-
-    def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        for attempt in range(len(self.pairs)):
-            i = (index + attempt) % len(self.pairs)
-            a, b = self.pairs[i]
+    def readable_pair(self, index: int, load=None):
+        """(skipped, load(ref id), load(tgt id)) of pair ``index`` or, under ``skip_bad``, of the next
+        pair whose images load (``skipped`` pairs were passed over, each logged). ``load`` defaults
+        to ``_load`` (decoded tensors); the DALI sources load encoded bytes instead."""
+        load = load or self._load
+        n = len(self)
+        for attempt in range(n):
+            a, b = self._pair((index + attempt) % n)
             try:
-                ref, kp_ref = self._load(a)
-                tgt, kp_tgt = self._load(b)
-                break
+                return attempt, load(a), load(b)
             except (DataFormatError, FileNotFoundError) as e:
                 if not self.skip_bad:
                     raise
                 self.decode_failures += 1
-                log.warning("skipping pair %d (%s -> %s): %s", i, a, b, e)
-        else:
-            raise DataFormatError(f"{self.root}: no readable pair in split {self.split!r}")
+                log.warning("skipping pair %d (%s -> %s): %s", (index + attempt) % n, self._describe(a),
+                            self._describe(b), e)
+        raise DataFormatError(f"{self.root}: no readable pair in split {self.split!r}")
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        _, (ref, kp_ref), (tgt, kp_tgt) = self.readable_pair(index)
         if self._flip_for(index):
             R = self.resolution
             ref, tgt = ref.flip(-1), tgt.flip(-1)
             kp_ref, kp_tgt = flip_keypoints(kp_ref, R), flip_keypoints(kp_tgt, R)
         return {"reference": ref, "target": tgt, "kp_reference": kp_ref, "kp_target": kp_tgt, "index": index}
+
+
+class PairDataset(PairSource):
+    """(reference, target) pairs of one split at resolution R, from a folder (images and CSVs).
+
+    Item: ``{"reference": (3, R, R) float32 [-1, 1], "target": (3, R, R), "kp_reference": (18, 2)
+    float32 (y, x) at R, "kp_target": (18, 2), "index": int}``. With ``flip=True`` both images and
+    both keypoint sets of a pair are mirrored together, at random with probability 1/2 from a
+    generator seeded by (seed, epoch, index): reproducible whatever the worker or order.
+    ``skip_bad``: bad annotation/pair rows are skipped (counted in ``.problems``) and an image that
+    fails to decode is replaced by the next pair (counted in ``.decode_failures`` per process).
+    ``check_images``: keypoints are checked against each image's size, taken from the folder's
+    ``image-sizes.csv`` (no image is opened); an older folder without it has its headers read once
+    and the index written (:class:`hptransfer.data.formats.ImageSizes`).
+    """
+
+    def __init__(self, root, split: str, resolution: int, flip: bool = False, fit: str = "pad",
+                 skip_bad: bool = False, seed: int = 0, check_images: bool = True):
+        super().__init__(root, split, resolution, flip=flip, fit=fit, skip_bad=skip_bad, seed=seed)
+        self.image_dir = self.root / "images"
+        ann_path = self.root / f"annotations-{split}.csv"
+        pairs_path = self.root / f"pairs-{split}.csv"
+        for p in (ann_path, pairs_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"{p}: no such file (dataset root {self.root}, split {split!r})")
+        sizes = ImageSizes(self.root) if check_images else None
+        self.annotations = read_annotations(ann_path, image_sizes=sizes, skip_bad=skip_bad)
+        if sizes is not None:
+            sizes.save()
+        self.pairs = read_pairs(pairs_path, known_names=self.annotations.keys(), skip_bad=skip_bad)
+        self.problems = self.annotations.problems + self.pairs.problems
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _pair(self, i: int):
+        return self.pairs[i]
+
+    def _describe(self, name: str) -> str:
+        return name
+
+    def _load(self, name: str):
+        img = load_image(self.image_dir / name)
+        kp = fit_keypoints(self.annotations[name], img.height, img.width, self.resolution, self.fit)
+        return to_tensor(fit_image(img, self.resolution, self.fit)), torch.from_numpy(kp)
 
 
 class _SkipSampler(Sampler):
@@ -197,7 +224,7 @@ def make_loader(dataset, batch_size: int, *, workers: int, seed: int, rank: int 
     Sets the epoch (and for a :class:`PairDataset` the seed) of the dataset's flips, so they are a
     function of (seed, epoch, index) too.
     """
-    if isinstance(dataset, PairDataset):
+    if isinstance(dataset, PairSource):
         dataset.set_epoch(epoch, seed=seed)
     elif hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)

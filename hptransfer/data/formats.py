@@ -86,15 +86,111 @@ def image_size(path: Path) -> tuple[int, int]:
         return im.height, im.width
 
 
+IMAGE_SIZES = "image-sizes.csv"  # the folder's size index: name,height,width (header), one row per image
+_SIZES_HEADER = "name,height,width"
+
+
+def read_image_sizes(root) -> dict[str, tuple[int, int]]:
+    """``{name: (H, W)}`` from ``root/image-sizes.csv``; empty when the file is absent."""
+    path = Path(root) / IMAGE_SIZES
+    if not path.is_file():
+        return {}
+    rows = list(csv.reader(io.StringIO(_read_text(path))))
+    if not rows or ",".join(h.strip() for h in rows[0]) != _SIZES_HEADER:
+        raise DataFormatError(f"{path}: row 1: header must be {_SIZES_HEADER!r}")
+    out = {}
+    for row, fields in enumerate(rows[1:], start=2):
+        try:
+            name, h, w = fields
+            out[name] = (int(h), int(w))
+        except ValueError:
+            raise DataFormatError(f"{path}: row {row}: expected name,height,width with integer sizes, "
+                                  f"got {','.join(fields)[:80]!r}") from None
+    return out
+
+
+def write_image_sizes(root, sizes: Mapping[str, Sequence[int]]) -> None:
+    """Write ``{name: (H, W)}`` as ``root/image-sizes.csv`` (sorted by name), atomically."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(_SIZES_HEADER.split(","))
+    for name in sorted(sizes):
+        w.writerow([name, int(sizes[name][0]), int(sizes[name][1])])
+    atomic_write_text(Path(root) / IMAGE_SIZES, buf.getvalue())
+
+
+class ImageSizes:
+    """(H, W) of a folder's images without opening them: ``image-sizes.csv`` (written by the
+    preparation tools, ``data synth`` and by the first load of an older dataset).
+
+    Calling it with a name returns the indexed size; the first name it lacks starts the one-time
+    scan: the headers of every image that any ``annotations-*.csv`` names (all splits, so the next
+    split finds them too); an image that cannot be read raises FileNotFoundError / OSError as
+    :func:`image_size` when it is asked for. :meth:`save` then writes the grown index atomically,
+    with one warning. A read-only folder keeps the scanned sizes in this process.
+    """
+
+    _memory: dict[str, dict] = {}  # root -> sizes scanned where the index could not be written
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.image_dir = self.root / "images"
+        self.sizes = dict(read_image_sizes(self.root))
+        self.sizes.update(self._memory.get(str(self.root.resolve()), {}))
+        self.scanned, self._swept = 0, False
+
+    def __call__(self, name: str) -> tuple[int, int]:
+        hw = self.sizes.get(name)
+        if hw is None and not self._swept:
+            self._scan()
+            hw = self.sizes.get(name)
+        if hw is None:
+            hw = self.sizes[name] = image_size(self.image_dir / name)  # raises for a bad image
+            self.scanned += 1
+        return hw
+
+    def _scan(self) -> None:
+        self._swept = True
+        for ann in sorted(self.root.glob("annotations-*.csv")):
+            for line in _read_text(ann).splitlines()[1:]:
+                name = line.split(":", 1)[0].strip()
+                if name and name not in self.sizes and check_name(name) is None:
+                    try:
+                        self.sizes[name] = image_size(self.image_dir / name)
+                        self.scanned += 1
+                    except (OSError, ValueError, SyntaxError):
+                        pass  # reported when that image is asked for
+
+    def save(self) -> None:
+        """Write the index if images were scanned (the one-time scan of an older dataset)."""
+        if not self.scanned:
+            return
+        path = self.root / IMAGE_SIZES
+        try:
+            write_image_sizes(self.root, self.sizes)
+            where = f"cached in {path}"
+        except OSError as e:  # a read-only dataset: remember them for this process
+            self._memory[str(self.root.resolve())] = dict(self.sizes)
+            where = f"cannot write {path} ({e.strerror or e}); kept in memory for this process"
+        log.warning("%s: read the headers of %d images to learn their sizes (no %s yet); %s", self.root,
+                    self.scanned, IMAGE_SIZES, where)
+        self.scanned = 0
+
+
 def read_annotations(path, image_dir=None, skip_bad: bool = False,
-                     size: Optional[Sequence[int]] = None) -> Annotations:
+                     size: Optional[Sequence[int]] = None, image_sizes=None) -> Annotations:
     """Read an annotation file into ``{name: (18, 2) float32 array of (y, x)}`` (-1 = missing).
 
     ``image_dir``: when given, each image must exist and be readable (header) and keypoints must
-    lie inside it. ``size``: (H, W) to check coordinates against when images are not opened.
+    lie inside it. ``image_sizes``: an :class:`ImageSizes` to take the sizes from instead of each
+    header. ``size``: (H, W) to check coordinates against when images are not opened.
     """
     path = Path(path)
     out = Annotations()
+    if image_dir is None and image_sizes is not None:
+        image_dir = image_sizes.image_dir
+    if image_sizes is None and image_dir is not None:
+        image_sizes = lambda name: image_size(Path(image_dir) / name)  # noqa: E731
     text = _read_text(path)
     lines = text.splitlines()
 
@@ -134,9 +230,9 @@ def read_annotations(path, image_dir=None, skip_bad: bool = False,
             continue
         kp[missing] = -1  # a keypoint with one -1 coordinate is missing as a whole
         hw = size
-        if image_dir is not None:
+        if image_sizes is not None:
             try:
-                hw = image_size(Path(image_dir) / name)
+                hw = image_sizes(name)
             except FileNotFoundError:
                 bad(row, f"image file {Path(image_dir) / name} is missing")
                 continue
@@ -214,6 +310,13 @@ def _format_list(values: np.ndarray) -> str:
     return "[" + ", ".join(str(int(v)) for v in values) + "]"
 
 
+def stored_keypoints(kp) -> np.ndarray:
+    """(18, 2) keypoints as a dataset stores them: rounded to integers, a keypoint with a negative
+    coordinate -1 as a whole (what :func:`write_annotations` writes and the shards hold)."""
+    kp = np.asarray(kp, dtype=np.float64)
+    return np.where((kp < 0).any(axis=1, keepdims=True), -1, np.rint(kp)).astype(np.int64)
+
+
 def write_annotations(path, mapping: Mapping[str, np.ndarray]) -> None:
     """Write ``{name: (18, 2) (y, x)}`` in the benchmark format, coordinates rounded to integers
     and negatives written as -1; atomically (temp file + rename)."""
@@ -222,10 +325,9 @@ def write_annotations(path, mapping: Mapping[str, np.ndarray]) -> None:
         why = check_name(name)
         if why:
             raise DataFormatError(f"{path}: {why}")
-        kp = np.asarray(kp, dtype=np.float64)
-        if kp.shape != (NUM_KEYPOINTS, 2):
-            raise DataFormatError(f"{path}: keypoints of {name!r} have shape {kp.shape}, expected (18, 2)")
-        k = np.where((kp < 0).any(axis=1, keepdims=True), -1, np.rint(kp)).astype(np.int64)
+        if np.shape(kp) != (NUM_KEYPOINTS, 2):
+            raise DataFormatError(f"{path}: keypoints of {name!r} have shape {np.shape(kp)}, expected (18, 2)")
+        k = stored_keypoints(kp)
         lines.append(f"{name}: {_format_list(k[:, 0])}: {_format_list(k[:, 1])}")
     atomic_write_text(path, "\n".join(lines) + "\n")
 

@@ -1,49 +1,184 @@
 """Pieces shared by the dataset preparation tools (``hptransfer data deepfashion|h36m|video``).
 
 Every tool writes the benchmark layout (``images/``, ``annotations-{split}.csv``,
-``pairs-{split}.csv``), one image at a time and atomically, keeps a small manifest
-(``.prepare-manifest.json``: name -> keypoints of each finished image) so an interrupted run
-resumes without redoing finished images, and ends by running the data check on its output.
+``pairs-{split}.csv``, ``image-sizes.csv``), or with ``--shards`` a shard folder (see
+:mod:`hptransfer.data.shard_writer`), through a sink: :class:`Manifest` here for a folder. Images
+are made and written in ``--workers`` processes, each atomically; the sink's manifest is an
+append-only JSON-lines file (one line per finished image, about 200 bytes, so a million frames write
+about 200 MB once), and an interrupted run resumes without redoing finished images. Every tool ends
+by running the data check on its output.
 """
 from __future__ import annotations
 
+import collections
 import io
 import json
 import logging
+import multiprocessing
+import os
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from hptransfer.data.formats import atomic_write_bytes, atomic_write_text, write_annotations, write_pairs
+from hptransfer.data.formats import (atomic_write_bytes, atomic_write_text, stored_keypoints, write_annotations,
+                                     write_image_sizes, write_pairs)
 from hptransfer.errors import PrepareError  # noqa: F401  (public name here)
 
 log = logging.getLogger(__name__)
 
-MANIFEST = ".prepare-manifest.json"
+MANIFEST = ".prepare-manifest.jsonl"
+OLD_MANIFEST = ".prepare-manifest.json"  # before issue 26: rewritten whole every 50 images
+
+
+def default_workers() -> int:
+    """The CPU cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class JsonLines:
+    """An append-only JSON-lines file whose first line holds the settings that made it.
+
+    ``records`` are the lines after the first, read at opening. A last line torn by a kill is
+    dropped (the file is cut back to its last newline). With other ``settings`` than the file's,
+    ``on_mismatch`` = "restart" starts the file afresh with a warning, "error" raises PrepareError.
+    Nothing is written before the first :meth:`append` (a tool that fails early leaves no output).
+    """
+
+    def __init__(self, path, settings: dict, on_mismatch: str = "restart"):
+        self.path = Path(path)
+        self.settings = settings
+        self.records: list[dict] = []
+        self.file = None
+        self.fresh = True  # the first append starts the file (header line)
+        if self.path.exists():
+            data = self.path.read_bytes()
+            end = data.rfind(b"\n") + 1
+            lines = data[:end].decode("utf-8").splitlines()
+            head = json.loads(lines[0]).get("settings") if lines else None
+            if head == settings:
+                self.records = [json.loads(line) for line in lines[1:]]
+                self.fresh = False
+                if end < len(data):
+                    with open(self.path, "r+b") as f:
+                        f.truncate(end)
+            elif on_mismatch == "error":
+                raise PrepareError(f"{self.path}: written with other settings ({head}, now {settings}); use "
+                                   "another output folder or delete this one")
+            else:
+                log.warning("%s: settings changed (%s -> %s); redoing every image", self.path, head, settings)
+
+    def append(self, record: dict) -> None:
+        """One line, written with one call and flushed: a kill leaves at most a torn last line."""
+        if self.file is None:
+            if self.fresh:
+                atomic_write_text(self.path, json.dumps({"settings": self.settings}) + "\n")
+                self.fresh = False
+            self.file = open(self.path, "ab")
+        self.file.write((json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8"))
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class WorkerPool:
+    """Jobs in ``workers`` processes (in this one for 1), results in submission order, at most 2 per
+    worker in flight (frames are large). The processes come from a fork server: they do not inherit
+    the threads of libraries the tool has started (MediaPipe, torch), which a plain fork could
+    deadlock on; jobs and their arguments are pickled."""
+
+    def __init__(self, workers: int):
+        self.workers = max(1, int(workers))
+        self.pool = None
+        if self.workers > 1:
+            ctx = multiprocessing.get_context("forkserver")
+            # The server imports the jobs' modules once (torch among them); each worker forks from it ready.
+            ctx.set_forkserver_preload(["hptransfer.data.shard_writer"])
+            self.pool = ctx.Pool(self.workers)
+        self.pending: collections.deque = collections.deque()
+
+    def submit(self, fn: Callable, *args) -> list:
+        """Run ``fn(*args)``; returns the results that are ready to commit, oldest first."""
+        if self.pool is None:
+            return [fn(*args)]
+        self.pending.append(self.pool.apply_async(fn, args))
+        done = []
+        while len(self.pending) > 2 * self.workers or (self.pending and self.pending[0].ready()):
+            done.append(self.pending.popleft().get())
+        return done
+
+    def drain(self) -> list:
+        done = []
+        while self.pending:
+            done.append(self.pending.popleft().get())
+        return done
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate() if self.pending else self.pool.close()
+            self.pool.join()
+            self.pool = None
+        self.pending.clear()
+
+
+def _given(image, kp):
+    return image, kp
+
+
+def _write_image(out: Path, name: str, quality: int, job: Callable, args: tuple):
+    """Worker side of :meth:`Manifest.submit`: make the image, write it atomically; (name, kp, hw)."""
+    made = job(*args)
+    if made is None:
+        return name, None, None
+    image, kp = made[0].convert("RGB"), made[1]
+    buf = io.BytesIO()
+    fmt = "PNG" if name.lower().endswith(".png") else "JPEG"
+    image.save(buf, format=fmt, quality=quality)
+    atomic_write_bytes(out / "images" / name, buf.getvalue())
+    return name, stored_keypoints(kp).ravel().tolist(), [image.height, image.width]
 
 
 class Manifest:
-    """Finished images of one output folder: ``{name: (18, 2) (y, x) list}``, saved atomically.
+    """The folder sink: finished images of one output folder, ``{name: (18, 2) (y, x)}`` and their
+    sizes, kept in an append-only ``.prepare-manifest.jsonl``.
 
+    ``submit(name, split, job, *args)`` runs ``job(*args)`` -> (PIL image, (18, 2) keypoints) or None
+    (dropped) in a worker, which writes ``images/<name>``; the line is appended when it is done.
     ``writes`` counts images written by this process (tests use it to check resumability).
     """
 
-    def __init__(self, out: Path, settings: dict):
+    def __init__(self, out: Path, settings: dict, workers: int = 1):
         self.out = Path(out)
         self.path = self.out / MANIFEST
-        self.settings = settings
-        self.done: dict[str, list] = {}
+        self._import_old(settings)
+        self.log = JsonLines(self.path, settings)
+        self.done: dict[str, dict] = {r["name"]: r for r in self.log.records}
+        self.pool = WorkerPool(workers)
         self.writes = 0
-        if self.path.exists():
-            data = json.loads(self.path.read_text())
-            if data.get("settings") != settings:
-                # A different size/crop: finished images do not match; redo them all.
-                log.warning("%s: settings changed (%s -> %s); redoing every image", self.path,
-                            data.get("settings"), settings)
-            else:
-                self.done = data.get("done", {})
-        self._dirty = 0
+
+    def _import_old(self, settings: dict) -> None:
+        """Carry a manifest of the old format (one JSON rewritten every 50 images) over, once."""
+        old = self.out / OLD_MANIFEST
+        if not old.exists() or self.path.exists():
+            return
+        data = json.loads(old.read_text())
+        if data.get("settings") == settings:
+            lines = [json.dumps({"settings": settings})]
+            for name, kp in data.get("done", {}).items():
+                path = self.out / "images" / name
+                if path.exists():
+                    from hptransfer.data.formats import image_size
+
+                    lines.append(json.dumps({"name": name, "kp": stored_keypoints(kp).ravel().tolist(),
+                                             "hw": list(image_size(path))}))
+            atomic_write_text(self.path, "\n".join(lines) + "\n")
+        old.unlink()
 
     def is_done(self, name: str) -> bool:
         """True when ``name`` was finished by an earlier run and its image still exists."""
@@ -51,24 +186,38 @@ class Manifest:
 
     def keypoints(self, name: str) -> np.ndarray:
         """(18, 2) float32 (y, x) of a finished image."""
-        return np.asarray(self.done[name], dtype=np.float32)
+        return np.asarray(self.done[name]["kp"], dtype=np.float32).reshape(18, 2)
 
-    def add(self, name: str, image, kp: np.ndarray, quality: int = 95) -> None:
+    def submit(self, name: str, split: str, job: Callable, *args) -> None:
+        """Make and write ``name`` in a worker (``split`` matters to shard sinks only)."""
+        for result in self.pool.submit(_write_image, self.out, name, 95, job, args):
+            self._commit(*result)
+
+    def add(self, name: str, image, kp: np.ndarray, split: str = "") -> None:
         """Write ``image`` (PIL) as ``images/<name>`` atomically and record its keypoints (18, 2) (y, x)."""
-        buf = io.BytesIO()
-        fmt = "PNG" if name.lower().endswith(".png") else "JPEG"
-        image.convert("RGB").save(buf, format=fmt, quality=quality)
-        atomic_write_bytes(self.out / "images" / name, buf.getvalue())
-        self.done[name] = np.asarray(kp, dtype=np.float32).round(2).tolist()
-        self.writes += 1
-        self._dirty += 1
-        if self._dirty >= 50:
-            self.save()
+        self.submit(name, split, _given, image, kp)
 
-    def save(self) -> None:
-        """Write the manifest atomically (called every 50 images and at the end)."""
-        atomic_write_text(self.path, json.dumps({"settings": self.settings, "done": self.done}))
-        self._dirty = 0
+    def _commit(self, name: str, kp, hw) -> None:
+        if kp is None:
+            return
+        record = {"name": name, "kp": kp, "hw": hw}
+        self.log.append(record)
+        self.done[name] = record
+        self.writes += 1
+
+    def finish(self) -> None:
+        """Wait for the workers and commit what they made (call before write_split)."""
+        try:
+            for result in self.pool.drain():
+                self._commit(*result)
+        finally:
+            self.pool.close()
+            self.log.close()
+
+    def write_split(self, split: str, annotations: dict, pairs: list) -> None:
+        """``annotations-<split>.csv``, ``pairs-<split>.csv`` and the sizes of every finished image."""
+        write_split(self.out, split, annotations, pairs)
+        write_image_sizes(self.out, {n: r["hw"] for n, r in self.done.items()})
 
 
 def progress(items: Iterable, total: Optional[int] = None, desc: str = ""):
@@ -81,7 +230,8 @@ def progress(items: Iterable, total: Optional[int] = None, desc: str = ""):
 
 
 def write_split(out: Path, split: str, annotations: dict, pairs: list) -> None:
-    """Write ``annotations-<split>.csv`` and ``pairs-<split>.csv`` (atomically)."""
+    """Write ``annotations-<split>.csv`` and ``pairs-<split>.csv`` (atomically); a sink's
+    ``write_split`` calls it and adds what its format needs."""
     names = sorted(annotations)
     write_annotations(out / f"annotations-{split}.csv", {n: annotations[n] for n in names})
     write_pairs(out / f"pairs-{split}.csv", pairs)
@@ -158,6 +308,32 @@ def crop_resize(image, kp: np.ndarray, box, size: tuple[int, int]):
     inside = vis & (new[:, 0] >= 0) & (new[:, 0] <= h - 1) & (new[:, 1] >= 0) & (new[:, 1] <= w - 1)
     new[~inside] = -1
     return out, new
+
+
+def person_frame(source, kp: np.ndarray, mask, margin: Optional[float], size: int, label: str):
+    """A video frame made into a sample, in a sink's worker: ``source`` (an (H, W, 3) uint8 frame or an
+    image file), the background whitened where ``mask`` is given, cropped to a square box around the
+    person's keypoints (``margin`` of the body height, :func:`bbox_crop_box`) and resized to ``size``
+    unless ``margin`` is None (the whole frame). Returns (PIL image, (18, 2) keypoints); errors name
+    ``label`` (the sequence and frame)."""
+    from PIL import Image
+
+    if isinstance(source, np.ndarray):
+        img = Image.fromarray(source)
+    else:
+        try:
+            with Image.open(source) as im:
+                img = im.convert("RGB")
+        except OSError as e:
+            raise PrepareError(f"{source}: cannot read {label}: {e}") from None
+    if mask is not None:
+        try:
+            img = mask_background(img, mask)
+        except PrepareError as e:
+            raise PrepareError(f"{label}: {e}") from None
+    if margin is None:
+        return img, kp
+    return crop_resize(img, kp, bbox_crop_box(kp, img.width, img.height, 1.0, margin), (size, size))
 
 
 def inside_only(kp: np.ndarray, height: int, width: int) -> np.ndarray:

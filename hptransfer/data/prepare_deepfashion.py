@@ -22,8 +22,8 @@ from typing import Optional
 import numpy as np
 
 from hptransfer.data.formats import DataFormatError, read_annotations, read_pairs
-from hptransfer.data.prepare_common import (Manifest, PrepareError, final_check, parse_size, progress,
-                                            write_split)
+from hptransfer.data.prepare_common import PrepareError, final_check, parse_size, progress
+from hptransfer.data.shard_writer import ShardOptions, add_sink_arguments, open_sink, sink_shards
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,19 @@ def convert(src: Path, kp: np.ndarray, canvas_w: int, size: tuple[int, int]):
     return canvas, new
 
 
-def prepare(images, annotations, out, size=(256, 176), coords: str = "auto") -> dict:
-    """Convert the benchmark; returns {"written": n, "missing_images": [...], "dropped_pairs": n, "problems": n}."""
+def _convert_or_skip(src: Path, kp: np.ndarray, canvas_w: int, size: tuple[int, int]):
+    """:func:`convert` in a sink's worker; None (the image is listed as missing) when it cannot be read."""
+    try:
+        return convert(src, kp, canvas_w, size)
+    except OSError as e:
+        log.warning("%s: cannot read image (%s); skipped", src, e)
+        return None
+
+
+def prepare(images, annotations, out, size=(256, 176), coords: str = "auto", workers: int = 1,
+            shards: Optional[ShardOptions] = None) -> dict:
+    """Convert the benchmark; returns {"written": n, "missing_images": [...], "dropped_pairs": n, "problems": n}.
+    ``workers``: processes converting images; ``shards``: write a shard folder instead of a folder."""
     images, annotations, out = Path(images), Path(annotations), Path(out)
     index = index_images(images)
     log.info("%s: %d In-shop images", images, len(index))
@@ -131,9 +142,9 @@ def prepare(images, annotations, out, size=(256, 176), coords: str = "auto") -> 
         if im.height < size[0]:
             log.warning("%s: images are %dx%d, smaller than the output %dx%d: they will be upsampled "
                         "(use img_highres/ for 512x352)", images, im.height, im.width, *size)
-    manifest = Manifest(out, {"tool": "deepfashion", "size": list(size), "coords": coords})
+    manifest = open_sink(out, {"tool": "deepfashion", "size": list(size), "coords": coords}, workers, shards)
     summary = {"written": 0, "missing_images": [], "dropped_pairs": 0}
-    splits = 0
+    splits = {}
     try:
         for split in ("train", "test"):
             ann_path = find_csv(annotations, "annotation", split)
@@ -149,37 +160,30 @@ def prepare(images, annotations, out, size=(256, 176), coords: str = "auto") -> 
             except DataFormatError as e:
                 raise PrepareError(str(e)) from None
             canvas_w = detect_canvas_width(ann, ann_path, coords)
-            done_ann = {}
             missing = [n for n in ann if n not in index]
             for n in missing:
                 log.warning("%s: row for %s: no such image under %s", ann_path, n, images)
             summary["missing_images"] += missing
             todo = [n for n in ann if n in index]
             for name in progress(todo, total=len(todo), desc=f"deepfashion {split}"):
-                if manifest.is_done(name):
-                    done_ann[name] = manifest.keypoints(name)
-                    continue
-                try:
-                    img, kp = convert(index[name], ann[name], canvas_w, size)
-                except OSError as e:
-                    log.warning("%s: cannot read image (%s); skipped", index[name], e)
-                    summary["missing_images"].append(name)
-                    continue
-                manifest.add(name, img, kp)
-                done_ann[name] = kp
-            kept = [(a, b) for a, b in pairs if a in done_ann and b in done_ann]
-            dropped = len(pairs) - len(kept)
-            if dropped:
-                unknown = sorted({n for p in pairs for n in p if n not in done_ann})
-                log.warning("%s: %d pairs dropped: %d names without an annotation row or image (e.g. %s)",
-                            pairs_path, dropped, len(unknown), ", ".join(unknown[:3]))
-            summary["dropped_pairs"] += dropped
-            write_split(out, split, done_ann, kept)
-            splits += 1
+                if not manifest.is_done(name):
+                    manifest.submit(name, split, _convert_or_skip, index[name], ann[name], canvas_w, size)
+            splits[split] = (todo, pairs, pairs_path)
     finally:
-        manifest.save()
+        manifest.finish()
     if not splits:
         raise PrepareError(f"{annotations}: no fasion-resize-annotation-{{train,test}}.csv found")
+    for split, (todo, pairs, pairs_path) in splits.items():
+        done_ann = {n: manifest.keypoints(n) for n in todo if manifest.is_done(n)}
+        summary["missing_images"] += [n for n in todo if n not in done_ann]
+        kept = [(a, b) for a, b in pairs if a in done_ann and b in done_ann]
+        dropped = len(pairs) - len(kept)
+        if dropped:
+            unknown = sorted({n for p in pairs for n in p if n not in done_ann})
+            log.warning("%s: %d pairs dropped: %d names without an annotation row or image (e.g. %s)",
+                        pairs_path, dropped, len(unknown), ", ".join(unknown[:3]))
+        summary["dropped_pairs"] += dropped
+        manifest.write_split(split, done_ann, kept)
     summary["written"] = manifest.writes
     if summary["missing_images"]:
         log.warning("%d annotation rows have no image (listed above)", len(summary["missing_images"]))
@@ -195,12 +199,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--size", default="256x176", choices=["256x176", "256x256", "512x352"], help="output HxW")
     parser.add_argument("--coords", default="auto", choices=["auto", "256x176", "256x256"],
                         help="coordinate frame of the CSV keypoints (auto: from the max x over rows)")
+    add_sink_arguments(parser)
 
 
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        s = prepare(args.images, args.annotations, args.out, parse_size(args.size), args.coords)
+        s = prepare(args.images, args.annotations, args.out, parse_size(args.size), args.coords, args.workers,
+                    sink_shards(args))
     except PrepareError as e:
         print(f"error: {e}")
         return 2

@@ -31,8 +31,8 @@ from typing import Optional
 
 import numpy as np
 
-from hptransfer.data.prepare_common import (Manifest, PrepareError, all_pairs, bbox_crop_box, crop_resize,
-                                            final_check, mask_background, progress, write_split)
+from hptransfer.data.prepare_common import PrepareError, all_pairs, final_check, person_frame, progress
+from hptransfer.data.shard_writer import ShardOptions, add_sink_arguments, open_sink, sink_shards
 from hptransfer.data.prepare_video import count_frames, read_video, sample_indices
 
 log = logging.getLogger(__name__)
@@ -152,18 +152,18 @@ def sequences(subject_dir: Path) -> dict[str, tuple[str, Path]]:
 
 def prepare(root, out, poses_npz=None, fps: float = 3.0, frames_fps: float = 50.0, size: int = 512,
             margin: float = 0.15, train_actions=TRAIN_ACTIONS, test_actions=TEST_ACTIONS,
-            max_pairs: Optional[int] = 2000, max_mismatch: int = 5) -> dict:
-    """Build the dataset in ``out``; returns {"written", "sequences", "no_masks", "problems"}."""
-    from PIL import Image
-
+            max_pairs: Optional[int] = 2000, max_mismatch: int = 5, workers: int = 1,
+            shards: Optional[ShardOptions] = None) -> dict:
+    """Build the dataset in ``out``; returns {"written", "sequences", "no_masks", "problems"}.
+    ``workers``: processes making the images; ``shards``: write a shard folder instead of a folder."""
     root, out = Path(root), Path(out)
     subjects = sorted(p for p in root.glob("S*") if p.is_dir())
     if not subjects:
         raise PrepareError(f"{root}: no subject folders S1, S5, ...")
     poses = Poses(root, Path(poses_npz) if poses_npz else None)
-    manifest = Manifest(out, {"tool": "h36m", "fps": fps, "size": size, "margin": margin})
+    manifest = open_sink(out, {"tool": "h36m", "fps": fps, "size": size, "margin": margin}, workers, shards)
     groups: dict[tuple[str, str, str], list[str]] = {}
-    ann: dict[str, dict] = {"train": {}, "test": {}}
+    ann: dict[str, list] = {"train": [], "test": []}
     summary = {"sequences": 0, "no_masks": []}
     try:
         for sdir in subjects:
@@ -201,29 +201,15 @@ def prepare(root, out, poses_npz=None, fps: float = 3.0, frames_fps: float = 50.
                 key = (sdir.name, cam, split)
                 for i, frame in progress(it, total=len(wanted), desc=f"{sdir.name} {seq}"):
                     name = f"{sdir.name}/{safe}/f{i:06d}.jpg"
-                    if not manifest.is_done(name):
-                        if frame is None:
-                            try:
-                                with Image.open(frames[i]) as im:
-                                    img = im.convert("RGB")
-                            except OSError as e:
-                                raise PrepareError(f"{frames[i]}: cannot read frame {i}: {e}") from None
-                        else:
-                            img = Image.fromarray(frame)
-                        kp = from_h36m17(pose[i])
-                        if masks is not None:
-                            try:
-                                img = mask_background(img, masks(i))
-                            except PrepareError as e:
-                                raise PrepareError(f"{sdir.name}/{seq} frame {i}: {e}") from None
-                        box = bbox_crop_box(kp, img.width, img.height, 1.0, margin)
-                        img, kp = crop_resize(img, kp, box, (size, size))
-                        manifest.add(name, img, kp)
-                    ann[split][name] = manifest.keypoints(name)
+                    if not manifest.is_done(name):  # masked, cropped and written in a worker
+                        manifest.submit(name, split, person_frame, frames[i] if frame is None else frame,
+                                        from_h36m17(pose[i]), None if masks is None else masks(i), margin, size,
+                                        f"{sdir.name}/{seq} frame {i}")
+                    ann[split].append(name)
                     groups.setdefault(key, []).append(name)
                 summary["sequences"] += 1
     finally:
-        manifest.save()
+        manifest.finish()
     if not summary["sequences"]:
         raise PrepareError(f"{root}: no sequence of the actions {train_actions + test_actions} found "
                            "(S*/Videos/<Action>.<camera>.mp4 or S*/Frames/<Action>.<camera>/)")
@@ -232,7 +218,7 @@ def prepare(root, out, poses_npz=None, fps: float = 3.0, frames_fps: float = 50.
         for key, names in sorted(groups.items()):
             if key[2] == split:
                 pairs += all_pairs(names, max_pairs)
-        write_split(out, split, ann[split], pairs)
+        manifest.write_split(split, {n: manifest.keypoints(n) for n in sorted(ann[split])}, pairs)
     summary["written"] = manifest.writes
     summary["problems"] = final_check(out)
     return summary
@@ -250,13 +236,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--train-actions", nargs="+", default=list(TRAIN_ACTIONS))
     parser.add_argument("--test-actions", nargs="+", default=list(TEST_ACTIONS))
     parser.add_argument("--max-pairs", type=int, default=2000, help="at most this many pairs per subject+camera")
+    add_sink_arguments(parser)
 
 
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         s = prepare(args.root, args.out, args.poses, args.fps, args.frames_fps, args.size, args.margin,
-                    tuple(args.train_actions), tuple(args.test_actions), args.max_pairs)
+                    tuple(args.train_actions), tuple(args.test_actions), args.max_pairs, workers=args.workers,
+                    shards=sink_shards(args))
     except PrepareError as e:
         print(f"error: {e}")
         return 2

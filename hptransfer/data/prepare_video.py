@@ -19,8 +19,9 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from hptransfer.data.prepare_common import (Manifest, PrepareError, all_pairs, bbox_crop_box, crop_resize,
-                                            final_check, inside_only, mask_background, progress, write_split)
+from hptransfer.data.prepare_common import (PrepareError, all_pairs, final_check, inside_only, person_frame,
+                                            progress)
+from hptransfer.data.shard_writer import ShardOptions, add_sink_arguments, open_sink, sink_shards
 from hptransfer.errors import last_line
 
 log = logging.getLogger(__name__)
@@ -122,12 +123,11 @@ def openpose_files(folder: Path, video: Path, several: bool) -> list[Path]:
     return files
 
 
-def prepare_one(video: Path, out: Path, manifest: Manifest, fps: float, json_dir: Optional[Path],
+def prepare_one(video: Path, out: Path, manifest, fps: float, json_dir: Optional[Path],
                 several: bool, remove_background: bool, detector, framing: str = "person",
-                size: int = 256) -> list[str]:
-    """Sample, annotate and write one video's frames; returns the names of the kept frames."""
-    from PIL import Image
-
+                size: int = 256, split: str = "train") -> list[str]:
+    """Sample, annotate and submit one video's frames to ``manifest`` (a sink); returns the names of
+    the kept frames."""
     from hptransfer.infer import FRAME_MARGIN
     from hptransfer.pose import read_openpose_json
 
@@ -164,15 +164,10 @@ def prepare_one(video: Path, out: Path, manifest: Manifest, fps: float, json_dir
         if ((kp >= 0).all(axis=1)).sum() < MIN_VISIBLE:
             dropped += 1
             continue
-        img = Image.fromarray(frame)
-        if remove_background:
-            if mask is None:
-                log.warning("%s frame %d: no person mask; background kept", video, i)
-            else:
-                img = mask_background(img, mask)
-        if framing == "person":
-            img, kp = crop_resize(img, kp, bbox_crop_box(kp, img.width, img.height, 1.0, FRAME_MARGIN), (size, size))
-        manifest.add(name, img, kp)
+        if remove_background and mask is None:
+            log.warning("%s frame %d: no person mask; background kept", video, i)
+        manifest.submit(name, split, person_frame, frame, kp, mask if remove_background else None,
+                        FRAME_MARGIN if framing == "person" else None, size, f"{video} frame {i}")
         names.append(name)
     if dropped:
         log.warning("%s: %d sampled frames dropped (fewer than %d visible keypoints)", video, dropped, MIN_VISIBLE)
@@ -181,8 +176,9 @@ def prepare_one(video: Path, out: Path, manifest: Manifest, fps: float, json_dir
 
 def prepare(videos: list, out, fps: float = 3.0, openpose_json=None, remove_background: bool = False,
             test_videos: float = 0.2, max_pairs: Optional[int] = 2000, seed: int = 0, frame: str = "person",
-            size: int = 256) -> dict:
-    """Build the dataset in ``out``; returns {"written", "train", "test", "problems"}."""
+            size: int = 256, workers: int = 1, shards: Optional[ShardOptions] = None) -> dict:
+    """Build the dataset in ``out``; returns {"written", "train", "test", "problems"}.
+    ``workers``: processes making the images; ``shards``: write a shard folder instead of a folder."""
     out = Path(out)
     if frame not in FRAMES:
         raise PrepareError(f"frame must be one of {FRAMES}, got {frame!r}")
@@ -205,16 +201,19 @@ def prepare(videos: list, out, fps: float = 3.0, openpose_json=None, remove_back
     test_set = {v.stem for v in sorted(videos)[len(videos) - n_test:]} if n_test else set()
     if len(videos) == 1:
         log.warning("one video: every frame goes to train and test is the same video's frames")
-    manifest = Manifest(out, {"tool": "video", "fps": fps, "remove_background": remove_background,
-                              "openpose": bool(json_dir), "frame": frame, "size": size if frame == "person" else None})
+    for v in videos:
+        if not v.is_file():  # before the sink makes the output folder
+            raise PrepareError(f"{v}: no such video file")
+    manifest = open_sink(out, {"tool": "video", "fps": fps, "remove_background": remove_background,
+                               "openpose": bool(json_dir), "frame": frame,
+                               "size": size if frame == "person" else None}, workers, shards)
     per_video = {}
     try:
         for v in videos:
-            per_video[v.stem] = prepare_one(v, out, manifest, fps, json_dir, len(videos) > 1,
-                                            remove_background, detector, frame, size)
+            per_video[v.stem] = prepare_one(v, out, manifest, fps, json_dir, len(videos) > 1, remove_background,
+                                            detector, frame, size, "test" if v.stem in test_set else "train")
     finally:
-        if manifest.done or manifest.path.exists():  # a failure before the first image leaves no folder behind
-            manifest.save()
+        manifest.finish()
     summary = {"written": manifest.writes}
     for split in ("train", "test"):
         stems = [s for s in per_video if (s in test_set) == (split == "test")] if test_set else list(per_video)
@@ -223,7 +222,7 @@ def prepare(videos: list, out, fps: float = 3.0, openpose_json=None, remove_back
             names = per_video[s]
             ann.update({n: manifest.keypoints(n) for n in names})
             pairs += all_pairs(names, max_pairs, seed)
-        write_split(out, split, ann, pairs)
+        manifest.write_split(split, ann, pairs)
         summary[split] = stems
     summary["problems"] = final_check(out)
     return summary
@@ -242,12 +241,14 @@ def add_arguments(parser) -> None:
                         help="person (default): square crop around the person's keypoints with margins as in "
                              "DeepFashion, resized to --size; full: whole frames")
     parser.add_argument("--size", type=int, default=256, help="output side of person-framed images (px)")
+    add_sink_arguments(parser)
 
 
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     s = prepare(args.video, args.out, args.fps, args.openpose_json, args.remove_background,
-                args.test_videos, args.max_pairs, frame=args.frame, size=args.size)
+                args.test_videos, args.max_pairs, frame=args.frame, size=args.size, workers=args.workers,
+                shards=sink_shards(args))
     print(f"{args.out}: wrote {s['written']} frames; train videos {s['train']}, test videos {s['test']}; "
           f"data check: {s['problems']} problems")
     return 1 if s["problems"] else 0

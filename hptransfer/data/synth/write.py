@@ -14,7 +14,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from hptransfer.data.formats import atomic_write_bytes, atomic_write_text, write_annotations, write_pairs
+from hptransfer.data.formats import (atomic_write_bytes, atomic_write_text, write_annotations, write_image_sizes,
+                                     write_pairs)
 from hptransfer.data.synth.people import render_identity
 from hptransfer.data.synth.renderer import FRAMINGS
 from hptransfer.data.synth.skeleton import VIEW_ORDER, VIEWS
@@ -125,6 +126,7 @@ def synthesize(root, identities: int, poses: int, size: int, seed: int = 0, test
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
     kps = _write_images(tasks, workers, identities * poses)
+    write_image_sizes(root, {name: (size, size) for images in kps.values() for name in images})  # square renders
     split_of = _split_of(seed, identities, test_fraction)
     counts = {split: _write_split(root, split, sorted(i for i, s in split_of.items() if s == split), kps, seed,
                                   max_pairs_per_identity) for split in ("train", "test")}

@@ -44,6 +44,9 @@ EXTRAS_REQUIRE = {
     # (`hptransfer doctor` prints both). `dali` is the CUDA 13 build, as torch's PyPI wheels are.
     "dali": ["nvidia-dali-cuda130>=2.4,<3"],
     "dali-cuda12": ["nvidia-dali-cuda120>=2.4,<3"],
+    # writing tar shards (`hptransfer data shard`, preparation with --shards): webdataset's TarWriter and
+    # DALI's wds2idx index; reading shards needs neither
+    "shards": ["webdataset>=1.0.2,<2", "nvidia-dali-cuda130>=2.4,<3"],
     "onnx": ["onnx>=1.17", "onnxruntime>=1.20"],
     "video": ["imageio-ffmpeg>=0.5"],
     # LPIPS and FID in `hptransfer eval` / `compare` (torchvision: Inception-v3 and AlexNet layouts)

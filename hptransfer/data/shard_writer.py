@@ -169,6 +169,20 @@ class _OpenShard:
         self.bytes = 0
 
 
+def _check_writer_dependencies() -> None:
+    """Writing shards needs webdataset (TarWriter) and DALI's wds2idx (the index format its reader takes);
+    reading them needs neither. A one-line error naming the extra, not an ImportError mid-shard."""
+    import importlib.util
+
+    missing = [name for name, module in (("webdataset", "webdataset"), ("DALI (its wds2idx)", "wds2idx"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        from hptransfer.errors import MissingDependency
+
+        raise MissingDependency(f"writing tar shards needs {' and '.join(missing)}: pip install 'hptransfer[shards]' "
+                                "(or 'hptransfer[shards,dali-cuda12]' on CUDA 12; requirements.txt pins both)")
+
+
 class ShardSink:
     """Samples into tar shards, with :class:`~hptransfer.data.prepare_common.Manifest`'s interface:
     ``is_done``, ``keypoints``, ``submit(name, split, job, *args)``, ``add``, ``finish``,
@@ -176,6 +190,7 @@ class ShardSink:
     (``train-000000.tar``); a split's table may point into any shard (a name lives once in the set)."""
 
     def __init__(self, out, settings: dict, opts: ShardOptions, workers: int = 1):
+        _check_writer_dependencies()  # before anything is written
         self.out = Path(out)
         self.opts = opts
         self.settings = {"tool": settings, **asdict(opts)}

@@ -32,7 +32,8 @@ import torch.distributed as dist
 
 BASE = ["model.width=0.03125", "loss.vgg_weights=random", "loss.layers=[relu1_2]", "train.impl=reference",
         "train.tensorboard=false", "train.sample_every=0", "train.log_every=1", "data.workers=0", "data.flip=false",
-        "train.deterministic=true", "train.dist_timeout_s=123", "stages=[{resolution: 64, iterations: 4, batch_size: 2}]"]
+        "train.deterministic=true", "train.dist_timeout_s=123",
+        "stages=[{resolution: 64, iterations: 4, batch_size: 2}]"]
 
 
 def _digest(state: dict) -> str:
@@ -53,7 +54,9 @@ def scenarios(args) -> int:
     from hptransfer.config import load_config
     from hptransfer.train import train
 
-    cfg = lambda name: load_config(None, [*BASE, f"data.root={args.data}", f"train.out_dir={Path(args.out) / name}"])  # noqa: E731
+    def cfg(name: str):
+        return load_config(None, [*BASE, f"data.root={args.data}", f"train.out_dir={Path(args.out) / name}"])
+
     report = {}
 
     # ---------------------------------------------------------------- full: an uninterrupted run

@@ -443,6 +443,6 @@ def test_a_rank_that_does_not_join_fails_the_others_in_bounded_time(data_root, t
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     (rc, _, err), _ = _wait(procs, timeout=600)
     assert rc == 1, err[-3000:]
-    lines = [line for line in err.splitlines() if "a collective did not complete" in line]
+    lines = [line for line in err.splitlines() if "(or the start-up rendezvous) did not complete" in line]
     assert len(lines) == 1 and "rank 0 of 2 on" in lines[0] and "train.dist_timeout_s=3 s" in lines[0], err[-3000:]
     assert "Traceback" not in err

@@ -166,7 +166,8 @@ def discover(env: Optional[Mapping[str, str]] = None) -> World:
     if "RANK" in env:
         launcher = ("torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed" if "CROSS_RANK" in env
                     else "environment")
-        return World(rank=_int(env, "RANK"), world_size=_int(env, "WORLD_SIZE", 1), local_rank=_int(env, "LOCAL_RANK", 0),
+        return World(rank=_int(env, "RANK"), world_size=_int(env, "WORLD_SIZE", 1),
+                     local_rank=_int(env, "LOCAL_RANK", 0),
                      local_world_size=_int(env, "LOCAL_WORLD_SIZE", _int(env, "LOCAL_SIZE")),
                      node_rank=_int(env, "GROUP_RANK", _int(env, "CROSS_RANK", _int(env, "NODE_RANK"))),
                      launcher=launcher, master_addr=env.get("MASTER_ADDR"), master_port=_int(env, "MASTER_PORT"))
@@ -248,13 +249,14 @@ def require_deepspeed(world: World, ds_config: Optional[str]) -> None:
 def cuda_problem(index: int = 0) -> Optional[str]:
     """Why CUDA device ``index`` cannot train here (no device, an old driver, a torch built without kernels
     for this GPU), or None when a kernel runs on it."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
     if not torch.cuda.is_available():
         return (f"torch.cuda.is_available() is False (torch {torch.__version__}, built for CUDA "
-                f"{torch.version.cuda or 'none'}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})")
+                f"{torch.version.cuda or 'none'}; CUDA_VISIBLE_DEVICES={visible})")
     count = torch.cuda.device_count()
     if index >= count:
-        return (f"local rank {index} but {count} GPU(s) visible (CUDA_VISIBLE_DEVICES="
-                f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): start at most {count} ranks per node")
+        return (f"local rank {index} but {count} GPU(s) visible (CUDA_VISIBLE_DEVICES={visible}): start at most "
+                f"{count} ranks per node")
     try:  # a kernel launch and a read: fails on a driver too old for this torch or a GPU it has no kernels for
         (torch.ones(1, device=f"cuda:{index}") + 1).cpu()
     except RuntimeError as e:
@@ -332,6 +334,7 @@ def collective_failure(exc: BaseException, timeout_s: int) -> Optional[str]:
         world = discover()
         rank, size = world.rank, world.world_size
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return (f"rank {rank} of {size} on {socket.gethostname()} (pid {os.getpid()}): a collective did not complete "
-            f"within train.dist_timeout_s={timeout_s} s ({lines[-1] if lines else type(exc).__name__}). Another rank "
+    what = lines[-1] if lines else type(exc).__name__
+    return (f"rank {rank} of {size} on {socket.gethostname()} (pid {os.getpid()}): a collective (or the start-up "
+            f"rendezvous) did not complete within train.dist_timeout_s={timeout_s} s ({what}). Another rank "
             f"stopped, hung or died: its own log says which and where")

@@ -34,6 +34,7 @@ class StopSignals:
         self.received: Optional[str] = None  # the first signal's name
         self._previous: dict = {}
         self._flag: Optional[torch.Tensor] = None
+        self._raised = False  # the flag holds the received signal
 
     def __enter__(self) -> "StopSignals":
         return self

@@ -478,20 +478,10 @@ def _record_stats(run: _Run, stage: _Stage, criterion: str, out: dict) -> dict:
 def _log_run_start(cfg: Config, backend: Backend, resume_from: Optional[Path], state: dict) -> None:
     """The head of train.log: the world (gathered from every rank: a collective), a CPU fallback, where
     the run resumed, the backend, the fast paths, a random-VGG warning."""
-    world = backend.world
-    records = backend.all_gather_object({**launch.rank_record(world, backend.device), "fallback": backend.cpu_fallback})
-    log.info("world: %d rank(s), %s per node, launcher %s%s, communication %s, collective timeout %d s "
-             "(train.dist_timeout_s)\n  %s", backend.world_size, launch.ranks_per_node(records), world.launcher,
-             f" ({world.note})" if world.note else "",
-             torch.distributed.get_backend() if backend.distributed else "none (one process)",
-             cfg.train.dist_timeout_s, "\n  ".join(launch.describe_ranks(records)))
-    fell_back = [r for r in records if r["fallback"]]
-    if fell_back and len(records) > 1:  # several ranks meant GPUs: say it where nobody can miss it
-        log.warning("!" * 72 + "\n  %d OF %d RANKS TRAIN ON THE CPU: train.device=auto found no usable GPU (rank %d: "
-                    "%s).\n  Pass --device cuda to make a missing GPU an error.\n" + "!" * 72, len(fell_back),
-                    len(records), fell_back[0]["rank"], fell_back[0]["fallback"])
-    elif fell_back:
-        log.info("device: cpu (train.device=auto: %s)", fell_back[0]["fallback"])
+    records = backend.all_gather_object(launch.rank_record(backend.world, backend.device, backend.cpu_fallback))
+    if backend.is_main:  # one banner, not one per rank
+        launch.log_world(backend.world, records, torch.distributed.get_backend() if backend.distributed else None,
+                         cfg.train.dist_timeout_s)
     if resume_from is not None:
         log.info("resuming from %s: stage %d step %d (global %d)", resume_from, state["stage"], state["step"],
                  state["global_step"])

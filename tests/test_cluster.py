@@ -132,6 +132,22 @@ def test_device_choice(monkeypatch):
         launch.resolve_device("cuda", launch.World())
 
 
+def test_log_head_names_every_rank_and_shouts_a_cpu_fallback(caplog):
+    records = [{"rank": 1, "host": "a", "device": "cpu", "fallback": "torch.cuda.is_available() is False"},
+               {"rank": 0, "host": "a", "device": "cuda:0 (NVIDIA H100)", "fallback": None},
+               {"rank": 2, "host": "b", "device": "cpu", "fallback": "no GPU"}]
+    with caplog.at_level("INFO", logger="hptransfer"):
+        launch.log_world(launch.World(world_size=3, launcher="srun", note="SLURM job 7"), records, "nccl", 60)
+    assert "world: 3 rank(s), 2, 1 per node, launcher srun (SLURM job 7), communication nccl" in caplog.text
+    assert "a: 2 rank(s) [0: cuda:0 (NVIDIA H100), 1: cpu]" in caplog.text and "b: 1 rank(s) [2: cpu]" in caplog.text
+    assert "2 OF 3 RANKS TRAIN ON THE CPU" in caplog.text and "(rank 1: torch.cuda.is_available() is False)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="hptransfer"):  # one process on a laptop: a plain line, no banner
+        launch.log_world(launch.World(), records[:1], None, 60)
+    assert "1 per node" in caplog.text and "RANKS TRAIN ON THE CPU" not in caplog.text
+    assert "device: cpu (train.device=auto" in caplog.text
+
+
 # ----------------------------------------------------------------------------- failures named by rank
 def test_collective_failures_are_named_by_rank():
     gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
@@ -361,6 +377,7 @@ def test_srun_two_tasks_stats_and_signal(data_root, tmp_path):
     head = (tmp_path / "out" / "full" / "train.log").read_text().split("stage 0:")[0]
     assert "world: 2 rank(s), 2 per node, launcher srun (SLURM job" in head and "communication gloo" in head
     assert "collective timeout 123 s" in head and "[0: cpu, 1: cpu]" in head
+    assert "2 OF 2 RANKS TRAIN ON THE CPU" in head  # train.device=auto on CPU ranks, said loudly
 
     lines = [json.loads(x) for x in (tmp_path / "out" / "full" / "stats.jsonl").read_text().splitlines()]
     own0, own1 = r["terms"]
@@ -401,6 +418,7 @@ def _torchrun(tmp: Path, *args: str, nnodes: int = 1, nproc: int = 2) -> list:
     return _wait(procs)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_torchrun_without_deepspeed_config_is_one_line_error(data_root, tmp_path):
     out = tmp_path / "run"

@@ -284,34 +284,38 @@ def resolve_device(requested: str, world: World) -> tuple:
 
 
 # ----------------------------------------------------------------------------- the log's head
-def rank_record(world: World, device: torch.device) -> dict:
-    """What the log's head says about one rank (all-gathered)."""
+def rank_record(world: World, device: torch.device, cpu_fallback: Optional[str] = None) -> dict:
+    """What the log's head says about one rank (all-gathered): host, device, pid, why it is not on a GPU."""
     name = "cpu"
     if device.type == "cuda":
         name = f"{device} ({torch.cuda.get_device_name(device)})"
     return {"rank": world.rank, "local_rank": world.local_rank, "host": socket.gethostname(), "device": name,
-            "pid": os.getpid()}
+            "pid": os.getpid(), "fallback": cpu_fallback}
 
 
-def describe_ranks(records: list) -> list:
-    """Lines for the log's head: one per host, its ranks and their devices, in rank order."""
+def log_world(world: World, records: list, communication: Optional[str], timeout_s: int) -> None:
+    """The log's head: world size, ranks per node, launcher, communication backend, and every rank's host and
+    device (``records``: every rank's :func:`rank_record`); a banner when ranks fell back to the CPU."""
     by_host: dict = {}
     for r in sorted(records, key=lambda r: r["rank"]):
         by_host.setdefault(r["host"], []).append(r)
-    lines = []
+    counts = sorted({len(ranks) for ranks in by_host.values()})
+    per_node = str(counts[0]) if len(counts) == 1 else ", ".join(str(len(r)) for r in by_host.values())
+    hosts = []
     for host, ranks in by_host.items():
         devices = ", ".join(f"{r['rank']}: {r['device']}" for r in ranks)
-        lines.append(f"{host}: {len(ranks)} rank(s) [{devices}]")
-    return lines
-
-
-def ranks_per_node(records: list) -> str:
-    """"2" where every host runs 2 ranks, else the counts per host, e.g. "4, 4, 3"."""
-    counts: dict = {}
-    for r in records:
-        counts[r["host"]] = counts.get(r["host"], 0) + 1
-    values = list(counts.values())
-    return str(values[0]) if len(set(values)) == 1 else ", ".join(map(str, values))
+        hosts.append(f"{host}: {len(ranks)} rank(s) [{devices}]")
+    log.info("world: %d rank(s), %s per node, launcher %s%s, communication %s, collective timeout %d s "
+             "(train.dist_timeout_s)\n  %s", len(records), per_node, world.launcher,
+             f" ({world.note})" if world.note else "", communication or "none (one process)", timeout_s,
+             "\n  ".join(hosts))
+    fell_back = [r for r in records if r["fallback"]]
+    if fell_back and len(records) > 1:  # several ranks meant GPUs: say it where nobody can miss it
+        log.warning("!" * 72 + "\n  %d OF %d RANKS TRAIN ON THE CPU: train.device=auto found no usable GPU (rank %d: "
+                    "%s).\n  Pass --device cuda to make a missing GPU an error.\n" + "!" * 72, len(fell_back),
+                    len(records), fell_back[0]["rank"], fell_back[0]["fallback"])
+    elif fell_back:
+        log.info("device: cpu (train.device=auto: %s)", fell_back[0]["fallback"])
 
 
 # ----------------------------------------------------------------------------- failed collectives

@@ -545,5 +545,5 @@ def make_backend(cfg, ds_config: Optional[str] = None) -> Backend:
         backend = SingleBackend(cfg.train.precision, cfg.train.grad_clip, device=str(device),
                                 channels_last=cfg.train.channels_last)
         backend.world = world
-    backend.cpu_fallback = cpu_fallback if cfg.train.device == "auto" else None
+    backend.cpu_fallback = cpu_fallback
     return backend

@@ -49,7 +49,8 @@ def part_off(name: str, device: torch.device):
             ops.perceptual_distance = fused
     elif name == "one_read":
         one = step.read_nonfinite
-        step.read_nonfinite = lambda backend, *values: [f for v in values for f in one(backend, v)]
+        step.read_nonfinite = lambda backend, *values, agree=None: [f for v in values for f in one(backend, v)] + (
+            one(backend, agree=agree) if agree is not None else [])
         try:
             yield
         finally:

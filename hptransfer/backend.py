@@ -38,6 +38,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from hptransfer.distributed import launch
+from hptransfer.distributed.launch import World
+from hptransfer.errors import LaunchError
+
 log = logging.getLogger(__name__)
 
 _WARNED: set = set()
@@ -67,6 +71,10 @@ class Engine:
 
     def parameters(self):
         return self.module.parameters()
+
+    def loss_scale(self) -> Optional[float]:
+        """The fp16 loss scale (a host read: for log steps), None without loss scaling."""
+        return None
 
     def skip(self) -> None:
         """Zero the gradients and do not step (a non-finite loss)."""
@@ -100,6 +108,9 @@ class SingleEngine(Engine):
         self.scaler.step(self.optimizer)  # skips the step itself on inf grads (fp16)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def loss_scale(self) -> Optional[float]:
+        return float(self.scaler.get_scale()) if self.scaler.is_enabled() else None
 
     def state_dict(self) -> dict:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -209,6 +220,8 @@ class Backend:
     rank = 0
     world_size = 1
     local_rank = 0
+    world = World()  # the launcher's description (hptransfer.distributed.launch)
+    cpu_fallback: Optional[str] = None  # why train.device=auto took the CPU
     distributed = False
     device = torch.device("cpu")
     input_dtype = torch.float32
@@ -237,12 +250,20 @@ class Backend:
         device (no host read here): every rank gets the same answer."""
         return values
 
+    def gather_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """(world_size, *values.shape): every rank's ``values`` (a small device tensor), on every rank."""
+        return values.unsqueeze(0)
+
     def barrier(self) -> None:
         pass
 
     def broadcast_object(self, obj):
         """Rank 0's ``obj`` on every rank (a decision made once, e.g. which checkpoint to resume)."""
         return obj
+
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        return [obj]
 
     def full_state_dict(self, engine: Engine) -> dict:
         """fp32 state dict of the whole module on CPU (collective under ZeRO-3: call on every rank)."""
@@ -393,9 +414,21 @@ class DeepSpeedBackend(Backend):
 
     distributed = True
 
-    def __init__(self, ds_config: str | Path, grad_clip: float = 0.0, channels_last: bool = True):
-        import deepspeed
+    def __init__(self, ds_config: str | Path, grad_clip: float = 0.0, channels_last: bool = True,
+                 world: Optional[World] = None, device: Optional[torch.device] = None, timeout_s: int = 1800):
+        """``world`` as :func:`hptransfer.distributed.launch.discover` found it (default: discovered here),
+        ``device`` this rank's (default: its local GPU, else the CPU), ``timeout_s`` the process group's
+        collective timeout (train.dist_timeout_s)."""
+        import datetime
+
         import torch.distributed as dist
+
+        world = world or launch.discover()
+        self.device = device or launch.resolve_device("auto", world)[0]
+        if self.device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks the GPU of a GPU node
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
         self.ds = deepspeed
         self.dist = dist
@@ -407,15 +440,20 @@ class DeepSpeedBackend(Backend):
         cfgs = {name: resolve_ds_config(engine_ds_config(self.raw_config, name, self.source), 1, 1, grad_clip,
                                         self.source) for name in ENGINE_NAMES}
         cfg = cfgs["generator"]
-        deepspeed.init_distributed()
+        if get_accelerator().device_name() != self.device.type:
+            raise LaunchError(f"DeepSpeed chose its {get_accelerator().device_name()} accelerator, but this rank "
+                              f"trains on {self.device}: set DS_ACCELERATOR={self.device.type} in the environment")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # before NCCL starts: each rank its own GPU
+        launch.export(world)  # srun's SLURM_* (or no launcher) as env://, so DeepSpeed never tries MPI discovery
+        if world.warning:
+            log.warning("%s", world.warning)
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=timeout_s))
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(self.local_rank)
-            self.device = torch.device("cuda", self.local_rank)
-        else:
-            self.device = torch.device("cpu")
+        self.local_rank = world.local_rank
+        self.world = world
         self.loss_dtype = autocast_dtype(cfg)  # inputs stay fp32: the engine autocasts its forward
         self.zero_stages = {name: int(c.get("zero_optimization", {}).get("stage", 0)) for name, c in cfgs.items()}
         self.zero_stage = max(self.zero_stages.values())  # a checkpoint holds shards where any engine does
@@ -437,6 +475,11 @@ class DeepSpeedBackend(Backend):
         self.dist.all_reduce(values, op=self.dist.ReduceOp.MAX)
         return values
 
+    def gather_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        out = [torch.empty_like(values) for _ in range(self.world_size)]
+        self.dist.all_gather(out, values.contiguous())
+        return torch.stack(out)
+
     def barrier(self) -> None:
         self.dist.barrier()
 
@@ -445,6 +488,11 @@ class DeepSpeedBackend(Backend):
         box = [obj]
         self.dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def all_gather_object(self, obj) -> list:
+        out = [None] * self.world_size
+        self.dist.all_gather_object(out, obj)
+        return out
 
     def engine(self, name, module, optimizer, micro_batch, forward_fn=None) -> Engine:
         cfg = resolve_ds_config(engine_ds_config(self.raw_config, name, self.source), micro_batch, self.world_size,
@@ -483,7 +531,19 @@ class DeepSpeedBackend(Backend):
 
 
 def make_backend(cfg, ds_config: Optional[str] = None) -> Backend:
-    """DeepSpeed when a DeepSpeed config is given, otherwise a single process."""
+    """DeepSpeed when a DeepSpeed config is given, otherwise a single process. The launcher's world and
+    ``train.device`` are checked first, before anything is written (LaunchError: several processes
+    without a DeepSpeed config, ``cuda`` without a usable GPU). ``backend.world`` is the launcher's
+    description, ``backend.cpu_fallback`` why ``auto`` took the CPU (None when it did not)."""
+    world = launch.discover()
+    launch.require_deepspeed(world, ds_config)
+    device, cpu_fallback = launch.resolve_device(cfg.train.device, world)
     if ds_config:
-        return DeepSpeedBackend(ds_config, cfg.train.grad_clip, cfg.train.channels_last)
-    return SingleBackend(cfg.train.precision, cfg.train.grad_clip, channels_last=cfg.train.channels_last)
+        backend = DeepSpeedBackend(ds_config, cfg.train.grad_clip, cfg.train.channels_last, world=world, device=device,
+                                   timeout_s=cfg.train.dist_timeout_s)
+    else:
+        backend = SingleBackend(cfg.train.precision, cfg.train.grad_clip, device=str(device),
+                                channels_last=cfg.train.channels_last)
+        backend.world = world
+    backend.cpu_fallback = cpu_fallback
+    return backend

@@ -137,6 +137,12 @@ class TrainConfig:
     # false: no progressive training (Table 1's baseline and LPL rows): ``stages`` collapses to one
     # stage at the top resolution with the top stage's batch size and all stages' iterations.
     progressive: bool = True
+    # Where the ranks train: cuda refuses to start without a usable GPU (one line, exit 2); auto takes
+    # the GPU when one works, else the CPU, and says so loudly when a launcher started several ranks.
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    # Seconds a collective (all-reduce, barrier, the start-up rendezvous) may wait for the other ranks
+    # before the run fails naming the rank (torch's init_process_group timeout; its default is 30 min).
+    dist_timeout_s: int = 1800
 
 
 @dataclass
@@ -201,6 +207,8 @@ class Config:
                               "model.input_fade > 0 (e.g. 1.0) or output_fade false")
         if isinstance(self.train.compile, bool):
             self.train.compile = "full" if self.train.compile else "off"
+        if self.train.dist_timeout_s < 1:
+            raise ConfigError(f"{source}: train.dist_timeout_s must be >= 1 (seconds), got {self.train.dist_timeout_s}")
         if self.train.warmup_iterations < 0:
             raise ConfigError(f"{source}: train.warmup_iterations must be >= 0, got {self.train.warmup_iterations}")
         return self

@@ -71,6 +71,11 @@ class OutputExistsError(UserError, FileExistsError):
     """Writing would overwrite earlier results the user did not ask to replace."""
 
 
+class LaunchError(UserError, RuntimeError):
+    """How the processes were started does not fit the run: several ranks without a DeepSpeed config,
+    ``--device cuda`` without a usable GPU, launcher variables that do not form a world."""
+
+
 def disk_error(path, exc: OSError) -> Optional[UserError]:
     """A :class:`UserError` naming ``path`` when ``exc`` is a full / read-only disk, else None."""
     if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:

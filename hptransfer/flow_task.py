@@ -58,23 +58,25 @@ def to_device(batch: dict, backend) -> dict:
 
 
 def train_step(engine, model, vgg, cfg, batch: dict, backend, *,
-               loss_hook: Optional[Callable[[dict, dict], dict]] = None, info: Optional[dict] = None) -> dict:
+               loss_hook: Optional[Callable[[dict, dict], dict]] = None, info: Optional[dict] = None,
+               agree: Optional[torch.Tensor] = None) -> dict:
     """One iteration of the flow network: forward, losses, backward, optimiser step; a non-finite loss
-    skips the step on every rank. Same return shape as :func:`hptransfer.step.train_step` ("fake" is
-    the warped garment)."""
+    skips the step on every rank. Same arguments (``agree``) and return shape as
+    :func:`hptransfer.step.train_step` ("fake" is the warped garment)."""
     b = to_device(batch, backend)
     out = engine(*(b[k] for k in INPUTS))
     with backend.loss_autocast():
         terms = flow_loss(out, b, vgg, cfg.flow, cfg.loss.layer_weights)
     if loss_hook is not None:
         terms = loss_hook(terms, info or {})
-    (skipped,) = read_nonfinite(backend, terms["total"])
+    skipped, *agreed = read_nonfinite(backend, terms["total"], agree=agree)
     if skipped:
         engine.skip()
     else:
         engine.backward(terms["total"])
         engine.step()
-    return {"terms": terms, "d_loss": None, "skipped": skipped, "d_skipped": False, "fake": out["warped"].detach()}
+    return {"terms": terms, "d_loss": None, "skipped": skipped, "d_skipped": False, "agreed": agreed,
+            "fake": out["warped"].detach()}
 
 
 def sample_batch(cfg, resolution: int, n: int = 4) -> dict:

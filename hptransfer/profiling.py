@@ -8,6 +8,7 @@ Off by default: ``phase`` then costs one flag check. NVTX ranges are pushed when
 is set or :func:`enable` was called (and CUDA is there). Times are collected only inside
 ``with PhaseTimer() as t:`` (CUDA events on a CUDA device, ``time.perf_counter`` otherwise);
 ``t.totals()`` gives seconds per phase name, summed over the phase's occurrences.
+:class:`CaptureWindow` (``HPTRANSFER_PROFILE_STEPS=a-b``) limits an Nsight capture to those steps.
 """
 from __future__ import annotations
 
@@ -93,3 +94,49 @@ def phase(name: str):
     if not _nvtx_on and _timer is None:
         return _NULL
     return _phase(name)
+
+
+class CaptureWindow:
+    """An Nsight Systems capture window over training steps: ``HPTRANSFER_PROFILE_STEPS=a-b`` (global
+    steps as the log numbers them, both included; ``a`` alone = one step; a run resumed inside the window
+    starts it at its first step) calls cudaProfilerStart before
+    step ``a`` and cudaProfilerStop after step ``b``, for ``nsys profile --capture-range=cudaProfilerApi``;
+    NVTX ranges (the step's phases, data loading) are on inside the window. Does nothing without CUDA."""
+
+    ENV = "HPTRANSFER_PROFILE_STEPS"
+
+    def __init__(self, first: int, last: int, cuda: Optional[bool] = None):
+        self.first, self.last = first, last
+        self.cuda = torch.cuda.is_available() if cuda is None else cuda
+        self.active = self.done = False
+        self._nvtx_before = _nvtx_on
+
+    @classmethod
+    def from_env(cls, environ=None) -> Optional["CaptureWindow"]:
+        """The window the environment asks for, None when unset; ValueError naming the variable when malformed."""
+        import os
+        import re
+
+        value = (os.environ if environ is None else environ).get(cls.ENV, "").strip()
+        if not value:
+            return None
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", value)
+        if m is None or int(m.group(2) or m.group(1)) < int(m.group(1)) or int(m.group(1)) < 1:
+            raise ValueError(f"environment variable {cls.ENV}={value!r}: expected FIRST-LAST global steps "
+                             f"(1-based, FIRST <= LAST), e.g. 100-110")
+        return cls(int(m.group(1)), int(m.group(2) or m.group(1)))
+
+    def step_begins(self, step: int) -> None:
+        if self.first <= step <= self.last and not (self.active or self.done) and self.cuda:  # also a resume inside it
+            global _nvtx_on
+            self._nvtx_before, _nvtx_on = _nvtx_on, True
+            torch.cuda.synchronize()  # the window starts with the step, not with work queued before it
+            torch.cuda.profiler.start()
+            self.active = True
+
+    def step_ends(self, step: int) -> None:
+        if step >= self.last and self.active:
+            global _nvtx_on
+            torch.cuda.synchronize()
+            torch.cuda.profiler.stop()
+            _nvtx_on, self.active, self.done = self._nvtx_before, False, True

@@ -121,7 +121,8 @@ class Reporter:
     def step(self, stage: int, step_in_stage: int, global_step: int, images: int, terms: dict, skipped: bool,
              log_now: bool) -> None:
         """One finished iteration: advance the bar (its values from ``terms`` when given: current, not the
-        last log step's); log and write TensorBoard scalars when ``log_now``."""
+        last log step's); log when ``log_now`` (``terms`` then holds the rank means; the TensorBoard scalars
+        are written by hptransfer.distributed.stats.RunStats)."""
         if not self.enabled:
             return
         s = self.stats[stage]
@@ -147,12 +148,6 @@ class Reporter:
                  global_step, f" of {self.total_steps}" if self.total_steps else "",
                  " ".join(f"{k}={v if isinstance(v, str) else _fmt(v)}" for k, v in terms.items()),
                  ips, " SKIPPED (non-finite loss)" if skipped else "")
-        if self.tb is not None:
-            for k, v in terms.items():
-                if not isinstance(v, str) and math.isfinite(v):
-                    self.tb.add_scalar(f"loss/{k}", v, global_step)
-            self.tb.add_scalar("perf/images_per_s", ips, global_step)
-            self.tb.add_scalar("train/resolution", s["resolution"], global_step)
 
     def image(self, tag: str, path: Path, global_step: int) -> None:
         if self.tb is not None and Path(path).is_file():

@@ -24,23 +24,31 @@ log = logging.getLogger(__name__)
 PHASES = ("generator_forward", "discriminator", "global_vgg", "local_vgg", "backward", "optimizer")
 
 
-def read_nonfinite(backend, *values: torch.Tensor) -> list:
-    """For each value: non-finite on any rank. The step's one agreed host read: the flags are made and
-    all-reduced on the device, then read together."""
-    flags = torch.stack([~torch.isfinite(v.detach()).all() for v in values]).to(torch.float32)
-    return [flag > 0 for flag in backend.max_over_ranks(flags).tolist()]
+def read_nonfinite(backend, *values: torch.Tensor, agree: Optional[torch.Tensor] = None) -> list:
+    """For each value: non-finite on any rank (a bool); then, for each entry of ``agree`` (the caller's own
+    flags, a float tensor on the device), its maximum over the ranks (a float). The step's one agreed host
+    read: the flags are made and all-reduced on the device, then read together."""
+    flags = [torch.stack([~torch.isfinite(v.detach()).all() for v in values]).to(torch.float32)] if values else []
+    if agree is not None:
+        flags.append(agree.detach().reshape(-1).to(torch.float32))
+    reduced = backend.max_over_ranks(torch.cat(flags)).tolist()
+    return [flag > 0 for flag in reduced[:len(values)]] + reduced[len(values):]
 
 
 def train_step(g_engine, generator, vgg, cfg, reference: torch.Tensor, target: torch.Tensor, kp_ref: torch.Tensor,
                kp_tgt: torch.Tensor, criterion: str, impl: str, backend, *, d_engine=None,
-               loss_hook: Optional[Callable[[dict, dict], dict]] = None, info: Optional[dict] = None) -> dict:
+               loss_hook: Optional[Callable[[dict, dict], dict]] = None, info: Optional[dict] = None,
+               agree: Optional[torch.Tensor] = None) -> dict:
     """One iteration: G forward, (D's loss), G's losses, one finite check, G backward and step, (D's).
 
     ``reference``, ``target`` (B, 3, R, R) on the device in ``backend.input_dtype``; ``kp_ref``,
     ``kp_tgt`` (B, 18, 2) float32 (y, x) pixels at R. ``generator`` is the module inside ``g_engine``
     (its buffers are restored on a skipped step). ``loss_hook(terms, info)`` may replace the terms
-    before the finite check. Returns {"terms": dict of fp32 scalars (graph freed), "d_loss": scalar or
-    None, "skipped": bool, "d_skipped": bool, "fake": (B, 3, R, R) detached}.
+    before the finite check. ``agree``: the caller's own flags (a 1-D float tensor on the device) that
+    every rank must agree on, max-reduced in the same host read as the finite flags (no collective of
+    their own). Returns {"terms": dict of fp32 scalars (graph freed), "d_loss": scalar or None,
+    "skipped": bool, "d_skipped": bool, "agreed": list of floats (``agree``'s entries, each its maximum
+    over the ranks), "fake": (B, 3, R, R) detached}.
     """
     R = reference.shape[-1]
     geometry = losses.step_geometry(cfg.loss, kp_ref, kp_tgt, R, device=reference.device)  # once per step
@@ -61,8 +69,9 @@ def train_step(g_engine, generator, vgg, cfg, reference: torch.Tensor, target: t
                                       discriminator=d_engine, impl=impl)
     if loss_hook is not None:
         terms = loss_hook(terms, info or {})
-    flags = read_nonfinite(backend, terms["total"], *([d_loss] if d_loss is not None else []))
-    skipped, d_skipped = flags[0], len(flags) > 1 and flags[1]
+    losses_read = [terms["total"]] + ([d_loss] if d_loss is not None else [])
+    flags = read_nonfinite(backend, *losses_read, agree=agree)
+    skipped, d_skipped, agreed = flags[0], d_loss is not None and flags[1], flags[len(losses_read):]
     if skipped:
         g_engine.skip()
         with torch.no_grad():
@@ -80,4 +89,5 @@ def train_step(g_engine, generator, vgg, cfg, reference: torch.Tensor, target: t
             else:
                 d_engine.backward(d_loss)
                 d_engine.step()
-    return {"terms": terms, "d_loss": d_loss, "skipped": skipped, "d_skipped": d_skipped, "fake": fake.detach()}
+    return {"terms": terms, "d_loss": d_loss, "skipped": skipped, "d_skipped": d_skipped, "agreed": agreed,
+            "fake": fake.detach()}

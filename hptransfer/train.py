@@ -39,6 +39,8 @@ from hptransfer import checkpoint as ckpt
 from hptransfer import losses, ops, pose
 from hptransfer.backend import Backend, Engine, make_backend
 from hptransfer.config import Config, ConfigError, StageConfig, load_config, save_config
+from hptransfer.distributed import launch, signals
+from hptransfer.distributed.stats import RunStats
 from hptransfer.report import Reporter, save_sample_grid
 from hptransfer.step import train_step
 from hptransfer import flow_task  # task: garment_flow (the appearance flow network)
@@ -60,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--resume, such a run stops instead of overwriting them)")
     parser.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
                         help="DeepSpeed JSON (configs/ds/*.json); without it: single process, plain PyTorch")
+    parser.add_argument("--device", dest="train_device", choices=("auto", "cuda", "cpu"), default=None,
+                        help="shorthand for train.device=...: cuda refuses to start without a usable GPU; auto (the "
+                             "default) takes the GPU when one works, else the CPU")
     parser.add_argument("--stop_at_step", "--stop-at-step", dest="stop_at_step", type=int, default=None,
                         help="stop after this global step (writes a checkpoint first), e.g. to test resume")
     parser.add_argument("--init-from", "--init_from", dest="init_from", default=None, metavar="CHECKPOINT",
@@ -70,19 +75,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit status: 0 done (or stopped by --stop_at_step), 2 a user error (hptransfer.cli), 75
+    (signals.EXIT_PREEMPTED) stopped by SIGTERM/SIGUSR1 after a checkpoint, 1 a bug or a failed collective."""
     overrides = list(args.overrides or [])
     if args.out:
         overrides.append(f"train.out_dir={args.out}")
+    if args.train_device:
+        overrides.append(f"train.device={args.train_device}")
     cfg = load_config(args.config, overrides)  # ConfigError: a user error, one line (hptransfer.cli)
-    result = train(cfg, ds_config=args.deepspeed_config, resume=args.resume, overwrite=args.overwrite,
-                   stop_at_step=args.stop_at_step,
-                   init_from=args.init_from)
-    if result["is_main"]:  # the summary table is in the log already
-        print(f"export: {result['export']}  samples: {Path(cfg.train.out_dir) / 'samples'}  "
-              f"log: {Path(cfg.train.out_dir) / 'train.log'}")
+    if launch.discover().rank != 0:  # rank 0 reports progress, the others only what goes wrong
+        logging.getLogger("hptransfer").setLevel(logging.WARNING)
+    try:
+        result = train(cfg, ds_config=args.deepspeed_config, resume=args.resume, overwrite=args.overwrite,
+                       stop_at_step=args.stop_at_step, init_from=args.init_from)
+    except Exception as e:
+        message = launch.collective_failure(e, cfg.train.dist_timeout_s)
+        if message is None:
+            raise
+        log.error("%s", message)
+        return 1
+    out_dir = Path(cfg.train.out_dir)
+    if result["is_main"] and result["preempted"]:
+        print(f"stopped by {result['preempted']} at global step {result['global_step']}: checkpoint in "
+              f"{out_dir / 'checkpoints'}; continue with --resume auto (exit status {signals.EXIT_PREEMPTED})")
+    elif result["is_main"]:  # the summary table is in the log already
+        print(f"export: {result['export']}  samples: {out_dir / 'samples'}  log: {out_dir / 'train.log'}")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # communication threads must not outlive the interpreter
-    return 0
+    return signals.EXIT_PREEMPTED if result["preempted"] else 0
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -91,7 +111,10 @@ def main(argv: Optional[list] = None) -> int:
     from hptransfer.cli import parse_args_with_overrides, run_guarded  # as `hptransfer train` parses and reports
 
     args = parse_args_with_overrides(parser, sys.argv[1:] if argv is None else argv)
-    rank = int(os.environ.get("RANK", 0))
+    try:
+        rank = launch.discover().rank  # RANK, or SLURM_PROCID under srun
+    except launch.LaunchError:
+        rank = 0  # bad launcher variables: reported as one line by run_guarded below
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     return run_guarded(run, args)
@@ -347,13 +370,17 @@ class _Run:
     backend: Backend
     vgg: torch.nn.Module
     reporter: Reporter
+    stats: RunStats
     state: dict
     stop_at_step: Optional[int]
     callback: Optional[Callable[[dict], None]]
     loss_hook: Optional[Callable[[dict, dict], dict]]
+    signals: signals.StopSignals
+    preempted: Optional[str] = None  # the signal that stopped the run (on some rank)
 
     def stop_reached(self) -> bool:
-        return self.stop_at_step is not None and self.state["global_step"] >= self.stop_at_step
+        return self.preempted is not None or (self.stop_at_step is not None
+                                              and self.state["global_step"] >= self.stop_at_step)
 
 
 @dataclass
@@ -377,7 +404,12 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
           stop_at_step: Optional[int] = None, callback: Optional[Callable[[dict], None]] = None,
           loss_hook: Optional[Callable[[dict, dict], dict]] = None, init_from: Optional[str] = None) -> dict:
     """Train through ``cfg.stages``. Returns {"is_main", "global_step", "skipped", "summary", "export",
-    "generator_state" (fp32 CPU state dict of the final generator)}.
+    "generator_state" (fp32 CPU state dict of the final generator), "stopped", "preempted" (the signal's
+    name, or None)}.
+
+    SIGTERM / SIGUSR1 on any rank once the set-up is done (before, they end the process as usual:
+    nothing to save yet): every rank finishes the current step, writes the checkpoint and returns with
+    ``preempted`` set (see :mod:`hptransfer.distributed.signals`; the CLI exits with status 75).
 
     ``resume``: a checkpoint path or "auto" (see :func:`_resume_point`); an out_dir that holds
     checkpoints needs ``resume`` or ``overwrite`` (which deletes them), else OutputExistsError.
@@ -387,6 +419,13 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
     before the finite check (a debug hook: the tests force a NaN through it). ``init_from``: see
     :func:`_init_from` (used only when the run does not resume).
     """
+    with signals.StopSignals() as stop_signals:
+        return _train(cfg, stop_signals, ds_config=ds_config, resume=resume, overwrite=overwrite,
+                      stop_at_step=stop_at_step, callback=callback, loss_hook=loss_hook, init_from=init_from)
+
+
+def _train(cfg: Config, stop_signals: signals.StopSignals, *, ds_config, resume, overwrite, stop_at_step, callback,
+           loss_hook, init_from) -> dict:
     backend = make_backend(cfg, ds_config)
     _seed_everything(cfg.train.seed + backend.rank, cfg.train.deterministic)
     costly = cpu_cost_warning(cfg, backend.device) if backend.is_main else None
@@ -405,7 +444,8 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
     reporter = Reporter(out_dir, enabled=backend.is_main, tensorboard=cfg.train.tensorboard,
                         total_steps=sum(s.iterations for s in cfg.stages), initial_step=state["global_step"])
     _log_run_start(cfg, backend, resume_from, state)  # after the Reporter: into train.log
-    run = _Run(cfg, backend, vgg, reporter, state, stop_at_step, callback, loss_hook)
+    stats = RunStats(backend, out_dir, tb=reporter.tb, fresh=resume_from is None)
+    run = _Run(cfg, backend, vgg, reporter, stats, state, stop_at_step, callback, loss_hook, stop_signals)
 
     # Built even where --init-from replaces it: its initialisation draws from the RNG, which later steps replay.
     if init_from and resume_from is None:
@@ -414,6 +454,7 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
     if init_from and resume_from is None:
         generator = _init_from(cfg, init_from, fade=_fades(cfg, 0, state))
     stage, export_path, stopped = None, None, False
+    stop_signals.arm()  # from here on SIGTERM/SIGUSR1 stop the run after a step, with a checkpoint
     for stage_idx in range(state["stage"], len(cfg.stages)):
         stage = _begin_stage(run, stage_idx, generator, resume_from)
         resume_from = None  # a resumed run loads its checkpoint into the first stage only
@@ -426,15 +467,20 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
             break
 
     final_state = backend.full_state_dict(stage.g_engine) if stage is not None else {}
-    if stopped:
+    if run.preempted:
+        log.warning("stopped at global step %d by %s (on at least one rank; this one: %s): checkpoint written, exit "
+                    "status %d", state["global_step"], run.preempted, stop_signals.received or "none",
+                    signals.EXIT_PREEMPTED)
+    elif stopped:
         log.info("stopped at global step %d (--stop_at_step)", state["global_step"])
+    stats.close()
     table = reporter.close()
     if state["skipped"] or state["d_skipped"]:
         log.warning("skipped steps (non-finite loss): generator %d, discriminator %d", state["skipped"], state["d_skipped"])
     backend.barrier()
     return {"is_main": backend.is_main, "global_step": state["global_step"], "skipped": state["skipped"],
             "d_skipped": state["d_skipped"], "summary": table, "export": export_path, "generator_state": final_state,
-            "stopped": stopped}
+            "stopped": stopped, "preempted": run.preempted}
 
 
 def _train_stage(run: _Run, stage: _Stage) -> bool:
@@ -442,6 +488,7 @@ def _train_stage(run: _Run, stage: _Stage) -> bool:
     cfg, backend, state, iterations = run.cfg, run.backend, run.state, stage.spec.iterations
     while state["step"] < iterations:
         step = state["step"]
+        run.stats.iteration_begins(state["global_step"] + 1)
         criterion = losses.criterion_for_step(step, iterations)
         if cfg.task == "transfer" and step > 0 and criterion != losses.criterion_for_step(step - 1, iterations):
             log.info("stage %d step %d: criterion %s -> %s (paper section 3.3: L2 in the first half of each stage, "
@@ -450,11 +497,15 @@ def _train_stage(run: _Run, stage: _Stage) -> bool:
                      losses.criterion_for_step(step - 1, iterations).upper(), criterion.upper())
         stage.generator.fade_alpha = _fade_alpha(cfg, stage.idx, step, iterations, state)
         lr_factor = _set_learning_rates(run, stage, step)
-        batch = stage.batches.next()
+        with run.stats.data():
+            batch = stage.batches.next()
         info = {"stage": stage.idx, "resolution": stage.spec.resolution, "step_in_stage": step,
                 "global_step": state["global_step"], "criterion": criterion, "disc_active": stage.d_engine is not None,
                 "fade_alpha": stage.generator.fade_alpha, "lr_factor": lr_factor}
         out = _step(run, stage, batch, criterion, info)
+        run.stats.iteration_ends(state["global_step"] + 1)
+        # SIGTERM/SIGUSR1 on any rank: all stop after this step, with a checkpoint
+        run.preempted = run.preempted or signals.name(out["agreed"][0])
         state["d_skipped"] += int(out["d_skipped"])
         if out["skipped"]:
             state["skipped"] += 1
@@ -465,22 +516,26 @@ def _train_stage(run: _Run, stage: _Stage) -> bool:
         state["global_step"] += 1
         state["epoch"], state["consumed"] = stage.batches.epoch, stage.batches.consumed
         last = state["step"] == iterations
-        log_now = state["step"] % max(cfg.train.log_every, 1) == 0 or last or step == 0
-        # the bar's values are current too: read every BAR_REFRESH_S seconds (one host sync), not only at log steps
-        values = (_loss_values(criterion, out) if log_now or run.callback is not None or run.reporter.wants_values()
-                  else {})
+        log_now = state["step"] % max(cfg.train.log_every, 1) == 0 or last or step == 0 or run.preempted is not None
+        values = _loss_values(criterion, out) if run.callback is not None else {}
+        if log_now:
+            shown = _record_stats(run, stage, criterion, out)  # rank means (a collective, every rank)
+        elif run.reporter.wants_values():  # rank 0's bar, every BAR_REFRESH_S seconds: its own values, no collective
+            shown = values or _loss_values(criterion, out)
+        else:
+            shown = {}
         run.reporter.step(stage.idx, state["step"], state["global_step"], stage.spec.batch_size * backend.world_size,
-                          values, out["skipped"], log_now)
+                          shown, out["skipped"], log_now)
         if run.callback is not None:
             run.callback({**info, "skipped": out["skipped"], "terms": values, "generator": stage.generator,
                           "generator_engine": stage.g_engine, "discriminator_engine": stage.d_engine})
 
         stop = run.stop_reached()
-        if cfg.train.sample_every > 0 and state["step"] % cfg.train.sample_every == 0 and not last:
+        if cfg.train.sample_every > 0 and state["step"] % cfg.train.sample_every == 0 and not (last or run.preempted):
             _write_samples(run, stage)
         if last or stop or (cfg.train.checkpoint_every > 0 and state["global_step"] % cfg.train.checkpoint_every == 0):
             _save_checkpoint(run, stage)
-        if stop and not last:
+        if stop and (not last or run.preempted):  # preempted: the stage's samples and export wait for the resume
             return True
     return False
 
@@ -490,22 +545,44 @@ def _step(run: _Run, stage: _Stage, batch: dict, criterion: str, info: dict) -> 
     cfg, backend = run.cfg, run.backend
     if cfg.task == "garment_flow":
         return flow_task.train_step(stage.g_engine, stage.generator, run.vgg, cfg, batch, backend,
-                                    loss_hook=run.loss_hook, info=info)
+                                    loss_hook=run.loss_hook, info=info, agree=run.signals.flag(backend.device))
     reference, target, kp_ref, kp_tgt = _to_device(batch, backend)
+    # the stop flag rides in the step's one all-reduced host read: every rank stops after the same step
     return train_step(stage.g_engine, stage.generator, run.vgg, cfg, reference, target, kp_ref, kp_tgt, criterion,
-                      cfg.train.impl, backend, d_engine=stage.d_engine, loss_hook=run.loss_hook, info=info)
+                      cfg.train.impl, backend, d_engine=stage.d_engine, loss_hook=run.loss_hook, info=info,
+                      agree=run.signals.flag(backend.device))
 
 
 def _loss_values(criterion: str, out: dict) -> dict:
-    """The step's loss terms as floats for the log and the callback: criterion, terms, then "d"."""
+    """This rank's loss terms as floats for the callback: criterion, terms, then "d"."""
     values = {k: float(v.detach()) for k, v in out["terms"].items()}
     if out["d_loss"] is not None:
         values["d"] = float(out["d_loss"].detach())
     return {"criterion": criterion, **values}
 
 
+def _record_stats(run: _Run, stage: _Stage, criterion: str, out: dict) -> dict:
+    """A log step's line of stats.jsonl (every rank: one collective); criterion and the terms' rank means
+    for the log line."""
+    state, g_opt = run.state, stage.g_engine.optimizer
+    terms = {**out["terms"], **({"d": out["d_loss"]} if out["d_loss"] is not None else {})}
+    means = run.stats.record(
+        terms=terms, images_per_iteration=stage.spec.batch_size * run.backend.world_size, step=state["global_step"],
+        stage=stage.idx, step_in_stage=state["step"], resolution=stage.spec.resolution, criterion=criterion,
+        lr=g_opt.param_groups[0]["lr"],
+        d_lr=stage.d_engine.optimizer.param_groups[0]["lr"] if stage.d_engine is not None else None,
+        fade_alpha=float(stage.generator.fade_alpha), loss_scale=stage.g_engine.loss_scale(),
+        skipped=state["skipped"], d_skipped=state["d_skipped"])
+    return {"criterion": criterion, **means}
+
+
 def _log_run_start(cfg: Config, backend: Backend, resume_from: Optional[Path], state: dict) -> None:
-    """The head of train.log: where the run resumed, the backend, the fast paths, a random-VGG warning."""
+    """The head of train.log: the world (gathered from every rank: a collective), a CPU fallback, where
+    the run resumed, the backend, the fast paths, a random-VGG warning."""
+    records = backend.all_gather_object(launch.rank_record(backend.world, backend.device, backend.cpu_fallback))
+    if backend.is_main:  # one banner, not one per rank
+        launch.log_world(backend.world, records, torch.distributed.get_backend() if backend.distributed else None,
+                         cfg.train.dist_timeout_s)
     if resume_from is not None:
         log.info("resuming from %s: stage %d step %d (global %d)", resume_from, state["stage"], state["step"],
                  state["global_step"])
@@ -770,7 +847,8 @@ def _save_checkpoint(run: _Run, stage: _Stage) -> None:
     meta = {"state": dict(state), "arch": stage.generator.arch(), "fade_alpha": stage.generator.fade_alpha,
             "world_size": backend.world_size,
             "backend": "deepspeed" if backend.distributed else "single",
-            "zero_stage": getattr(backend, "zero_stage", 0), "engines": sorted(engines), "time": time.time()}
+            "zero_stage": getattr(backend, "zero_stage", 0), "engines": sorted(engines), "time": time.time(),
+            "preempted": run.preempted}  # the signal that stopped the run here (a requeue script reads it)
     backend.save_engines(tmp, engines)
     ckpt.save_rng(tmp, backend.rank)
     ckpt.finish(root, tmp, meta, run.cfg.train.keep_checkpoints, backend.is_main, backend.barrier)

@@ -133,7 +133,7 @@ def test_one_host_read_per_step_and_a_non_finite_d_loss_skips_only_d(tiny_cfg, v
     g_before, d_before = copy.deepcopy(g.state_dict()), copy.deepcopy(d.state_dict())
     ge, de = _engines(backend, g, d)
     reads, real_read = [], step_module.read_nonfinite
-    monkeypatch.setattr(step_module, "read_nonfinite", lambda b, *v: reads.append(len(v)) or real_read(b, *v))
+    monkeypatch.setattr(step_module, "read_nonfinite", lambda b, *v, **kw: reads.append(len(v)) or real_read(b, *v, **kw))
     real_d_loss = losses.discriminator_loss
     monkeypatch.setattr(losses, "discriminator_loss", lambda *a: real_d_loss(*a) * float("nan"))
     out = train_step(ge, g, vgg, _Cfg(_loss_cfg(True)), ref, tgt, kr, kt, "l2", "reference", backend, d_engine=de)

@@ -94,7 +94,6 @@ def _evaluate(export_dir: Path, data_root: Path, split: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     from hptransfer import checkpoint as ckpt
     from hptransfer.config import load_config
-    from hptransfer.train import train
 
     if args.garment:
         return run_garment(args)
@@ -115,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         resume = "auto"  # a rerun (make demo twice) continues the run, or re-evaluates a finished one
         print(f"[demo] {out} holds checkpoints: resuming from the latest (--overwrite to train afresh)")
     t_train = time.perf_counter()
-    result = train(cfg, resume=resume, overwrite=args.overwrite)
+    result = _train(cfg, resume=resume, overwrite=args.overwrite)
     t_train = time.perf_counter() - t_train
     metrics = _evaluate(Path(result["export"]), data, cfg.data.test_split)
     metrics.update({"train_seconds": round(t_train, 1), "total_seconds": round(time.perf_counter() - t0, 1),
@@ -132,6 +131,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(cfg, **kwargs) -> dict:
+    """``train.train``, but a run stopped by SIGTERM/SIGUSR1 (checkpoint written) ends the demo with the
+    trainer's preemption status instead of evaluating an unfinished run; rerunning the demo resumes it."""
+    from hptransfer.distributed.signals import EXIT_PREEMPTED
+    from hptransfer.train import train
+
+    result = train(cfg, **kwargs)
+    if result.get("preempted"):
+        print(f"[demo] stopped by {result['preempted']} after a checkpoint; run the same command again to resume")
+        raise SystemExit(EXIT_PREEMPTED)
+    return result
+
+
 GARMENT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "garment_flow.yaml"
 
 
@@ -142,7 +154,6 @@ def run_garment(args: argparse.Namespace) -> int:
     from hptransfer.export import load_generator
     from hptransfer.flow_task import load_flow
     from hptransfer.garment_eval import evaluate_tryon, format_table, save_figure
-    from hptransfer.train import train
 
     t0 = time.perf_counter()
     data, out = Path(args.data), Path(args.garment_out)
@@ -160,7 +171,7 @@ def run_garment(args: argparse.Namespace) -> int:
                                            f"stages=[{{resolution: 64, iterations: {args.transfer_iterations}, "
                                            "batch_size: 8}]",
                                            "loss.disc_at_resolution=1024"])
-        train(cfg, resume="auto")
+        _train(cfg, resume="auto")
     else:
         print(f"[demo] reusing the transfer network in {transfer_dir}")
     t_flow = time.perf_counter()
@@ -170,7 +181,7 @@ def run_garment(args: argparse.Namespace) -> int:
                                        "flow.perceptual_weight=0", *args.overrides])
     print(f"[demo] training the appearance flow network ({GARMENT_CONFIG.name}, {args.flow_iterations} iterations "
           f"at {cfg.stages[0].resolution} px); log: {out / 'flow' / 'train.log'}")
-    result = train(cfg, resume="auto")
+    result = _train(cfg, resume="auto")
     t_flow = time.perf_counter() - t_flow
     transfer, flow = load_generator(transfer_dir), load_flow(result["export"])
 

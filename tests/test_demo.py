@@ -34,3 +34,19 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert main(argv) == 0
     assert "resuming from the latest" in capsys.readouterr().out
     assert json.loads((out / "demo_metrics.json").read_text())["model/ssim_gaussian"] == metrics["model/ssim_gaussian"]
+
+
+def test_a_preempted_training_ends_the_demo_with_the_preemption_status(monkeypatch):
+    """SIGTERM during `make demo`'s training: the demo must not go on to evaluate an unfinished export."""
+    import pytest
+
+    import hptransfer.train
+    from hptransfer import demo
+    from hptransfer.distributed.signals import EXIT_PREEMPTED
+
+    monkeypatch.setattr(hptransfer.train, "train", lambda cfg, **kw: {"preempted": "SIGTERM", "export": None})
+    with pytest.raises(SystemExit) as stop:
+        demo._train(object(), resume="auto")
+    assert stop.value.code == EXIT_PREEMPTED
+    monkeypatch.setattr(hptransfer.train, "train", lambda cfg, **kw: {"preempted": None, "export": "x"})
+    assert demo._train(object())["export"] == "x"

@@ -14,6 +14,7 @@ import platform
 import statistics
 import subprocess
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -121,8 +122,8 @@ class HostReads:
     """Counts the aten ops that make the host wait for a device value, on any device (CUDA's sync debug
     mode exists only there): ``.item()``/``float()``/``bool()`` (``_local_scalar_dense``), ``nonzero``,
     ``masked_select``, ``unique``, ``equal``, boolean-mask indexing, and copies from a device to the CPU.
-    ``with HostReads() as reads: ...`` then ``reads.counts`` ({op: calls}). ``pause()`` stops counting
-    inside a deliberate read. It sees aten ops only: ``tolist()``/``numpy()`` on a CPU tensor read memory
+    ``with HostReads() as reads: ...`` then ``reads.counts`` ({op: calls}) and ``reads.where`` ({op: the
+    Python stack of its first call}). ``pause()`` stops counting inside a deliberate read. It sees aten ops only: ``tolist()``/``numpy()`` on a CPU tensor read memory
     without one (on CUDA they show as a copy to the CPU)."""
 
     ALWAYS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.is_nonzero", "aten.equal",
@@ -139,9 +140,12 @@ class HostReads:
                     name = owner.host_read(func, args, kwargs or {})
                     if name:
                         owner.counts[name] = owner.counts.get(name, 0) + 1
+                        if name not in owner.where:
+                            owner.where[name] = "".join(traceback.format_stack(limit=12)[:-1])
                 return func(*args, **(kwargs or {}))
 
         self.counts: dict = {}
+        self.where: dict = {}
         self.counting = True
         self._mode = _Mode()
 

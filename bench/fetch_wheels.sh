@@ -3,7 +3,7 @@
 # versions of this checkout's .venv; gpu_check.sh installs them there offline (each one only where the
 # machine lacks its distribution or has an older version).
 #
-#   bash bench/fetch_wheels.sh [DEST]    # default .whl (added to .git/info/exclude: never committed)
+#   bash bench/fetch_wheels.sh [DEST]    # default .whl (in .gitignore: never committed)
 #
 # What the image lacks (docs: the device README's package list): DeepSpeed 0.19.8 and its pure-Python
 # needs hjson, pydantic, pydantic-core (compiled, cp312), annotated-types, typing-inspection, plus
@@ -18,9 +18,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=${1:-.whl}
 PY=${PYTHON:-.venv/bin/python}
-if [ "$DEST" = .whl ] && [ -d .git ] && ! grep -qx '/.whl/' .git/info/exclude 2>/dev/null; then
-  echo '/.whl/' >> .git/info/exclude
-fi
 mkdir -p "$DEST"
 version() { "$PY" -c "from importlib import metadata; print(metadata.version('$1'))"; }
 PINNED=()

@@ -118,8 +118,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distance_cuda(const at::Tensor& f
   auto mask = mask_in.to(acc_dtype).contiguous();
   at::Tensor gfake = with_grad ? at::empty_like(fake) : at::Tensor();
   if (M == 0) {
-    auto none = at::empty({0}, fake.options().dtype(acc_dtype));
-    return {none, gfake, with_grad ? none : at::Tensor()};
+    auto none = [&] { return at::empty({0}, fake.options().dtype(acc_dtype)); };
+    return {none(), gfake, with_grad ? none() : at::Tensor()};
   }
   TORCH_CHECK(K > 0, op, ": empty crops (C*h*w = 0)");
   // d(mask * mean |d|^p)/df = mask * p / K * (sign(d) | d)

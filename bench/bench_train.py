@@ -538,10 +538,10 @@ def max_batch_row(args, row: dict, device: torch.device) -> dict:
     """{"plain", "checkpointing", "limit", "tries", "tolerance"}: the largest batches at row's resolution."""
     R, with_discriminators = row["resolution"], row["disc"]
     plain = max_batch(R, args.width, device, False, with_discriminators, start=args.batch, limit=args.max_batch_limit,
-                      vgg_layers=args.vgg_layers)
+                      tolerance=args.max_batch_tolerance, vgg_layers=args.vgg_layers)
     # checkpointing keeps fewer activations: at least the plain batch fits
     ckpt = max_batch(R, args.width, device, True, with_discriminators, start=max(args.batch, plain["batch"]),
-                     limit=args.max_batch_limit, vgg_layers=args.vgg_layers)
+                     limit=args.max_batch_limit, tolerance=args.max_batch_tolerance, vgg_layers=args.vgg_layers)
     return {"plain": plain["batch"], "checkpointing": ckpt["batch"], "limit": args.max_batch_limit,
             "tries": {"plain": plain["tries"], "checkpointing": ckpt["tries"]}, "tolerance": plain["tolerance"]}
 
@@ -606,6 +606,8 @@ def main(argv=None) -> int:
                    help="largest batch, +/- checkpointing, at these resolutions (none named: every resolution)")
     p.add_argument("--grad-check", action="store_true",
                    help="the fast row checks its losses and the global loss's gradient (see the module docstring)")
+    p.add_argument("--max-batch-tolerance", type=float, default=1 / 16,
+                   help="the search stops when the largest fitting batch is known within this fraction (fewer tries)")
     p.add_argument("--max-batch-limit", type=int, default=None,
                    help="largest batch tried (default 4096 on GPU, 2 on the CPU: there it only runs the search)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/train-<device>.json)")

@@ -65,6 +65,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert data["dali"]["results"][0]["loaders"]["dali-cpu"]["images_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_gpu_check_budget_cut_is_partial(tmp_path):
     """A budget that runs out during a step: that step is ended and reported CUT, every later one NOT RUN,
     the verdict PARTIAL (not FAILED) with the files written so far, exit status 3."""

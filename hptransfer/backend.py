@@ -301,7 +301,8 @@ class AllReduceBatchNorm(nn.SyncBatchNorm):
 
 
 def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """BatchNorm layers synchronised across ranks (:class:`AllReduceBatchNorm`, the same on every device)."""
+    """BatchNorm layers synchronised across ranks: :class:`AllReduceBatchNorm`, the same class on every device
+    (``device`` no longer chooses one; kept for the callers)."""
     module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for m in module.modules():
         if type(m) is nn.SyncBatchNorm:

@@ -10,7 +10,8 @@ bytes that must move, beside the device-to-device copy bandwidth measured in the
 - gather forward: crops written + the same number of image elements read;
 - gather backward: crop gradient read + image-gradient read-modify-write (fp32 atomics) + its cast.
 NVTX ranges name every region. On a CPU only the references are timed (the Triton interpreter is not a
-performance path) and the table says so. JSON: bench/results/kernels-<device>.json.
+performance path) and the table says so. JSON: bench/results/kernels-<device>.json, rewritten after every
+size ("complete" once all are in).
 """
 from __future__ import annotations
 
@@ -109,20 +110,23 @@ def main(argv=None) -> int:
     resolutions = args.resolutions or ((64, 256) if args.quick else (64, 128, 256, 512, 1024))
     batches = args.batches or ((1, 2) if args.quick else (1, 4, 16))
     bw = copy_bandwidth(device)
+    path = Path(args.out) if args.out else result_path("kernels")
     rows = []
-    for R in resolutions:
-        for B in batches:
+    for i, R in enumerate(resolutions):
+        for j, B in enumerate(batches):
             rows.append(bench_heatmaps(R, B, dtype, device, gpu))
             rows.extend(bench_gather(R, B, dtype, device, gpu))
-    for r in rows:
-        r["of_copy_bw"] = r["kernel_gbps"] / bw if (bw and r["kernel_gbps"]) else None
+            for r in rows:
+                r["of_copy_bw"] = r["kernel_gbps"] / bw if (bw and r["kernel_gbps"]) else None
+            complete = i == len(resolutions) - 1 and j == len(batches) - 1
+            # rewritten after every size: a run stopped by a time limit keeps what it measured
+            write_json(path, {**environment(device), "dtype": str(dtype), "copy_gbps": bw, "rows": rows,
+                              "complete": complete})
     env = environment(device)
     print(f"device {env['device']}, dtype {dtype}, torch {env['torch']}, triton {env['triton']}; "
           f"copy bandwidth {bw:.0f} GB/s" if bw else f"device {env['device']}, dtype {dtype}: references only "
           "(the Triton kernels need a GPU; on the CPU they run in the interpreter, which is not a performance path)")
     print(table(rows, ["op", "resolution", "batch", "reference_ms", "kernel_ms", "speedup", "kernel_gbps", "of_copy_bw"]))
-    path = Path(args.out) if args.out else result_path("kernels")
-    write_json(path, {**env, "dtype": str(dtype), "copy_gbps": bw, "rows": rows})
     print(f"wrote {path}")
     return 0
 

@@ -8,7 +8,7 @@ fast path (batched crops, VGG per half, fused criterion of hptransfer._C), same 
 Times are medians of --repeat timed steps after one warm-up; peak memory is CUDA's max allocated
 (on the CPU: the peak RSS growth of the process is not per-step, so it is left out). VGG16Features with
 random weights: the cost does not depend on the weights. NVTX ranges name each step on CUDA.
-JSON goes to bench/results/local_loss-<device>.json (atomically).
+JSON goes to bench/results/local_loss-<device>.json (atomically, after every row; "complete" once all are in).
 """
 from __future__ import annotations
 
@@ -80,7 +80,14 @@ def main(argv=None) -> int:
     repeat = args.repeat or (3 if args.quick else 10)
     device = torch.device(args.device)
     vgg = VGG16Features("random", **({"layers": args.vgg_layers} if args.vgg_layers else {})).to(device)
+    out = args.out or RESULTS / f"local_loss-{device_name(device)}.json"
     rows = []
+
+    def save(complete: bool) -> None:  # after every row: a run stopped by a time limit keeps what it measured
+        write_json(out, {"bench": "local_loss", **environment(device), "criterion": "l1",
+                         "vgg": f"VGG16Features(weights='random', layers={list(vgg.layers)})", "local_min_crop": 32,
+                         "repeat": repeat, "quick": args.quick, "rows": rows, "complete": complete})
+
     for R in sizes:
         N = COUNTS.get(R) or (44 if R >= 1024 else 31 if R >= 256 else 18)
         for B in batches:
@@ -100,6 +107,7 @@ def main(argv=None) -> int:
             ref, fast = row["reference_ms"], row["fast_ms"]
             row["speedup"] = round(ref / fast, 2) if ref and fast else None
             rows.append(row)
+            save(complete=len(rows) == len(sizes) * len(batches))
             log.info("%5d px  N=%2d  batch %d  reference %9s ms  fast %9s ms  x%s  peak MiB %s / %s", R, N, B, ref, fast,
                      row["speedup"], row["reference_peak_mib"], row["fast_peak_mib"])
 
@@ -108,13 +116,6 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"| {r['resolution']} | {r['descriptors']} | {r['batch']} | {r['reference_ms']} | {r['fast_ms']} | "
               f"{r['speedup']} | {r['reference_peak_mib']} | {r['fast_peak_mib']} |")
-    dev = device_name(device)
-    payload = {
-        "bench": "local_loss", **environment(device), "criterion": "l1",
-        "vgg": f"VGG16Features(weights='random', layers={list(vgg.layers)})", "local_min_crop": 32, "repeat": repeat, "quick": args.quick, "rows": rows,
-    }
-    out = args.out or RESULTS / f"local_loss-{dev}.json"
-    write_json(out, payload)
     print(f"wrote {out}")
     return 0
 

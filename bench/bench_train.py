@@ -4,6 +4,8 @@
     python bench/bench_train.py --resolution 256 512 1024 --batch 8      # GPU: width 1.0; naive, fast fp32, fast bf16
     python bench/bench_train.py --resolution 256 --max-batch             # largest batch, +/- checkpointing (GPU;
                                                                           # the CPU only runs the search, up to 2)
+    python bench/bench_train.py --resolution 1024 256 512 --mode fast naive --max-batch 1024   # in that order
+    python bench/bench_train.py --resolution 512 --mode fast --amp fp16 --grad-check   # fp16's gradients checked
 
 A step = generator forward, every loss of the stage (global perceptual; local perceptual with the
 stage's descriptor count; local discriminators with their D step at the top stage or with --disc),
@@ -16,7 +18,11 @@ the same path at fp32, so that the kernels' gain (naive -> fast_fp32) and the pr
 separate fast_fp32 row there (the row says so). ``naive`` (bench/naive.py) is the research-code way:
 fp32, eager, heatmaps per sample on the CPU, one VGG call per descriptor crop. All run in the same
 process, after warm-up; times are medians (on the CPU the modes' steps alternate, so load from other
-processes hits them alike). VGG-16 has random weights: the cost does not depend on them.
+processes hits them alike). VGG-16 has random weights: the cost does not depend on them. Resolutions run
+in the order given, each row (and its max-batch search, for the resolutions --max-batch names) saved
+before the next starts. --grad-check adds one step to the fast row that checks what fp16 breaks first:
+finite losses, and the gradient the global perceptual loss (relu1_2) sends to the generated image,
+loss-scaled as fp16's GradScaler starts, against the same gradient in fp32 (exit status 1 when it fails).
 
 FLOPs are counted analytically for the convolutions only (2 * Cin/groups * Cout * k * k * Hout * Wout
 per conv, shapes from a meta-device forward; ``hptransfer.models.summary.module_conv_flops``), each
@@ -192,14 +198,19 @@ def mode_precision(mode: str, device: torch.device, amp: str = "bf16") -> str:
     return amp if mode in ("fast", "fast_compiled") and device.type == "cuda" else "fp32"
 
 
-def modes_to_run(mode: str, device: torch.device, compile_: str = "off") -> list:
-    """``--mode`` -> the modes to time. "both": naive, fast_fp32 and fast on a GPU; naive and fast on the
-    CPU, where fast already runs at fp32 (a fast_fp32 row would time the same thing twice); plus
-    fast_compiled (fast with ``--compile``'s train.compile) when ``compile_`` is not "off"."""
-    if mode != "both":
-        return [mode]
-    modes = ["fast", "fast_fp32", "naive"] if device.type == "cuda" else ["fast", "naive"]
-    return modes + (["fast_compiled"] if compile_ != "off" else [])
+def modes_to_run(mode, device: torch.device, compile_: str = "off") -> list:
+    """``--mode`` (one name or a list) -> the modes to time, in order. "both": naive, fast_fp32 and fast on a
+    GPU; naive and fast on the CPU, where fast already runs at fp32 (a fast_fp32 row would time the same
+    thing twice); plus fast_compiled (fast with ``--compile``'s train.compile) when ``compile_`` is not "off"."""
+    out: list = []
+    for m in [mode] if isinstance(mode, str) else mode:
+        if m == "both":
+            both = ["fast", "fast_fp32", "naive"] if device.type == "cuda" else ["fast", "naive"]
+            expanded = both + (["fast_compiled"] if compile_ != "off" else [])
+        else:
+            expanded = [m]
+        out += [e for e in expanded if e not in out]
+    return out
 
 
 def make_config(R: int, batch: int, width: float, with_discriminators: bool, compile_: str, checkpointing: bool,
@@ -233,7 +244,8 @@ class Runner:
     "naive"; "fast_fp32", the trainer's path at fp32; "fast", the trainer's path with ``amp`` autocast
     on a GPU (fp32 on the CPU, where it is the same as fast_fp32)."""
 
-    def __init__(self, mode: str, cfg: Config, R: int, batch: int, device: torch.device, amp: str = "bf16"):
+    def __init__(self, mode: str, cfg: Config, R: int, batch: int, device: torch.device, amp: str = "bf16",
+                 compile_backend: Optional[str] = None):
         from hptransfer.models import Generator, LocalDiscriminator, VGG16Features
         from hptransfer.train import _compile_generator, _make_optimizer
 
@@ -265,7 +277,11 @@ class Runner:
             if device.type == "cuda":
                 vgg = vgg.to(memory_format=torch.channels_last)
             self.g_engine = self.backend.engine("generator", self.g, opt(self.g.parameters(), cfg.train.lr), batch)
-            if mode == "fast_compiled":  # the other modes run eager: compiled vs eager in one run
+            if mode == "fast_compiled" and compile_backend:  # e.g. aot_eager: the dry run on a CPU
+                if cfg.train.compile != "blocks":
+                    raise ValueError("--compile-backend is for --compile blocks")
+                self.g.compile_blocks(backend=compile_backend)
+            elif mode == "fast_compiled":  # the other modes run eager: compiled vs eager in one run
                 _compile_generator(cfg.train.compile, self.g, self.g_engine)
             self.d_engine = None
             if discriminator is not None:
@@ -287,14 +303,45 @@ class Runner:
             ref, tgt = (t.to(dtype=dt, memory_format=fmt) for t in (ref, tgt))
         self.inputs = (ref, tgt, kr, kt)
 
-    def step(self) -> None:
+    def step(self) -> Optional[dict]:
+        """One training step; the trainer's step result (``hptransfer.step.train_step``) on the fast modes."""
         ref, tgt, kr, kt = self.inputs
         if self.mode != "naive":  # fast, fast_fp32, fast_compiled: the trainer's step
-            train_step(self.g_engine, self.g, self.vgg, self.cfg, ref, tgt, kr, kt, self.criterion, "auto",
-                       self.backend, d_engine=self.d_engine)
-        else:
-            naive.naive_step(self.g, self.g_opt, self.vgg, self.cfg, ref, tgt, kr, kt, self.criterion,
-                             self.discriminator, self.d_opt)
+            return train_step(self.g_engine, self.g, self.vgg, self.cfg, ref, tgt, kr, kt, self.criterion, "auto",
+                              self.backend, d_engine=self.d_engine)
+        naive.naive_step(self.g, self.g_opt, self.vgg, self.cfg, ref, tgt, kr, kt, self.criterion,
+                         self.discriminator, self.d_opt)
+        return None
+
+    def grad_check(self) -> dict:
+        """One more trainer step and what fp16 breaks first (a fast mode): every loss term finite, and the
+        gradient that the global perceptual loss's first VGG layer (relu1_2: the largest C*H*W, where fp16
+        underflows first) sends to the generated image, in the step's precision and loss-scaled as fp16's
+        GradScaler starts (2^16, above fp16's largest value), against the same gradient in fp32: finite, about
+        as many non-zero entries, the same direction. Host reads: a bench, not a step."""
+        out = self.step()
+        tgt = self.inputs[1]
+        fake = out["fake"].float().requires_grad_()
+        scale = 2.0 ** 16 if self.precision == "fp16" else 1.0  # GradScaler's initial scale
+        first = [1.0] + [0.0] * (len(self.cfg.loss.layers) - 1)
+        with self.backend.loss_autocast():
+            loss = losses.global_perceptual_loss(fake, tgt, self.vgg, self.criterion, first, impl="auto")
+        (grad,) = torch.autograd.grad(loss * scale, fake)
+        grad = grad.float() / scale
+        loss32 = losses.global_perceptual_loss(fake, tgt.float(), self.vgg, self.criterion, first, impl="auto")
+        (want,) = torch.autograd.grad(loss32, fake)
+        terms = {k: float(v) for k, v in out["terms"].items()}
+        nonzero, nonzero_fp32 = float((grad != 0).float().mean()), float((want != 0).float().mean())
+        cosine = float(torch.nn.functional.cosine_similarity(grad.flatten(), want.flatten(), dim=0))
+        result = {"precision": self.precision, "loss_scale": scale, "terms": terms, "skipped": bool(out["skipped"]),
+                  "global_loss": float(loss), "global_loss_fp32": float(loss32),
+                  "global_grad_finite": bool(torch.isfinite(grad).all()), "global_grad_nonzero": nonzero,
+                  "global_grad_nonzero_fp32": nonzero_fp32, "global_grad_cosine_fp32": cosine}
+        # finite everywhere; at most a tenth fewer non-zero entries than fp32; the fp32 direction (cosine 0.9:
+        # far from both an underflowed, mostly-zero gradient and the rounding of fp16 convolutions)
+        result["ok"] = (all(map(lambda v: v == v and abs(v) != float("inf"), terms.values()))
+                        and result["global_grad_finite"] and nonzero >= 0.9 * nonzero_fp32 and cosine >= 0.9)
+        return result
 
 
 def _phases(run: "Runner", n: int) -> dict:
@@ -437,24 +484,31 @@ def max_batch(R: int, width: float, device: torch.device, checkpointing: bool, w
 # ----------------------------------------------------------------------------- main
 def bench_resolution(args, R: int, device: torch.device, peak: dict) -> dict:
     """One resolution's row: FLOPs, and per mode the times, throughput and MFU against ``peak``
-    (:func:`peaks`: spec and measured, per dtype)."""
+    (:func:`peaks`: spec and measured, per dtype); with --grad-check, the fast mode's ``grad_check``."""
     modes = modes_to_run(args.mode, device, args.compile)
     cfg = make_config(R, args.batch, args.width, args.disc, args.compile, args.checkpointing, args.vgg_layers)
     with_discriminators = losses.active_terms(cfg.loss, R)["adv"]
     flops = step_flops(cfg, R, args.batch, with_discriminators)
     row = {"resolution": R, "batch": args.batch, "width": args.width, "descriptors": pose.descriptor_count(R),
            "disc": with_discriminators, "flops": flops, "modes": {}}
+    checked = None
     if device.type == "cuda":  # one mode at a time: its own peak memory
         timed = {}
         for mode in modes:
             log.info("%d px %s: building", R, mode)
-            run = Runner(mode, cfg, R, args.batch, device, args.amp)
+            run = Runner(mode, cfg, R, args.batch, device, args.amp, args.compile_backend)
             timed.update(time_runners({mode: run}, args.steps, args.warmup))
+            if mode == "fast" and args.grad_check:
+                checked = run.grad_check()
             del run
             torch.cuda.empty_cache()
     else:
-        runs = {m: Runner(m, cfg, R, args.batch, device, args.amp) for m in modes}
+        runs = {m: Runner(m, cfg, R, args.batch, device, args.amp, args.compile_backend) for m in modes}
         timed = time_runners(runs, args.steps, args.warmup)
+        if "fast" in runs and args.grad_check:
+            checked = runs["fast"].grad_check()
+    if checked is not None:
+        row["grad_check"] = checked
     for mode, res in timed.items():
         res["precision"] = mode_precision(mode, device, args.amp)
         res["images_per_s"] = args.batch / (res["ms"] / 1e3)
@@ -484,10 +538,10 @@ def max_batch_row(args, row: dict, device: torch.device) -> dict:
     """{"plain", "checkpointing", "limit", "tries", "tolerance"}: the largest batches at row's resolution."""
     R, with_discriminators = row["resolution"], row["disc"]
     plain = max_batch(R, args.width, device, False, with_discriminators, start=args.batch, limit=args.max_batch_limit,
-                      vgg_layers=args.vgg_layers)
+                      tolerance=args.max_batch_tolerance, vgg_layers=args.vgg_layers)
     # checkpointing keeps fewer activations: at least the plain batch fits
     ckpt = max_batch(R, args.width, device, True, with_discriminators, start=max(args.batch, plain["batch"]),
-                     limit=args.max_batch_limit, vgg_layers=args.vgg_layers)
+                     limit=args.max_batch_limit, tolerance=args.max_batch_tolerance, vgg_layers=args.vgg_layers)
     return {"plain": plain["batch"], "checkpointing": ckpt["batch"], "limit": args.max_batch_limit,
             "tries": {"plain": plain["tries"], "checkpointing": ckpt["tries"]}, "tolerance": plain["tolerance"]}
 
@@ -535,16 +589,25 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="default: 8 on GPU, 2 on the CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 5 on the CPU)")
     p.add_argument("--warmup", type=int, default=None, help="default 5 on GPU (10 with --compile), 1 on the CPU")
-    p.add_argument("--mode", choices=(*MODES, "both"), default="both",
-                   help="both: naive, fast_fp32 and fast on a GPU; naive and fast on the CPU (fast is fp32 there)")
+    p.add_argument("--mode", nargs="+", choices=(*MODES, "both"), default=["both"],
+                   help="modes to time, in order; both: naive, fast_fp32 and fast on a GPU; naive and fast on the "
+                        "CPU (fast is fp32 there)")
     p.add_argument("--amp", choices=("bf16", "fp16"), default="bf16", help="the fast mode's autocast dtype (GPU)")
     p.add_argument("--width", type=float, default=None, help="model.width (default 1.0 on GPU, 0.125 on the CPU)")
     p.add_argument("--compile", choices=("off", "blocks", "full"), default="off",
                    help="also time fast_compiled: the fast path with this train.compile (compiled vs eager)")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend of fast_compiled with --compile blocks (default inductor; aot_eager "
+                        "for a dry run on a CPU, where inductor takes minutes per graph)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (fast mode)")
     p.add_argument("--disc", action="store_true", help="local discriminators at every resolution benchmarked")
     p.add_argument("--vgg-layers", nargs="+", default=None, help="VGG taps of the losses (default: all five)")
-    p.add_argument("--max-batch", action="store_true", help="largest batch per resolution, +/- checkpointing")
+    p.add_argument("--max-batch", type=int, nargs="*", default=None, metavar="R",
+                   help="largest batch, +/- checkpointing, at these resolutions (none named: every resolution)")
+    p.add_argument("--grad-check", action="store_true",
+                   help="the fast row checks its losses and the global loss's gradient (see the module docstring)")
+    p.add_argument("--max-batch-tolerance", type=float, default=1 / 16,
+                   help="the search stops when the largest fitting batch is known within this fraction (fewer tries)")
     p.add_argument("--max-batch-limit", type=int, default=None,
                    help="largest batch tried (default 4096 on GPU, 2 on the CPU: there it only runs the search)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/train-<device>.json)")
@@ -576,15 +639,20 @@ def main(argv=None) -> int:
                                   f"(datasheet, GPU only), mfu_measured (matmul in this run)",
                          "complete": complete, "results": rows})
 
-    for R in args.resolution:  # step times first, then the (longer) max-batch searches
+    searched = set(args.resolution if args.max_batch == [] else (args.max_batch or []))
+    for R in args.resolution:  # in the order given: each row, then its max-batch search, saved as it comes
         rows.append(bench_resolution(args, R, device, peak))
-        save(complete=len(rows) == len(args.resolution) and not args.max_batch)
-    if args.max_batch:
-        for i, row in enumerate(rows):
-            row["max_batch"] = max_batch_row(args, row, device)
-            save(complete=i == len(rows) - 1)
+        last = len(rows) == len(args.resolution)
+        save(complete=last and R not in searched)
+        if R in searched:
+            rows[-1]["max_batch"] = max_batch_row(args, rows[-1], device)
+            save(complete=last)
     print_table(rows, dev, args.width, peak)
     print(f"JSON: {out}")
+    failed = [r["resolution"] for r in rows if not r.get("grad_check", {"ok": True})["ok"]]
+    if failed:
+        print(f"grad check FAILED at {failed} px (losses not finite, or the global loss's gradient lost): see the JSON")
+        return 1
     return 0
 
 

@@ -14,6 +14,7 @@ import platform
 import statistics
 import subprocess
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -115,6 +116,70 @@ def environment(device=None) -> dict:
             "python": platform.python_version(), "cpu_threads": torch.get_num_threads(), "cpu": cpu_info(),
             "gpu": gpu_info(), "backend_status": backend_status(device), "git_commit": git_commit(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+class HostReads:
+    """Counts the aten ops that make the host wait for a device value, on any device (CUDA's sync debug
+    mode exists only there): ``.item()``/``float()``/``bool()`` (``_local_scalar_dense``), ``nonzero``,
+    ``masked_select``, ``unique``, ``equal``, boolean-mask indexing, and copies from a device to the CPU.
+    ``with HostReads() as reads: ...`` then ``reads.counts`` ({op: calls}) and ``reads.where`` ({op: the
+    Python stack of its first call}). ``pause()`` stops counting inside a deliberate read. It sees aten ops only: ``tolist()``/``numpy()`` on a CPU tensor read memory
+    without one (on CUDA they show as a copy to the CPU)."""
+
+    ALWAYS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.is_nonzero", "aten.equal",
+              "aten._unique2", "aten.unique_dim", "aten.unique_consecutive"}
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        owner = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if owner.counting:
+                    name = owner.host_read(func, args, kwargs or {})
+                    if name:
+                        owner.counts[name] = owner.counts.get(name, 0) + 1
+                        if name not in owner.where:
+                            owner.where[name] = "".join(traceback.format_stack(limit=12)[:-1])
+                return func(*args, **(kwargs or {}))
+
+        self.counts: dict = {}
+        self.where: dict = {}
+        self.counting = True
+        self._mode = _Mode()
+
+    @classmethod
+    def host_read(cls, func, args, kwargs) -> str | None:
+        name = str(func.overloadpacket)
+        if name in cls.ALWAYS:
+            return name
+        if name in ("aten.index", "aten.index_put", "aten.index_put_"):
+            index = args[1] if len(args) > 1 else []
+            if any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in index or []):
+                return f"{name} (boolean mask)"
+        if name in ("aten._to_copy", "aten.copy_"):
+            src = args[1] if name == "aten.copy_" else args[0]
+            dst = args[0].device if name == "aten.copy_" else kwargs.get("device")
+            if isinstance(src, torch.Tensor) and src.device.type != "cpu" and dst is not None \
+                    and torch.device(dst).type == "cpu":
+                return f"{name} (to the CPU)"
+        return None
+
+    @contextlib.contextmanager
+    def pause(self):
+        counting, self.counting = self.counting, False
+        try:
+            yield
+        finally:
+            self.counting = counting
+
+    def __enter__(self) -> "HostReads":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
 
 
 def write_json(path: Path, payload: dict) -> None:

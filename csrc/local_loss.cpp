@@ -1,8 +1,11 @@
 // Local-loss ops of hptransfer._C, registered under torch.ops.hptransfer:
 //   perceptual_distance(fake, real, mask, p) -> (M,)  mean over (C,h,w) of |f-r|^p per crop, times mask
-//   perceptual_distance_with_grad(fake, real, mask, p) -> (distance (M,), d distance.sum() / d fake)
+//   perceptual_distance_with_grad(fake, real, mask, p) -> (distance (M,), grad, grad_scale (M,)) with
+//     d distance[m] / d fake[m] = grad[m] * grad_scale[m] (grad in fake's dtype and layout; see
+//     kScaleInBackward in local_loss.h: grad_scale is 1 except for fp16, where it is mask * p / K in fp32)
 // Under autograd the gradient is computed in the forward pass, in the same read of fake and real as the
 // sum: backward is then one scale per crop, and neither fake nor real features need to be kept for it.
+//   distance_launch_config (hptransfer._C, ext.cpp): the CUDA kernel's launch configuration, for tests.
 //   gather_crops(images, centers, size, normalize) -> (B*N, C, s, s)      (CPU; CUDA uses the Triton kernel)
 //   gather_crops_backward(grad, centers, height, width, size, normalize) -> grad_images
 // CPU kernels here, CUDA kernels in local_loss_cuda.cu; autograd (Autograd key) here for both devices.
@@ -43,10 +46,11 @@ acc_t slab_sum(const scalar_t* f, const scalar_t* r, int64_t K) {
 namespace {
 
 // One pass over each crop's slab: the distance and, when gfake is given, its gradient
-// d(mask[m] * mean |f-r|^p)/df = mask[m] * p/K * (sign(f-r) | (f-r)), written beside the sum.
+// d(mask[m] * mean |f-r|^p)/df = mask[m] * p/K * (sign(f-r) | (f-r)), written beside the sum as
+// stored_grad (local_loss.h) with the per-crop factor left to gscale where the dtype needs it.
 template <typename scalar_t>
 void distance_pass_cpu(const at::Tensor& fake, const at::Tensor& real, const at::Tensor& mask, int64_t p, at::Tensor& out,
-                       at::Tensor* gfake) {
+                       at::Tensor* gfake, at::Tensor* gscale) {
   using acc_t = at::opmath_type<scalar_t>;
   using out_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t M = fake.size(0);
@@ -56,6 +60,7 @@ void distance_pass_cpu(const at::Tensor& fake, const at::Tensor& real, const at:
   const out_t* mk = mask.const_data_ptr<out_t>();
   out_t* o = out.mutable_data_ptr<out_t>();
   scalar_t* g = gfake ? gfake->mutable_data_ptr<scalar_t>() : nullptr;
+  out_t* gs = gscale ? gscale->mutable_data_ptr<out_t>() : nullptr;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
@@ -65,17 +70,19 @@ void distance_pass_cpu(const at::Tensor& fake, const at::Tensor& real, const at:
       o[m] = static_cast<out_t>(s / static_cast<acc_t>(K)) * mk[m];
       if (g == nullptr) continue;
       const acc_t scale = static_cast<acc_t>(mk[m]) * static_cast<acc_t>(p) / static_cast<acc_t>(K);
+      gs[m] = kScaleInBackward<scalar_t> ? static_cast<out_t>(scale) : out_t(1);
       scalar_t* gm = g + m * K;
       for (int64_t i = 0; i < K; ++i) {
         acc_t d = static_cast<acc_t>(fm[i]) - static_cast<acc_t>(rm[i]);
-        gm[i] = static_cast<scalar_t>(p == 1 ? scale * static_cast<acc_t>((d > 0) - (d < 0)) : scale * d);
+        gm[i] = p == 1 ? stored_grad<scalar_t, acc_t, 1>(d, scale) : stored_grad<scalar_t, acc_t, 2>(d, scale);
       }
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> distance_cpu(const at::Tensor& fake_in, const at::Tensor& real_in, const at::Tensor& mask_in,
-                                                int64_t p, bool with_grad, const char* op) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distance_cpu(const at::Tensor& fake_in, const at::Tensor& real_in,
+                                                            const at::Tensor& mask_in, int64_t p, bool with_grad,
+                                                            const char* op) {
   auto fmt = check_distance_args(fake_in, real_in, mask_in, p);
   TORCH_CHECK(fake_in.device().is_cpu(), op, " (CPU kernel) got a ", fake_in.device(), " tensor");
   auto fake = fake_in.contiguous(fmt);
@@ -85,14 +92,15 @@ std::tuple<at::Tensor, at::Tensor> distance_cpu(const at::Tensor& fake_in, const
   auto mask = mask_in.to(out_dtype).contiguous();
   auto out = at::empty({M}, fake.options().dtype(out_dtype));
   at::Tensor gfake = with_grad ? at::empty_like(fake) : at::Tensor();  // same dense layout: slab m is slab m
+  at::Tensor gscale = with_grad ? at::ones({M}, out.options()) : at::Tensor();
   if (M == 0 || fake.numel() == 0) {
     if (M) out.zero_();
-    return {out, gfake};
+    return {out, gfake, gscale};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, fake.scalar_type(), "perceptual_distance_cpu", [&] {
-    distance_pass_cpu<scalar_t>(fake, real, mask, p, out, with_grad ? &gfake : nullptr);
+    distance_pass_cpu<scalar_t>(fake, real, mask, p, out, with_grad ? &gfake : nullptr, with_grad ? &gscale : nullptr);
   });
-  return {out, gfake};
+  return {out, gfake, gscale};
 }
 
 }  // namespace
@@ -101,8 +109,9 @@ at::Tensor perceptual_distance_cpu(const at::Tensor& fake, const at::Tensor& rea
   return std::get<0>(distance_cpu(fake, real, mask, p, false, "hptransfer::perceptual_distance"));
 }
 
-std::tuple<at::Tensor, at::Tensor> perceptual_distance_with_grad_cpu(const at::Tensor& fake, const at::Tensor& real,
-                                                                     const at::Tensor& mask, int64_t p) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> perceptual_distance_with_grad_cpu(const at::Tensor& fake,
+                                                                                 const at::Tensor& real,
+                                                                                 const at::Tensor& mask, int64_t p) {
   return distance_cpu(fake, real, mask, p, true, "hptransfer::perceptual_distance_with_grad");
 }
 
@@ -235,12 +244,12 @@ at::Tensor call_distance(const at::Tensor& f, const at::Tensor& r, const at::Ten
   return op.call(f, r, m, p);
 }
 
-std::tuple<at::Tensor, at::Tensor> call_distance_with_grad(const at::Tensor& f, const at::Tensor& r, const at::Tensor& m,
-                                                          int64_t p) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_distance_with_grad(const at::Tensor& f, const at::Tensor& r,
+                                                                      const at::Tensor& m, int64_t p) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("hptransfer::perceptual_distance_with_grad", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                                 int64_t)>();
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                             const at::Tensor&, int64_t)>();
   return op.call(f, r, m, p);
 }
 
@@ -263,16 +272,26 @@ class PerceptualDistance : public torch::autograd::Function<PerceptualDistance> 
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& fake, const at::Tensor& real, const at::Tensor& mask,
                             int64_t p) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [distance, dfake] = call_distance_with_grad(fake, real, mask, p);
-    ctx->save_for_backward({dfake});  // what backward needs: not fake, not real
+    auto [distance, dfake, gscale] = call_distance_with_grad(fake, real, mask, p);
+    ctx->save_for_backward({dfake, gscale});  // what backward needs: not fake, not real
     return distance;
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
-    const at::Tensor dfake = ctx->get_saved_variables()[0];
-    // grad_fake[m] = grad[m] * d distance[m] / d fake[m]; one elementwise scale, layout of dfake kept
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& dfake = saved[0];
+    // grad_fake[m] = grad[m] * dfake[m] * gscale[m]; one elementwise product, layout of dfake kept
     std::vector<int64_t> shape(dfake.dim(), 1);
     shape[0] = dfake.size(0);
-    at::Tensor gf = dfake * grads[0].to(dfake.scalar_type()).view(shape);
+    at::Tensor gf;
+    if (dfake.scalar_type() == at::kHalf) {
+      // fp16: the per-crop factor in fp32 (a loss-scaled gradient of 65536 is beyond fp16), the product
+      // computed in fp32 and rounded once into fp16 (mul_out casts at the store: no fp32 copy of dfake)
+      const at::Tensor factor = (grads[0].to(at::kFloat) * saved[1]).view(shape);
+      gf = at::empty_like(dfake);
+      at::mul_out(gf, dfake, factor);
+    } else {
+      gf = dfake * grads[0].to(dfake.scalar_type()).view(shape);  // gscale is 1: as before issue 24, bit for bit
+    }
     at::Tensor gr = ctx->needs_input_grad(1) ? -gf : at::Tensor();  // d/dr |f-r|^p = -d/df |f-r|^p
     if (!ctx->needs_input_grad(0)) gf = at::Tensor();
     return {gf, gr, at::Tensor(), at::Tensor()};
@@ -316,7 +335,7 @@ at::Tensor gather_autograd(const at::Tensor& images, const at::Tensor& centers, 
 
 TORCH_LIBRARY(hptransfer, m) {
   m.def("perceptual_distance(Tensor fake, Tensor real, Tensor mask, int p) -> Tensor");
-  m.def("perceptual_distance_with_grad(Tensor fake, Tensor real, Tensor mask, int p) -> (Tensor, Tensor)");
+  m.def("perceptual_distance_with_grad(Tensor fake, Tensor real, Tensor mask, int p) -> (Tensor, Tensor, Tensor)");
   m.def("gather_crops(Tensor images, Tensor centers, int size, bool normalize) -> Tensor");
   m.def("gather_crops_backward(Tensor grad, Tensor centers, int height, int width, int size, bool normalize) -> Tensor");
 }

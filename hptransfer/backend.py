@@ -22,8 +22,8 @@ section is translated to it on CPU and GPU alike, so the CPU tests run the engin
 DeepSpeed's ``bf16``/``fp16`` modes cast the whole module, BatchNorm running statistics included,
 which then lose small updates and reach the export rounded. fp16 is loss-scaled by DeepSpeed's own
 GradScaler (see :meth:`DeepSpeedEngine.step` for the one DeepSpeed 0.19 gap it fills). Across ranks
-BatchNorm is synchronised: torch's SyncBatchNorm on GPUs, :class:`CpuSyncBatchNorm` (same
-statistics, gloo all-reduce) on CPU ranks.
+BatchNorm is synchronised by :class:`AllReduceBatchNorm` on every device (torch's statistics, no host
+sync per layer).
 """
 from __future__ import annotations
 
@@ -167,50 +167,157 @@ class DeepSpeedEngine(Engine):
         return float(self.scaler.get_scale()) if self.scaler is not None else None
 
 
-class CpuSyncBatchNorm(nn.SyncBatchNorm):
-    """SyncBatchNorm for CPU ranks (gloo); torch's refuses CPU tensors.
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
-    The same statistics as torch's: mean and biased variance over the GLOBAL batch for normalising,
-    the unbiased variance into the running buffers (fp32), so every rank keeps identical buffers.
-    Sums travel in one differentiable all-reduce; gradients flow through it as in torch's backward.
+
+def _channel_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.view([1, -1] + [1] * (x.dim() - 2))
+
+
+# The four per-rank pieces of a synchronised BatchNorm. On CUDA: torch's fused kernels, those its own
+# SyncBatchNorm runs (fp32 statistics of bf16/fp16 inputs, channels_last). Elsewhere: the same arithmetic
+# in plain torch ops, in fp32 (fp64 for fp64).
+def _local_moments(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of this rank's ``x`` (non-empty)."""
+    if x.is_cuda:
+        mean, invstd = torch.batch_norm_stats(x, eps)
+        return mean, (invstd.pow(-2) - eps).clamp_min(0.0)  # the variance as torch's SyncBatchNorm recovers it
+    var, mean = torch.var_mean(x.to(_acc_dtype(x)), [0] + list(range(2, x.dim())), correction=0)
+    return mean, var
+
+
+def _normalize(x, weight, bias, mean, invstd, eps):
+    if x.is_cuda:
+        return torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    y = (x.to(mean.dtype) - _channel_view(mean, x)) * _channel_view(scale, x)
+    return (y if bias is None else y + _channel_view(bias.to(y.dtype), x)).to(x.dtype)
+
+
+def _backward_sums(dy, x, mean, invstd) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's per-channel sum(dy) and sum(dy * (x - mean))."""
+    if x.is_cuda:
+        sum_dy, sum_dy_xmu, _, _ = torch.batch_norm_backward_reduce(dy, x, mean, invstd, None, True, False, False)
+        return sum_dy, sum_dy_xmu
+    dims = [0] + list(range(2, x.dim()))
+    dyf = dy.to(mean.dtype)
+    return dyf.sum(dims), (dyf * (x.to(mean.dtype) - _channel_view(mean, x))).sum(dims)
+
+
+def _backward_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+    """dx from the GLOBAL sums and count: (dy - sum_dy/n - (x - mean) invstd^2 sum_dy_xmu/n) invstd weight."""
+    if x.is_cuda:
+        w = weight.to(mean.dtype) if weight is not None else None
+        return torch.batch_norm_backward_elemt(dy, x, mean, invstd, w, sum_dy, sum_dy_xmu, count.to(torch.int32).view(1))
+    n = count.clamp_min(1)
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    xmu = x.to(mean.dtype) - _channel_view(mean, x)
+    dx = dy.to(mean.dtype) - _channel_view(sum_dy / n, x) - xmu * _channel_view(invstd * invstd * sum_dy_xmu / n, x)
+    return (dx * _channel_view(scale, x)).to(x.dtype)
+
+
+class _AllReduceBatchNormFunction(torch.autograd.Function):
+    """Training-mode BatchNorm over the batches of every rank in ``group``: one all-reduce forward, one
+    backward, and no host read (counts are device tensors; no rank is masked out on the host)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, eps, momentum, group):
+        import torch.distributed as dist
+
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous()
+        C = x.shape[1]
+        n = x.numel() // C  # from the shape: a host number without a read
+        acc = _acc_dtype(x)
+        # Each rank sends n * (mean - shift) and n * (var + (mean - shift)^2), summed over ranks: the global mean
+        # and variance follow. shift is common to all ranks (the running mean, identical everywhere) so that
+        # the sums stay small where activations have a large mean (fp32 cancellation).
+        shift = running_mean.detach().to(acc) if running_mean is not None else x.new_zeros(C, dtype=acc)
+        if n > 0:
+            mean_local, var_local = _local_moments(x, eps)
+            d = mean_local.to(acc) - shift
+            local = torch.cat([d * n, (var_local.to(acc) + d * d) * n])
+        else:  # an empty rank still joins the all-reduce, with nothing to add
+            local = x.new_zeros(2 * C, dtype=acc)
+        packed = torch.cat([local, torch.full((1,), n, dtype=acc, device=x.device)])  # count made on x's device
+        dist.all_reduce(packed, group=group)
+        total = packed[2 * C]
+        seen = total > 0
+        centred = packed[:C] / total.clamp_min(1)
+        mean = shift + centred
+        var = (packed[C:2 * C] / total.clamp_min(1) - centred * centred).clamp_min(0.0)
+        invstd = torch.rsqrt(var + eps)
+        if running_mean is not None:
+            with torch.no_grad():
+                # momentum None: the cumulative average, its factor a device tensor (torch reads it on the host)
+                f = momentum if momentum is not None else 1.0 / num_batches_tracked.to(acc)
+                unbiased = var * total / (total - 1).clamp_min(1)
+                running_mean.copy_(torch.where(seen, running_mean * (1 - f) + f * mean, running_mean))
+                running_var.copy_(torch.where(seen, running_var * (1 - f) + f * unbiased, running_var))
+        y = _normalize(x, weight, bias, mean, invstd, eps) if n > 0 else torch.empty_like(x)
+        ctx.save_for_backward(x, weight, mean, invstd, total)
+        ctx.group = group
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        import torch.distributed as dist
+
+        x, weight, mean, invstd, total = ctx.saved_tensors
+        if not dy.is_contiguous(memory_format=torch.channels_last):
+            dy = dy.contiguous()
+        C = x.shape[1]
+        if x.numel() > 0:
+            sum_dy, sum_dy_xmu = _backward_sums(dy, x, mean, invstd)
+        else:
+            sum_dy = sum_dy_xmu = mean.new_zeros(C)
+        # weight and bias gradients are this rank's own: the data-parallel engine averages them over ranks
+        grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_bias = sum_dy.to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            packed = torch.cat([sum_dy, sum_dy_xmu])
+            dist.all_reduce(packed, group=ctx.group)
+            grad_input = (_backward_input(dy, x, mean, invstd, weight, packed[:C], packed[C:], total)
+                          if x.numel() > 0 else torch.zeros_like(x))
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+class AllReduceBatchNorm(nn.SyncBatchNorm):
+    """BatchNorm synchronised across ranks on any device (gloo or NCCL), with no host read in forward or
+    backward: one all-reduce of per-channel sums and the count (a device tensor) forward, one of the
+    gradient sums backward. Torch's SyncBatchNorm drops empty ranks with a boolean mask (a host sync in
+    every layer) and refuses CPU tensors.
+
+    The same statistics as torch's: mean and biased variance over the GLOBAL batch for normalising, the
+    unbiased variance into the running buffers (momentum None: the cumulative average), so every rank keeps
+    identical buffers; a rank with an empty batch takes part and gets the others' statistics. Eval mode and
+    a single rank run plain BatchNorm.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
-        import torch.distributed.nn.functional as dist_nn
 
-        group = self.process_group or dist.group.WORLD
-        if not (self.training and dist.is_initialized() and dist.get_world_size(group) > 1):
-            return nn.modules.batchnorm._BatchNorm.forward(self, input)  # eval or one rank: plain BatchNorm
         self._check_input_dim(input)
-        x = input.float()  # statistics in fp32 under autocast, as cuDNN computes them
-        c = x.shape[1]
-        dims = [0] + list(range(2, x.dim()))
-        count = torch.full((1,), float(x.numel() // c), dtype=torch.float32)
-        stats = dist_nn.all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]), group=group)
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0.0)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                self.running_mean.mul_(1 - f).add_(mean.detach(), alpha=f)
-                self.running_var.mul_(1 - f).add_(var.detach() * (n / (n - 1).clamp_min(1)), alpha=f)
-        shape = [1, c] + [1] * (x.dim() - 2)
-        y = (x - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
-        if self.affine:
-            y = y * self.weight.float().view(shape) + self.bias.float().view(shape)
-        return y.to(input.dtype)
+        group = self.process_group or (dist.group.WORLD if dist.is_available() and dist.is_initialized() else None)
+        if not (self.training and group is not None and dist.get_world_size(group) > 1):
+            return nn.modules.batchnorm._BatchNorm.forward(self, input)  # eval or one rank: plain BatchNorm
+        track = self.track_running_stats
+        if track:
+            self.num_batches_tracked.add_(1)
+        return _AllReduceBatchNormFunction.apply(
+            input, self.weight, self.bias, self.running_mean if track else None, self.running_var if track else None,
+            self.num_batches_tracked if track else None, self.eps, self.momentum, group)
 
 
 def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """BatchNorm layers synchronised across ranks: torch's SyncBatchNorm, CpuSyncBatchNorm on the CPU."""
+    """BatchNorm layers synchronised across ranks: :class:`AllReduceBatchNorm`, the same class on every device
+    (``device`` no longer chooses one; kept for the callers)."""
     module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    if device.type == "cpu":
-        for m in module.modules():
-            if type(m) is nn.SyncBatchNorm:
-                m.__class__ = CpuSyncBatchNorm  # same fields, only forward differs
+    for m in module.modules():
+        if type(m) is nn.SyncBatchNorm:
+            m.__class__ = AllReduceBatchNorm  # same fields, only forward differs
     return module
 
 
@@ -233,7 +340,7 @@ class Backend:
         return self.rank == 0
 
     def prepare(self, module: nn.Module) -> nn.Module:
-        """Move to the device; channels_last on GPU; SyncBatchNorm across ranks on CUDA."""
+        """Move to the device; channels_last on GPU (the BatchNorm sync across ranks is DeepSpeedBackend's)."""
         module = module.to(self.device)
         if self.device.type == "cuda" and self.channels_last:
             module = module.to(memory_format=torch.channels_last)

@@ -6,8 +6,9 @@ image, invalid centres (a negative coordinate) give zero crops and no gradient, 
 ImageNet normalisation of in-image pixels, optional output dtype and channels_last output.
 Input and output layouts are taken from strides, so NCHW and channels_last both work.
 
-Backward: every crop pixel adds its gradient into the image gradient with an fp32 atomic add
-(overlapping crops add up). Atomic order makes the last bits of fp32 sums run-to-run
+Backward: every crop pixel adds its gradient into the image gradient with an fp32 atomic add,
+``sem="relaxed"`` (a sum needs no acquire/release ordering; Inductor's scatter-adds do the same;
+overlapping crops add up). Atomic order makes the last bits of fp32 sums run-to-run
 nondeterministic on a GPU; under ``torch.use_deterministic_algorithms(True)`` the reference
 autograd path is used instead (``hptransfer.ops`` refuses this kernel there when a gradient is needed).
 Both launches run under the tensors' CUDA device (``device_guard``).
@@ -105,7 +106,7 @@ def _gather_crops_backward_kernel(grad_out_ptr, centers_ptr, grad_img_ptr, N, H,
     g = g.to(tl.float32) * scale
     # grad_img is a contiguous fp32 (B, C, H, W) buffer
     dst = grad_img_ptr + ((b.to(tl.int64) * C + c) * H + iy) * W + ix
-    tl.atomic_add(dst, g, mask=inside)
+    tl.atomic_add(dst, g, mask=inside, sem="relaxed")  # a sum: no ordering needed (as Inductor's scatter-add)
 
 
 def _launch_grid(crops: int, channels: int, size: int):

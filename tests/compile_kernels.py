@@ -9,12 +9,13 @@ The argument types are the run-time ones: each launcher (``gather_crops_triton``
 ``hptransfer.ops`` / ``hptransfer.pose`` use, its launch is recorded instead of run, and the recorded
 arguments go through Triton's own binder (``JITFunction.warmup``), so the signature, the constexprs and
 the specialisations (ints equal to 1, 16-byte divisibility) are those of a real launch. A stand-in
-driver names the target; nothing is loaded onto a device. Prints one line per compiled kernel and
-``compiled <n> kernels`` last. Catches typing and lowering errors that the interpreter, which runs the
+driver names the target; nothing is loaded onto a device. Prints one line per compiled kernel (with the
+PTX atomic instructions it uses) and ``compiled <n> kernels`` last. Catches typing and lowering errors that the interpreter, which runs the
 kernels on numpy, does not.
 """
 from __future__ import annotations
 
+import re
 import sys
 from contextlib import contextmanager
 
@@ -123,7 +124,8 @@ def main() -> int:
             sig = ",".join(f"{k}:{v}" for k, v in compiled.src.signature.items() if v != "constexpr")
             names = [p.name for p in kernels[name].params]
             consts = {names[k[0]] if isinstance(k, tuple) else k: v for k, v in compiled.src.constants.items()}
-            print(f"sm_{arch} {name} [{label}] ok: {sig} | constexprs {consts}")
+            atomics = sorted(set(re.findall(r"\b(?:atom|red)\.[a-z0-9_.]+", compiled.asm["ptx"])))
+            print(f"sm_{arch} {name} [{label}] ok: {sig} | constexprs {consts} | atomics {atomics}")
             n += 1
     print(f"compiled {n} kernels (triton {triton.__version__})")
     return 0

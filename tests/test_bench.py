@@ -283,3 +283,39 @@ def test_bench_step_parts_switches_each_part_and_restores_it(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["all on", "compaction off", "fused_global off", "one_read off"]
     assert all(r["ms"] > 0 for r in rows)
+
+
+# ----------------------------------------------------------------------------- host reads (bench/sync_check.py)
+def test_host_reads_counts_what_makes_the_host_wait():
+    from bench.common import HostReads
+
+    x = torch.randn(6)
+    with HostReads() as reads:
+        x.sum().item()  # _local_scalar_dense
+        _ = x[x > 0]  # a boolean mask: its size is read on the host
+        x.nonzero()
+        torch.full((1,), 3.0) + x.cumsum(0)  # device work only
+        with reads.pause():  # a deliberate read
+            float(x[0])
+    assert reads.counts == {"aten._local_scalar_dense": 1, "aten.index (boolean mask)": 1, "aten.nonzero": 1}
+    assert "test_host_reads_counts_what_makes_the_host_wait" in reads.where["aten.nonzero"]
+
+
+def test_sync_check_finds_a_hidden_host_read_on_the_cpu(tmp_path, monkeypatch):
+    """The CPU sync check fails on a host read in the step (here an .item() in the global loss) and names it."""
+    from bench import sync_check
+    from hptransfer import losses
+
+    toy = ["--resolution", "64", "--batch", "1", "--width", "0.03125", "--vgg-layers", "relu1_2", "--warmup", "1"]
+    assert sync_check.main([*toy, "--out", str(tmp_path / "clean.json")]) == 0
+    global_loss = losses.global_perceptual_loss
+
+    def reads_on_the_host(*args, **kwargs):
+        loss = global_loss(*args, **kwargs)
+        loss.item()
+        return loss
+
+    monkeypatch.setattr(losses, "global_perceptual_loss", reads_on_the_host)
+    assert sync_check.main([*toy, "--out", str(tmp_path / "read.json")]) == 1
+    result = json.loads((tmp_path / "read.json").read_text())["results"][0]
+    assert result["result"] == "fail" and "_local_scalar_dense" in result["error"] and "reads_on_the_host" in result["error"]

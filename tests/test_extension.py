@@ -69,15 +69,20 @@ def test_distance_backward_matches_autograd(shape, p):
 
 @pytest.mark.parametrize("p", [1, 2])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_distance_with_grad_gives_the_gradient_in_the_forward(shape, p):
-    """perceptual_distance_with_grad: the distance and d(sum of distances)/d fake from one pass."""
-    f, r, mask = _inputs(shape, seed=16)
-    got, dfake = torch.ops.hptransfer.perceptual_distance_with_grad(f, r, mask, p)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_distance_with_grad_gives_the_gradient_in_the_forward(shape, p, dtype):
+    """perceptual_distance_with_grad: the distance and d(sum of distances)/d fake = grad * grad_scale from
+    one pass; grad_scale is 1 except for fp16, which keeps mask * p / K out of its 16 bits."""
+    f, r, mask = _inputs(shape, seed=16, dtype=dtype)
+    got, grad, scale = torch.ops.hptransfer.perceptual_distance_with_grad(f, r, mask, p)
     torch.testing.assert_close(got, dist(f, r, mask, p), rtol=0, atol=0)
     f2 = f.double().requires_grad_()
-    dist_ref(f2, r, mask, p).sum().backward()
-    torch.testing.assert_close(dfake.double(), f2.grad, rtol=1e-6, atol=1e-9)
-    assert dfake.dtype == f.dtype and dfake.shape == f.shape
+    dist_ref(f2, r.double(), mask, p).sum().backward()
+    assert grad.dtype == f.dtype and grad.shape == f.shape and scale.dtype == torch.float32 and scale.shape == mask.shape
+    want_scale = mask * p / f[0].numel() if dtype == torch.float16 else torch.ones_like(mask)
+    torch.testing.assert_close(scale, want_scale, rtol=1e-7, atol=0)
+    rtol = 1e-6 if dtype == torch.float32 else 1e-3  # fp16: the difference f - r rounded once
+    torch.testing.assert_close(grad.double() * scale.double().view(-1, 1, 1, 1), f2.grad, rtol=rtol, atol=1e-9)
 
 
 def test_distance_backward_keeps_neither_fake_nor_real():
@@ -249,3 +254,140 @@ def test_distance_cuda_matches_cpu(dtype, shape, p, layout):
     torch.testing.assert_close(fc.grad.cpu(), fr.grad, **tol)
     again = dist(fc.detach(), rc, mask.cuda(), p)  # the chunk sums are added in a fixed order
     assert torch.equal(again, got.detach())
+
+
+# ----------------------------------------------------------------------------- fp16 gradients (issue 24)
+def _gradient_before_issue24(f, r, mask, p, g):
+    """The fused distance's gradient as the op computed it before issue 24, which bf16, fp32 and fp64
+    keep bit for bit: d distance/d fake = mask * p / K * (sign(d) | d) rounded to the feature dtype in
+    the forward, times the upstream gradient cast to that dtype. The per-crop scale is mask * p / K
+    in the accumulation dtype (CPU kernel) or mask * (p / K) (CUDA launcher)."""
+    acc = torch.float64 if f.dtype == torch.float64 else torch.float32
+    K = f[0].numel()
+    m = mask.to(device=f.device, dtype=acc)
+    scale = (m * p) / K if f.device.type == "cpu" else m * (p / K)
+    d = f.to(acc) - r.to(acc)
+    term = d.sign() if p == 1 else d
+    shape = (-1,) + (1,) * (f.dim() - 1)
+    dfake = (scale.view(shape) * term).to(f.dtype)
+    return dfake * g.to(device=f.device, dtype=f.dtype).view(shape)
+
+
+def _check_unchanged_gradient(device, dtype, shape, p, layout=torch.contiguous_format):
+    f, r, mask = _inputs(shape, dtype=dtype, seed=21, device=device)
+    mask[1 % shape[0]] = 0.5  # a fractional weight: the scale is not a power of two
+    f, r = f.contiguous(memory_format=layout), r.contiguous(memory_format=layout)
+    g = torch.randn(shape[0], generator=torch.Generator().manual_seed(22)).to(device) * 3.7  # not a bf16 value
+    x = f.clone().requires_grad_()
+    (dist(x, r, mask, p) * g).sum().backward()
+    want = _gradient_before_issue24(f, r, mask, p, g)
+    assert torch.equal(x.grad, want), f"{dtype} gradient changed: max diff {(x.grad.double() - want.double()).abs().max()}"
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_distance_gradient_of_bf16_fp32_fp64_is_bit_identical_to_before(dtype, p):
+    for shape in SHAPES:
+        _check_unchanged_gradient("cpu", dtype, shape, p)
+    _check_unchanged_gradient("cpu", dtype, (4, 6, 5, 3), p, torch.channels_last)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_distance_gradient_of_bf16_fp32_is_bit_identical_to_before_cuda(dtype, p):
+    for shape in SHAPES + [(2, 64, 64, 64)]:
+        _check_unchanged_gradient("cuda", dtype, shape, p)
+    _check_unchanged_gradient("cuda", dtype, (4, 6, 5, 3), p, torch.channels_last)
+
+
+LOSS_SCALE = 65536.0  # GradScaler's initial scale: above fp16's largest value (65504)
+
+
+@pytest.fixture(scope="module")
+def features_1024px_fp16():
+    """relu1_2 features of one 1024-px image in fp16 (64 x 1024 x 1024): K = 2^26, so p / K ~ 3e-8 is below
+    fp16's smallest subnormal (6e-8)."""
+    g = torch.Generator().manual_seed(23)
+    shape = (1, 64, 1024, 1024)
+    return torch.randn(shape, generator=g).half(), torch.randn(shape, generator=g).half()
+
+
+def _check_fp16_gradient(f, r, p):
+    """Gradient of LOSS_SCALE * distance against the fp32 gradient of the same fp16 inputs: finite, no entry
+    zeroed where the true value is representable in fp16, and a norm-wise relative error under 2%."""
+    x = f.clone().requires_grad_()
+    (dist(x, r, torch.ones(1, device=f.device), p) * LOSS_SCALE).sum().backward()
+    got = x.grad
+    del x
+    assert got.dtype == torch.float16 and torch.isfinite(got).all(), "non-finite fp16 gradient"
+    zeroed, err2, ref2 = 0, 0.0, 0.0
+    for c in range(0, f.shape[1], 8):  # the fp32 reference in slices of 8 channels (memory)
+        d = f[:, c:c + 8].float() - r[:, c:c + 8].float()
+        ref = (d.sign() if p == 1 else d).mul_(LOSS_SCALE * p / f[0].numel())
+        part = got[:, c:c + 8]
+        zeroed += ((part == 0) & (ref.half() != 0)).sum().item()
+        err2 += (part.float() - ref).square().sum().item()
+        ref2 += ref.square().sum().item()
+    assert zeroed == 0, f"{zeroed} of {got.numel()} gradient entries are 0 where fp16 holds the true value"
+    assert (err2 / ref2) ** 0.5 < 0.02, f"relative error {(err2 / ref2) ** 0.5:.3g}"
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_fp16_gradient_survives_1024px_features_and_a_loss_scale(features_1024px_fp16, p):
+    _check_fp16_gradient(*features_1024px_fp16, p)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("p", [1, 2])
+def test_fp16_gradient_survives_1024px_features_and_a_loss_scale_cuda(features_1024px_fp16, p):
+    f, r = features_1024px_fp16
+    _check_fp16_gradient(f.cuda(), r.cuda(), p)
+
+
+# ----------------------------------------------------------------------------- CUDA launch configuration
+def test_distance_launch_config_fits_every_shape_up_to_8x64x1024x1024():
+    """The CUDA distance kernel's grid, computed on the host (csrc/local_loss.h) exactly as the launcher does:
+    within CUDA's limits (x < 2^31, y and z <= 65535) and covering every element once, for crops up to
+    (8, 64, 1024, 1024) in every dtype, 16-byte aligned or not (a view at an odd offset, an odd size: the
+    scalar path, whose 1024-px crop needs 65536 chunks)."""
+    ext = ops.extension()
+    for M in (1, 3, 8):
+        for C in (1, 3, 64):
+            for side in (1, 7, 33, 512, 1023, 1024):
+                K = C * side * side
+                for element_size in (2, 4, 8):
+                    for aligned in (True, False):
+                        cfg = ext.distance_launch_config(M, K, element_size, aligned)
+                        where = (M, C, side, element_size, aligned, cfg)
+                        gx, gy, gz = cfg["grid"]
+                        assert 1 <= gx < 2 ** 31 and 1 <= gy <= 65535 and 1 <= gz <= 65535, where
+                        assert gx * gy * gz == M * cfg["chunks"] and cfg["threads"] == 256, where
+                        vec = cfg["vec"]
+                        assert vec == 1 or (aligned and vec == 16 // element_size and K % vec == 0), where
+                        vectors, span = K // vec, cfg["chunk_vecs"]
+                        # chunk c covers vectors [c * span, (c + 1) * span); the last one the scalar tail too
+                        assert (cfg["chunks"] - 1) * span < max(vectors, 1) <= cfg["chunks"] * span, where
+    big = ext.distance_launch_config(8, 64 * 1024 * 1024, 2, False)
+    assert big["chunks"] == 65536 and big["grid"][0] == 8 * 65536  # beyond what grid.y could hold
+    with pytest.raises(RuntimeError, match="more than CUDA allows"):
+        ext.distance_launch_config(2 ** 16, 64 * 1024 * 1024, 2, False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("p", [1, 2])
+def test_distance_cuda_unaligned_1024px_crop(p):
+    """A view at an odd offset (the scalar path) of a 64 x 1024 x 1024 crop: 65536 chunks per crop, more
+    than grid.y holds; the distance and gradient equal the CPU op's."""
+    base = torch.randn(2 * 64 * 1024 * 1024 + 1, generator=torch.Generator().manual_seed(24)).to(torch.bfloat16)
+    f, r = base[1:].view(2, 64, 1024, 1024)[:1], base[1:].view(2, 64, 1024, 1024)[1:]
+    mask = torch.ones(1)
+    fc = torch.empty(fc.numel() + 1, dtype=fc.dtype, device="cuda")[1:].view(f.shape).copy_(f).requires_grad_()
+    rc = torch.empty(r.numel() + 1, dtype=r.dtype, device="cuda")[1:].view(r.shape).copy_(r)
+    assert fc.data_ptr() % 16 != 0
+    got = dist(fc, rc, mask.cuda(), p)
+    torch.testing.assert_close(got.cpu().double(), dist_ref(f, r, mask, p), rtol=1e-5, atol=1e-7)
+    got.sum().backward()
+    x = f.clone().requires_grad_()
+    dist(x, r, mask, p).sum().backward()
+    torch.testing.assert_close(fc.grad.cpu(), x.grad, rtol=1e-2, atol=1e-9)

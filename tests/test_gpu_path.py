@@ -137,6 +137,20 @@ def test_upsample_crops_equals_bilinear_interpolate(src, dst):
     torch.testing.assert_close(gg, gw, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("src,dst", [(8, 32), (5, 12)])
+def test_upsample_crops_keeps_channels_last(src, dst):
+    """channels_last crops (the GPU layout) come out channels_last, equal to the NCHW result, gradient too."""
+    x = torch.randn(6, 3, src, src, dtype=torch.float64)
+    xc = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    x.requires_grad_()
+    want, got = ops.upsample_crops(x, dst), ops.upsample_crops(xc, dst)
+    assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad(got, xc, g)[0], torch.autograd.grad(want, x, g)[0],
+                               rtol=1e-12, atol=1e-12)
+
+
 def test_local_loss_never_uses_bilinear_interpolate(monkeypatch):
     """F.interpolate's bilinear backward raises on CUDA in deterministic mode: neither path may call it."""
     real_interpolate = F.interpolate

@@ -36,6 +36,10 @@ def _check(out: str) -> None:
         # channels_last images: the channel stride is 1 and specialised as at run time
         assert any("img_ptr:*bf16" in ln and "'sic': 1" in ln for ln in lines)
         assert any("_heatmaps_forward_kernel" in ln and "out_ptr:*bf16" in ln for ln in lines)
+        # the gather's backward sums with relaxed atomics (no acquire/release fences around each add)
+        for ln in lines:
+            if "_gather_crops_backward_kernel" in ln:
+                assert "atom.global.gpu.relaxed.add.f32" in ln and "acq_rel" not in ln, ln
 
 
 def test_triton_kernels_compile_for_sm80_and_sm90():

@@ -184,10 +184,11 @@ def test_fast_cuda_matches_cpu_reference(R, B, criterion):
 class CountingFeatures(SmallFeatures):
     def __init__(self):
         super().__init__()
-        self.calls = []
+        self.calls, self.channels_last = [], []
 
     def forward(self, x, input_normalized=False):
         self.calls.append((x.shape[0], torch.is_grad_enabled(), input_normalized))
+        self.channels_last.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
         return super().forward(x, input_normalized)
 
 
@@ -225,3 +226,44 @@ def test_compaction_equals_the_masked_batch(monkeypatch, bucket):
     torch.testing.assert_close(out["compacted"][0], out["masked"][0], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(out["compacted"][1], out["masked"][1], rtol=1e-5, atol=1e-7)
     assert out["masked"][2] == 36 and out["compacted"][2] == {1: 30, 8: 32}[bucket]
+
+
+def test_real_crops_are_gathered_without_autograd(monkeypatch):
+    """The fake and the real crops are gathered in two calls, the real one under no_grad: the backward's
+    scatter-add (atomics on CUDA) and its fp32 image-gradient buffer then cover the fake images only."""
+    from hptransfer.ops import _local_loss_fast
+
+    calls = []
+    gather = _local_loss_fast._gather
+
+    def spy(images, *args):
+        calls.append((images.shape[0], torch.is_grad_enabled()))
+        return gather(images, *args)
+
+    monkeypatch.setattr(_local_loss_fast, "_gather", spy)
+    fake, real, kp = _case(2, 64, seed=12)
+    x = fake.clone().requires_grad_()
+    ops.local_perceptual_loss(x, real, *descriptors(kp, real), SmallFeatures(), "l2", impl="fast").backward()
+    assert calls == [(2, True), (2, False)]
+    assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_channels_last_images_give_channels_last_crops(device):
+    """channels_last images (the trainer's layout on GPU, VGG's too) reach VGG as channels_last crops, gathered,
+    upsampled and compacted, with the loss and gradient of the NCHW call."""
+    fake, real, kp = (t.to(device) for t in _case(2, 64, seed=13, missing=3))
+    out = {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        vgg = CountingFeatures().to(device)
+        x = fake.clone(memory_format=fmt).requires_grad_()
+        loss = ops.local_perceptual_loss(x, real.contiguous(memory_format=fmt), *descriptors(kp, real), vgg, "l2",
+                                         impl="fast")
+        loss.backward()
+        out[fmt] = (loss.detach(), x.grad, vgg.channels_last)
+    (loss_cl, grad_cl, seen_cl), (loss, grad, seen) = out[torch.channels_last], out[torch.contiguous_format]
+    assert seen_cl == [True, True] and seen == [False, False]
+    # CUDA: cuDNN's TF32 convolutions round differently in the two layouts
+    rtol = 1e-5 if device == "cpu" else 2e-3
+    torch.testing.assert_close(loss_cl, loss, rtol=rtol, atol=1e-7)
+    torch.testing.assert_close(grad_cl, grad, rtol=rtol, atol=rtol * float(grad.abs().max()))

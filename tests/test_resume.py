@@ -2,15 +2,14 @@
 accident (--resume or --overwrite), a dangling ``latest`` falls back to the newest complete
 checkpoint, the resume decision is rank 0's (broadcast), and what cannot load is refused clearly:
 ZeRO shards of another world size, the other backend's format. Also the DeepSpeed config
-translation (one mixed-precision mechanism on CPU and GPU; gradient accumulation refused) and
-CpuSyncBatchNorm against BatchNorm over the whole batch (two gloo ranks).
+translation (one mixed-precision mechanism on CPU and GPU; gradient accumulation refused).
+The synchronised BatchNorm has its own tests (tests/test_sync_batchnorm.py).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -209,60 +208,6 @@ def test_gradient_accumulation_refused_before_any_rank_starts(tmp_path):
     path.write_text(json.dumps({"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 1}}))
     with pytest.raises(ValueError, match=f"{path}: gradient_accumulation_steps=4"):
         DeepSpeedBackend(path)
-
-
-# ----------------------------------------------------------------------------- BatchNorm across CPU ranks
-def _sync_bn_worker(rank: int, port: int, x: torch.Tensor, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    from hptransfer.backend import sync_batchnorm
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        bn = sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), torch.device("cpu"))
-        with torch.no_grad():
-            bn[0].weight.uniform_(0.5, 1.5), bn[0].bias.uniform_(-0.5, 0.5)
-        part = x[2 * rank:2 * rank + 2].clone().requires_grad_(True)
-        for _ in range(2):  # twice: running statistics accumulate
-            y = bn(part)
-        # each rank's loss on its half; gradients are averaged over ranks as DeepSpeed does
-        (y * torch.arange(y.numel()).view_as(y).float().sin()).sum().backward()
-        g_w = bn[0].weight.grad.clone()
-        dist.all_reduce(g_w)
-        torch.save({"y": y.detach(), "dx": part.grad, "dw": g_w, "buffers": dict(bn.named_buffers())},
-                   Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()  # neither rank tears gloo down while the other still talks to it
-    finally:
-        dist.destroy_process_group()
-
-
-def test_cpu_sync_batchnorm_equals_batchnorm_over_the_whole_batch(tmp_path):
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.manual_seed(1)
-    x = torch.randn(4, 3, 5, 5) * 2 + 1
-    mp.spawn(_sync_bn_worker, args=(port, x, str(tmp_path)), nprocs=2, join=True)
-    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-
-    torch.manual_seed(0)
-    ref = nn.BatchNorm2d(3)
-    with torch.no_grad():
-        ref.weight.uniform_(0.5, 1.5), ref.bias.uniform_(-0.5, 0.5)
-    xr = x.clone().requires_grad_(True)
-    for _ in range(2):
-        y = ref(xr)
-    (y * torch.cat([torch.arange(y.numel() // 2).view(2, 3, 5, 5)] * 2).float().sin()).sum().backward()
-    torch.testing.assert_close(torch.cat([g["y"] for g in got]), y.detach(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.cat([g["dx"] for g in got]), xr.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got[0]["dw"], ref.weight.grad, atol=1e-5, rtol=1e-5)
-    for name, buf in ref.named_buffers():
-        for g in got:  # identical running statistics on both ranks, those of the whole batch, fp32
-            assert g["buffers"][f"0.{name}"].dtype == buf.dtype
-            torch.testing.assert_close(g["buffers"][f"0.{name}"], buf, atol=1e-6, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- the DeepSpeed engine wrapper

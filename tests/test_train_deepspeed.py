@@ -41,7 +41,7 @@ def _assert_ranks_agree(own: list, params: bool = True, every_step_trains: bool 
     for o in own:
         assert o["param_dtypes"] == ["torch.float32"], o  # fp32 weights under bf16/fp16 autocast
         assert o["bn_buffer_dtypes"] == ["torch.float32"], o  # BatchNorm running statistics stay fp32
-        assert o["bn_class"] == ["CpuSyncBatchNorm"], o  # synchronised, as SyncBatchNorm on GPUs
+        assert o["bn_class"] == ["AllReduceBatchNorm"], o  # synchronised, the same class on GPUs
     hashes = own[0]["step_hashes"]
     if every_step_trains:
         assert len(set(hashes)) == len(hashes), "a step left the weights unchanged"

@@ -34,7 +34,8 @@ def register() -> None:
     @torch.library.register_fake("hptransfer::perceptual_distance_with_grad")
     def _distance_with_grad(fake, real, mask, p):
         return (fake.new_empty((fake.shape[0],), dtype=_distance_dtype(fake)),
-                torch.empty_like(fake, memory_format=_layout(fake)))
+                torch.empty_like(fake, memory_format=_layout(fake)),
+                fake.new_empty((fake.shape[0],), dtype=_distance_dtype(fake)))  # grad_scale
 
     @torch.library.register_fake("hptransfer::gather_crops")
     def _gather(images, centers, size, normalize):

@@ -2,10 +2,12 @@
 the per-crop distance fused in ``hptransfer._C`` where it can run.
 
 Same conventions as the reference (see ``local_perceptual_loss.py``); what differs is how it runs:
-- fake and real crops of all B*N descriptors are gathered in ONE call on ``cat([fake, real])`` with the
-  ImageNet normalisation fused into the gather (CUDA: ``hptransfer.ops.gather_crops``, the Triton kernel,
-  channels_last out; CPU: ``torch.ops.hptransfer.gather_crops`` of ``hptransfer._C``, else the reference);
-- small crops are upsampled to ``local_min_crop`` in one :func:`upsample_crops` call (deterministic matmuls);
+- the fake crops of all B*N descriptors are gathered in one call, the real crops in another under
+  ``torch.no_grad`` (so the backward's scatter-add and its fp32 image-gradient buffer cover the fake
+  images only), with the ImageNet normalisation fused into the gather (CUDA: ``hptransfer.ops.gather_crops``,
+  the Triton kernel; CPU: ``torch.ops.hptransfer.gather_crops`` of ``hptransfer._C``, else the reference);
+  crops are channels_last when ``fake`` is (the trainer's GPU layout, VGG's too), NCHW otherwise;
+- small crops are upsampled to ``local_min_crop`` by :func:`upsample_crops` (deterministic matmuls, layout kept);
 - VGG runs once over the B*N fake crops with autograd and once over the B*N real crops under
   ``torch.no_grad``. Two batched calls rather than one call on the 2*B*N concatenation: autograd
   cannot drop the real half of a single batch, so one call would back-propagate through the real
@@ -30,7 +32,7 @@ import torch
 
 from hptransfer.ops._dispatch import extension, use_fast
 from hptransfer.ops.gather_crops import gather_crops
-from hptransfer.ops._crops import prepare_crops, upsample_crops
+from hptransfer.ops._crops import is_channels_last, prepare_crops, upsample_crops
 from hptransfer.ops.perceptual_distance import CRITERIA, perceptual_distance
 
 
@@ -41,13 +43,24 @@ def crop_dtype(device: torch.device, input_dtype: torch.dtype) -> torch.dtype:
     return input_dtype
 
 
-def _gather(images: torch.Tensor, centers: torch.Tensor, size: int, impl: str, dtype: torch.dtype) -> torch.Tensor:
-    """(2B, 3, R, R) images, (2B, N, 2) centres -> (2B*N, 3, s, s) ImageNet-normalised crops in ``dtype``."""
+def _gather(images: torch.Tensor, centers: torch.Tensor, size: int, impl: str, dtype: torch.dtype,
+            channels_last: bool) -> torch.Tensor:
+    """(B, 3, R, R) images, (B, N, 2) centres -> (B*N, 3, s, s) ImageNet-normalised crops in ``dtype``."""
     if images.is_cuda:
-        return gather_crops(images, centers, size, impl=impl, normalize=True, out_dtype=dtype, channels_last=True)
+        return gather_crops(images, centers, size, impl=impl, normalize=True, out_dtype=dtype,
+                            channels_last=channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     if extension() is not None:
-        return torch.ops.hptransfer.gather_crops(images, centers, int(size), True).to(dtype)
-    return gather_crops(images, centers, size, impl="reference", normalize=True, out_dtype=dtype)
+        return torch.ops.hptransfer.gather_crops(images, centers, int(size), True).to(dtype=dtype, memory_format=fmt)
+    return gather_crops(images, centers, size, impl="reference", normalize=True, out_dtype=dtype,
+                        channels_last=channels_last)
+
+
+def _rows(crops: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``crops[rows]`` in the crops' layout (``index_select`` alone returns NCHW)."""
+    if is_channels_last(crops):
+        return crops.permute(0, 2, 3, 1).index_select(0, rows).permute(0, 3, 1, 2)
+    return crops.index_select(0, rows)
 
 
 # Crops of missing descriptors are dropped before VGG. The kept count is read on the host (the step's one
@@ -92,8 +105,10 @@ def local_perceptual_loss_batched(fake: torch.Tensor, real: torch.Tensor, center
     M = B * N
     dtype = crop_dtype(fake.device, fake.dtype)
 
-    images = torch.cat([fake, real.detach().to(fake.dtype)], dim=0)
-    crops = upsample_crops(_gather(images, torch.cat([centers, centers], dim=0), size, impl, dtype), out_size)
+    channels_last = is_channels_last(fake)
+    crops_fake = upsample_crops(_gather(fake, centers, size, impl, dtype, channels_last), out_size)
+    with torch.no_grad():  # no gradient to real: no scatter-add, no image-gradient buffer for its crops
+        crops_real = upsample_crops(_gather(real, centers, size, impl, dtype, channels_last), out_size)
 
     mask = valid.reshape(M).to(device=fake.device, dtype=torch.float32)
     kept = _compaction(valid.reshape(M), COMPACTION_BUCKET.get(fake.device.type))
@@ -101,15 +116,15 @@ def local_perceptual_loss_batched(fake: torch.Tensor, real: torch.Tensor, center
         rows, mask = kept
         if rows.numel() == 0:
             return (fake.sum() * 0.0).float()
-        crops = torch.cat([crops[:M].index_select(0, rows), crops[M:].index_select(0, rows)])
+        crops_fake, crops_real = _rows(crops_fake, rows), _rows(crops_real, rows)
         M = rows.numel()
 
     if torch.is_grad_enabled() and fake.requires_grad:
-        feats_fake = vgg(crops[:M], input_normalized=True)
+        feats_fake = vgg(crops_fake, input_normalized=True)
         with torch.no_grad():
-            feats_real = vgg(crops[M:], input_normalized=True)
+            feats_real = vgg(crops_real, input_normalized=True)
     else:
-        feats = vgg(crops, input_normalized=True)
+        feats = vgg(torch.cat([crops_fake, crops_real]), input_normalized=True)
         feats_fake = [f[:M] for f in feats]
         feats_real = [f[M:] for f in feats]
 

@@ -102,27 +102,33 @@ def data_root(tmp_path_factory):
 
 
 def test_each_micro_batch_gets_the_same_samples_however_the_global_batch_is_split(data_root):
-    """Rank r with accumulation a reads as virtual ranks r*a ... r*a+a-1 of world*a would: 1 rank x 2
-    micro-batches get exactly the samples 2 ranks x 1 get, and each step takes the next global batch."""
+    """Rank r with accumulation a reads as virtual ranks r*a ... r*a+a-1 of world*a would: with a global
+    batch of 4 and micro-batches of 1, 1 rank x 4, 2 ranks x 2 and 4 ranks x 1 compute the same
+    micro-batches, and each step takes the next global batch of the epoch's permutation."""
     from hptransfer.config import load_config as load
     from hptransfer.data import PairDataset
     from hptransfer.train import _Batches
 
     cfg = load(None, ["data.workers=0", "data.flip=false", f"data.root={data_root}"])
     ds = PairDataset(data_root, "train", 64)
+    steps = 3
 
-    def indices(rank, world, accumulation, steps=3):
-        backend = SimpleNamespace(rank=rank, world_size=world, device=CPU)
-        batches = _Batches(cfg, ds, 2, 7, backend, 0, 0, accumulation)
-        return [[batches.next()["index"].tolist() for _ in range(accumulation)] for _ in range(steps)]
+    def micro_batches(world, accumulation) -> list:
+        """[step][virtual rank] -> the micro-batch's sample indices, over every rank of the split."""
+        out = [[None] * (world * accumulation) for _ in range(steps)]
+        for rank in range(world):
+            batches = _Batches(cfg, ds, 1, 7, SimpleNamespace(rank=rank, world_size=world, device=CPU), 0, 0,
+                               accumulation)
+            for step in range(steps):
+                for k in range(accumulation):
+                    out[step][rank * accumulation + k] = batches.next()["index"].tolist()
+        return out
 
-    one_rank = indices(0, 1, 2)
-    two_ranks = [indices(r, 2, 1) for r in range(2)]
-    for step in range(3):
-        assert one_rank[step] == [two_ranks[0][step][0], two_ranks[1][step][0]]
-        taken = sorted(i for micro in one_rank[step] for i in micro)
-        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(7)).tolist()  # DistributedSampler's
-        assert taken == sorted(perm[4 * step:4 * step + 4])  # the next global batch of the epoch
+    one = micro_batches(1, 4)
+    assert micro_batches(2, 2) == one and micro_batches(4, 1) == one
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(7)).tolist()  # DistributedSampler's
+    for step in range(steps):  # the next global batch of the epoch
+        assert sorted(i for micro in one[step] for i in micro) == sorted(perm[4 * step:4 * step + 4])
 
 
 def test_data_position_between_global_batches():
@@ -133,6 +139,7 @@ def test_data_position_between_global_batches():
     assert map_data_position(3, 4, 2) == (6, 0)
 
 
+@pytest.mark.slow  # four short runs: 25 s on 2 shared cores
 def test_accumulated_run_resumes_exactly_and_counts_optimiser_steps(data_root, tmp_path, caplog):
     from hptransfer import checkpoint as ckpt
     from hptransfer.train import train

@@ -30,7 +30,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--checkpoint", help="generate the split and score it: export directory, training checkpoint (single-process or DeepSpeed: step_* dir) or run directory (its latest checkpoint)")
+    p.add_argument("--checkpoint", help="generate the split and score it: export directory, training checkpoint "
+                   "(single-process or DeepSpeed: step_* dir) or run directory (its latest checkpoint)")
     p.add_argument("--data", help="dataset root (benchmark format); with --pred/--gt: annotations for local-SSIM")
     p.add_argument("--split", default="test")
     p.add_argument("--resolution", type=int, default=None, help="check the generator's resolution")

@@ -166,7 +166,8 @@ def export_flow(model, out_dir, extra: Optional[dict] = None) -> Path:
     def fill(tmp: Path) -> None:
         state = {k: v.detach().float().cpu().contiguous() for k, v in model.inference_state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        meta = {"format_version": FORMAT_VERSION, "task": TASK, "arch": model.arch(), "resolution": int(model.resolution),
+        meta = {"format_version": FORMAT_VERSION, "task": TASK, "arch": model.arch(),
+                "resolution": int(model.resolution),
                 "keypoints": "openpose18 (y, x) pixels; missing = (-1, -1)", "image_range": [-1, 1],
                 "flow_units": "grid_sample normalised offsets (x, y), align_corners=False",
                 "hptransfer_version": __version__, "extra": extra or {}}

@@ -253,7 +253,8 @@ def add_frame_arguments(p, paste_help: str) -> None:
 
 def add_arguments(p) -> None:
     p.add_argument("--checkpoint", required=True,
-                   help="export directory, training checkpoint (single-process or DeepSpeed: step_* dir) or run directory (its latest checkpoint)")
+                   help="export directory, training checkpoint (single-process or DeepSpeed: step_* dir) or run "
+                        "directory (its latest checkpoint)")
     p.add_argument("--reference", required=True, help="image of the person (any size; fitted as in training)")
     p.add_argument("--pose", required=True, help="pose: CSV (+ --pose-name, or CSV:NAME), OpenPose/COCO JSON, or image")
     p.add_argument("--pose-name", default=None, help="row name in an annotation CSV")

@@ -14,8 +14,9 @@ step is one optimiser step over the stage's global batch (``config.stage_global_
 accumulated where batch_size x ranks is smaller); the schedule, the fade, checkpoints and the data
 position count steps. A non-finite loss skips its network's step on every rank.
 Checkpoints every ``train.checkpoint_every`` steps and at stage ends; export (``export/`` and
-``export/<R>px/``) and a sample grid at every stage end. Reads top to bottom: :func:`train` (set-up, per stage: :func:`_begin_stage`,
-:func:`_train_stage` = the per-step loop, :func:`_end_stage`; summary), then resume, samples, export.
+``export/<R>px/``) and a sample grid at every stage end. Reads top to bottom: :func:`train` (set-up,
+per stage: :func:`_begin_stage`, :func:`_train_stage` = the per-step loop, :func:`_end_stage`; summary),
+then resume, samples, export.
 """
 from __future__ import annotations
 

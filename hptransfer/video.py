@@ -151,7 +151,8 @@ def write_video(frames, path: str | Path, fps: float) -> int:
 
 def add_arguments(p) -> None:
     p.add_argument("--checkpoint", required=True,
-                   help="export directory, training checkpoint (single-process or DeepSpeed: step_* dir) or run directory (its latest checkpoint)")
+                   help="export directory, training checkpoint (single-process or DeepSpeed: step_* dir) or run "
+                        "directory (its latest checkpoint)")
     p.add_argument("--reference", required=True, help="image of the person")
     p.add_argument("--poses", required=True, help="folder of OpenPose/COCO JSON, annotation CSV, or a driving video")
     p.add_argument("--pose-size", default=None, help="HxW of the poses' images, for --frame fit (default: the "

@@ -257,7 +257,8 @@ def scenario_reshard_resume(args) -> dict:
         if dist.get_rank() == 0:
             torch.save(loaded, out / "loaded.pt")
         report[name] = {"step": result["global_step"], "own": _gathered(own), "load_s": round(t["load_s"], 2),
-                        "finite": all(bool(torch.isfinite(v.float()).all()) for v in result["generator_state"].values()),
+                        "finite": all(bool(torch.isfinite(v.float()).all())
+                                      for v in result["generator_state"].values()),
                         "scratch_left": sorted(p.name for p in (out / "checkpoints").glob(".universal-*"))}
     return report
 

@@ -64,7 +64,8 @@ def test_format_version_is_checked_on_load(gen, tmp_path):
     assert meta["format_version"] == FORMAT_VERSION
     for version, match in ((FORMAT_VERSION + 1, f"export format {FORMAT_VERSION + 1}, written by hptransfer .*upgrade "
                                                  "hptransfer"),
-                           (None, "format_version None is not an export format.*export again from the run's checkpoint"),
+                           (None, "format_version None is not an export format.*export again from the run's "
+                                  "checkpoint"),
                            ("1", "format_version '1' is not an export format")):
         broken = dict(meta, format_version=version) if version is not None else \
             {k: v for k, v in meta.items() if k != "format_version"}

@@ -139,7 +139,6 @@ def test_data_position_between_global_batches():
     assert map_data_position(3, 4, 2) == (6, 0)
 
 
-@pytest.mark.slow  # four short runs: 25 s on 2 shared cores
 def test_accumulated_run_resumes_exactly_and_counts_optimiser_steps(data_root, tmp_path, caplog):
     from hptransfer import checkpoint as ckpt
     from hptransfer.train import train

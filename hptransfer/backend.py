@@ -1,11 +1,12 @@
 """The engine layer under the training loop: single-process PyTorch or DeepSpeed, one interface.
 
-The loop sees an :class:`Engine` per trained model (generator; discriminator at its stage)::
+The loop sees an :class:`Engine` per trained model (generator; discriminator at its stage), one
+micro-batch at a time; ``accumulation`` micro-batches make one optimiser step (a *window*)::
 
     out = engine(*inputs)          # forward (autocast applied where configured)
-    engine.backward(loss)          # one backward per engine per step (ZeRO-2/3 need this)
-    engine.step()                  # optimiser step (+ clipping, loss scaling), grads zeroed
-    engine.skip()                  # drop this step's grads: a non-finite loss never reaches weights
+    engine.backward(loss)          # one backward per engine per micro-batch (ZeRO-2/3 need this)
+    engine.step()                  # after every micro-batch; the optimiser steps after the window's last
+    engine.skip(loss)              # instead of backward + step: a non-finite micro-batch drops its window
 
 and a :class:`Backend` for what spans engines: rank/world, device, input dtype, the loss autocast
 context, ``max_over_ranks`` (all-reduced flags, so every rank skips the same step), barriers, full fp32
@@ -55,10 +56,38 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
 
 
 class Engine:
-    """One model with its optimiser. Subclasses: :class:`SingleEngine`, :class:`DeepSpeedEngine`."""
+    """One model with its optimiser. Subclasses: :class:`SingleEngine`, :class:`DeepSpeedEngine`.
+
+    A window is ``accumulation`` micro-batches, each ``forward``, then ``backward`` + ``step`` or ``skip``
+    (every rank makes the same calls: the finite flags are all-reduced). A window with a skipped
+    micro-batch is dropped whole: no optimiser step, and the module's buffers (BatchNorm running
+    statistics) are put back as they were before its first forward."""
 
     module: nn.Module
     optimizer: torch.optim.Optimizer
+    accumulation = 1
+    _micro = 0  # micro-batches of the current window done (step or skip)
+    _dropping = False  # the current window had a non-finite micro-batch
+    _saved_buffers: Optional[list] = None  # the module's buffers at the window's start
+
+    def _window_forward(self) -> None:
+        """Before any forward: the window's first keeps the buffers a dropped window restores."""
+        if self._saved_buffers is None:
+            self._saved_buffers = [b.detach().clone() for b in self.module.buffers()]
+
+    def _end_micro(self) -> tuple:
+        """After a micro-batch's step or skip: (window ended, window dropped). At a dropped window's end
+        the buffers are restored; at every end the bookkeeping starts again."""
+        self._micro += 1
+        if self._micro < self.accumulation:
+            return False, False
+        dropped = self._dropping
+        if dropped and self._saved_buffers is not None:
+            with torch.no_grad():
+                for b, saved in zip(self.module.buffers(), self._saved_buffers):
+                    b.copy_(saved)
+        self._micro, self._dropping, self._saved_buffers = 0, False, None
+        return True, dropped
 
     def __call__(self, *args, **kwargs):
         raise NotImplementedError
@@ -67,6 +96,9 @@ class Engine:
         raise NotImplementedError
 
     def step(self) -> None:
+        raise NotImplementedError
+
+    def skip(self, loss: torch.Tensor) -> None:
         raise NotImplementedError
 
     def parameters(self):
@@ -76,38 +108,51 @@ class Engine:
         """The fp16 loss scale (a host read: for log steps), None without loss scaling."""
         return None
 
-    def skip(self) -> None:
-        """Zero the gradients and do not step (a non-finite loss)."""
+    def _zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         for p in self.module.parameters():
             p.grad = None
 
 
 class SingleEngine(Engine):
-    """Plain PyTorch: autocast in forward for bf16/fp16, a GradScaler for fp16, optional clipping."""
+    """Plain PyTorch: autocast in forward for bf16/fp16, a GradScaler for fp16, optional clipping;
+    gradients of ``accumulation`` micro-batches summed (each loss divided by it) before the step."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                 precision: str = "fp32", grad_clip: float = 0.0, forward_fn: Optional[Callable] = None):
+                 precision: str = "fp32", grad_clip: float = 0.0, forward_fn: Optional[Callable] = None,
+                 accumulation: int = 1):
         self.module, self.optimizer, self.device = module, optimizer, device
         self.dtype = _DTYPES[precision]
         self.grad_clip = float(grad_clip)
         self.forward_fn = forward_fn or module
+        self.accumulation = int(accumulation)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def __call__(self, *args, **kwargs):
+        self._window_forward()
         with _autocast(self.device, self.dtype):
             return self.forward_fn(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.scaler.scale(loss).backward()
+        if not self._dropping:  # a dropped window's gradients are gone: nothing more to add
+            self.scaler.scale(loss / self.accumulation if self.accumulation > 1 else loss).backward()
 
     def step(self) -> None:
-        if self.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
-        self.scaler.step(self.optimizer)  # skips the step itself on inf grads (fp16)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        ended, dropped = self._end_micro()
+        if not ended:
+            return
+        if not dropped:
+            if self.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+            self.scaler.step(self.optimizer)  # skips the step itself on inf grads (fp16)
+            self.scaler.update()
+        self._zero_grad()
+
+    def skip(self, loss: torch.Tensor) -> None:
+        self._dropping = True
+        self._zero_grad()  # the window's gradients so far
+        self._end_micro()
 
     def loss_scale(self) -> Optional[float]:
         return float(self.scaler.get_scale()) if self.scaler.is_enabled() else None
@@ -124,18 +169,21 @@ class SingleEngine(Engine):
 
 
 class DeepSpeedEngine(Engine):
-    """A ``deepspeed.DeepSpeedEngine`` behind the same interface."""
+    """A ``deepspeed.DeepSpeedEngine`` behind the same interface; its ``gradient_accumulation_steps`` is
+    the window (DeepSpeed divides each loss by it and steps at the boundary)."""
 
     def __init__(self, engine, name: str):
         self.engine, self.name = engine, name
         self.module = engine.module
         self.optimizer = engine.optimizer
+        self.accumulation = int(engine.gradient_accumulation_steps())
         # fp16 autocast: DeepSpeed's GradScaler (in the ZeRO optimiser, or the engine's without ZeRO).
         self.scaler = (getattr(engine.optimizer, "torch_autocast_gradscaler", None)
                        or getattr(engine, "torch_autocast_z0_gradscaler", None))
         self.zero = engine.zero_optimization_stage() > 0
 
     def __call__(self, *args, **kwargs):
+        self._window_forward()
         if not any(p.requires_grad for p in self.module.parameters()):
             # A frozen use (the discriminator inside the generator's adversarial term): DeepSpeed's
             # forward hooks its outputs and would run THIS engine's backward bookkeeping (gradient
@@ -151,16 +199,38 @@ class DeepSpeedEngine(Engine):
 
     def step(self) -> None:
         self.engine.step()  # steps at gradient-accumulation boundaries; zeroes grads itself
-        if self.scaler is not None and self.zero and getattr(self.engine.optimizer, "overflow", False):
+        ended, dropped = self._end_micro()
+        if dropped:
+            # the poisoned window (see skip): DeepSpeed's overflow check must have dropped it
+            if self.engine.was_step_applied():
+                raise RuntimeError(f"{self.name}: DeepSpeed applied an optimiser step whose gradients were made "
+                                   "non-finite to drop it; this DeepSpeed version does not skip such steps")
+        elif (ended and self.scaler is not None and self.zero
+              and getattr(self.engine.optimizer, "overflow", False)):
             # DeepSpeed 0.19 under ZeRO drops an overflowing step (inf grad norm) before its GradScaler
             # sees the inf, so the scale never backs off and every later step overflows too.
             self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
             self.scaler._growth_tracker.zero_()  # as GradScaler does after an inf: count good steps anew
 
-    def skip(self) -> None:
-        # Reached only before backward (the all-reduced finite check), so nothing is accumulated:
-        # skipping both backward and step keeps DeepSpeed's micro-step counters on every rank equal.
-        self.engine.zero_grad()
+    def skip(self, loss: torch.Tensor) -> None:
+        if self.accumulation == 1:
+            # Reached only before backward (the all-reduced finite check), so nothing is accumulated:
+            # skipping both backward and step keeps DeepSpeed's micro-step counters on every rank equal.
+            self._dropping = True
+            self.engine.zero_grad()
+            self._end_micro()
+            return
+        # Inside a window earlier micro-batches' gradients are already reduced into ZeRO's partitions.
+        # DeepSpeed's own way to drop such a step is its overflow check at the boundary (a non-finite
+        # gradient norm: no update, gradients cleared, on every ZeRO stage), so this micro-batch's
+        # gradients are made NaN (later micro-batches add to NaN). Every micro-batch still has one
+        # backward and one step, so the counters and the boundary's reduction run as usual.
+        if not loss.requires_grad:
+            raise RuntimeError(f"{self.name}: a non-finite loss without a graph cannot drop an accumulated "
+                               "DeepSpeed step")
+        self._dropping = True
+        self.engine.backward(loss * float("nan"))
+        self.step()
 
     def loss_scale(self) -> Optional[float]:
         """The fp16 loss scale, None without loss scaling."""
@@ -339,8 +409,10 @@ class Backend:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def prepare(self, module: nn.Module) -> nn.Module:
-        """Move to the device; channels_last on GPU (the BatchNorm sync across ranks is DeepSpeedBackend's)."""
+    def prepare(self, module: nn.Module, sync_bn: bool = True) -> nn.Module:
+        """Move to the device; channels_last on GPU. Where there are several ranks (DeepSpeedBackend) also
+        BatchNorm synchronised across them, unless not ``sync_bn`` (train.sync_batchnorm: each rank's
+        micro-batch alone)."""
         module = module.to(self.device)
         if self.device.type == "cuda" and self.channels_last:
             module = module.to(memory_format=torch.channels_last)
@@ -378,13 +450,16 @@ class Backend:
                 for k, v in engine.module.state_dict().items()}
 
     def engine(self, name: str, module: nn.Module, optimizer: torch.optim.Optimizer, micro_batch: int,
-               forward_fn: Optional[Callable] = None) -> Engine:
+               forward_fn: Optional[Callable] = None, accumulation: int = 1) -> Engine:
+        """``module`` and ``optimizer`` as an :class:`Engine` stepping every ``accumulation`` micro-batches."""
         raise NotImplementedError
 
     def save_engines(self, directory: Path, engines: dict) -> None:
         raise NotImplementedError
 
-    def load_engines(self, directory: Path, engines: dict) -> None:
+    def load_engines(self, directory: Path, engines: dict, scratch: Optional[Path] = None) -> None:
+        """Every engine's state from checkpoint ``directory`` (a collective under DeepSpeed). ``scratch``:
+        a folder every rank sees, for a checkpoint that must be resharded first (default: beside it)."""
         raise NotImplementedError
 
 
@@ -400,15 +475,15 @@ class SingleBackend(Backend):
         self.loss_dtype = _DTYPES[precision] if precision != "fp32" else None
         self.description = f"single process on {self.device}, {precision}"
 
-    def engine(self, name, module, optimizer, micro_batch, forward_fn=None) -> Engine:
-        return SingleEngine(module, optimizer, self.device, self.precision, self.grad_clip, forward_fn)
+    def engine(self, name, module, optimizer, micro_batch, forward_fn=None, accumulation=1) -> Engine:
+        return SingleEngine(module, optimizer, self.device, self.precision, self.grad_clip, forward_fn, accumulation)
 
     def save_engines(self, directory: Path, engines: dict) -> None:
         from hptransfer.checkpoint import atomic_torch_save
         for name, eng in engines.items():
             atomic_torch_save(eng.state_dict(), Path(directory) / f"{name}.pt")
 
-    def load_engines(self, directory: Path, engines: dict) -> None:
+    def load_engines(self, directory: Path, engines: dict, scratch: Optional[Path] = None) -> None:
         for name, eng in engines.items():
             path = Path(directory) / f"{name}.pt"
             if not path.is_file():
@@ -457,26 +532,32 @@ def engine_ds_config(ds_cfg: dict, name: str, source: str = "<ds config>") -> di
 
 
 def resolve_ds_config(ds_cfg: dict, micro_batch: int, world_size: int, grad_clip: float,
-                      source: str = "<ds config>") -> dict:
+                      source: str = "<ds config>", accumulation: int = 1) -> dict:
     """Fill the per-stage fields of a DeepSpeed config; mixed precision as torch_autocast, everywhere.
 
-    ``"bf16"``/``"fp16": {"enabled": true}`` become ``"torch_autocast"`` with that dtype on CPU and
-    GPU alike (fp32 weights and BatchNorm buffers; DeepSpeed loss-scales fp16 with a GradScaler).
-    Refused with a message naming ``source``: gradient accumulation (the stage schedule, the input
-    fade and checkpoints count batches, one optimiser step each), both bf16 and fp16, and gradient
-    clipping with fp16 under ZeRO (DeepSpeed 0.19 clips the loss-scaled gradients there).
+    ``accumulation`` micro-batches per optimiser step (the trainer's, from ``train.global_batch``) become
+    ``gradient_accumulation_steps``. ``"bf16"``/``"fp16": {"enabled": true}`` become ``"torch_autocast"``
+    with that dtype on CPU and GPU alike (fp32 weights and BatchNorm buffers; DeepSpeed loss-scales fp16
+    with a GradScaler). Refused with a message naming ``source``: a gradient_accumulation_steps or
+    train_batch_size of the file's own (the global batch is the experiment config's, so that it does not
+    change with the node count), accumulation without ZeRO, both bf16 and fp16, and gradient clipping
+    with fp16 under ZeRO (DeepSpeed 0.19 clips the loss-scaled gradients there).
     """
     cfg = copy.deepcopy(ds_cfg)
     cfg.pop("optimizer", None)  # our own torch optimiser is passed in (rebuilt at every growth)
     cfg.pop("scheduler", None)
-    gas = cfg.get("gradient_accumulation_steps", 1)
-    if gas not in (1, "auto", None):
-        raise ValueError(f"{source}: gradient_accumulation_steps={gas} is not supported: the L2/L1 switch, the input "
-                         f"fade and checkpoints count batches as optimiser steps. Set it to 1 and raise the stage's "
-                         f"batch_size (or use more ranks) instead")
-    cfg["gradient_accumulation_steps"] = 1
+    for key in ("gradient_accumulation_steps", "train_batch_size"):
+        if cfg.get(key, "auto") not in ("auto", None) and not (key == "gradient_accumulation_steps" and cfg[key] == 1):
+            raise ValueError(f"{source}: {key}={cfg[key]} is not read: set the global batch in the experiment config "
+                             f"(train.global_batch or stages.N.global_batch); the trainer derives the accumulation "
+                             f"steps from it and the number of ranks. Set {key} to \"auto\"")
+    if accumulation > 1 and int(cfg.get("zero_optimization", {}).get("stage", 0)) == 0:
+        raise ValueError(f"{source}: gradient accumulation under DeepSpeed needs ZeRO (stage 1, 2 or 3): its overflow "
+                         f"check is what drops a window with a non-finite micro-batch. Use a ZeRO config, or a "
+                         f"global batch of batch_size x ranks")
+    cfg["gradient_accumulation_steps"] = int(accumulation)
     cfg["train_micro_batch_size_per_gpu"] = int(micro_batch)
-    cfg["train_batch_size"] = int(micro_batch) * int(world_size)
+    cfg["train_batch_size"] = int(micro_batch) * int(world_size) * int(accumulation)
     if grad_clip > 0 and cfg.get("gradient_clipping", "auto") in ("auto", 0, 0.0):
         cfg["gradient_clipping"] = float(grad_clip)
     elif cfg.get("gradient_clipping") == "auto":
@@ -572,8 +653,8 @@ class DeepSpeedBackend(Backend):
                             f"ZeRO-{self.zero_stages['discriminator']} discriminator, {precision[self.loss_dtype]}, "
                             f"config {self.source}")
 
-    def prepare(self, module: nn.Module) -> nn.Module:
-        if self.world_size > 1:
+    def prepare(self, module: nn.Module, sync_bn: bool = True) -> nn.Module:
+        if self.world_size > 1 and sync_bn:
             module = sync_batchnorm(module, self.device)
         return super().prepare(module)
 
@@ -601,9 +682,9 @@ class DeepSpeedBackend(Backend):
         self.dist.all_gather_object(out, obj)
         return out
 
-    def engine(self, name, module, optimizer, micro_batch, forward_fn=None) -> Engine:
+    def engine(self, name, module, optimizer, micro_batch, forward_fn=None, accumulation=1) -> Engine:
         cfg = resolve_ds_config(engine_ds_config(self.raw_config, name, self.source), micro_batch, self.world_size,
-                                self.grad_clip, self.source)
+                                self.grad_clip, self.source, accumulation)
         eng, _, _, _ = self.ds.initialize(model=module, optimizer=optimizer, config=cfg)
         return DeepSpeedEngine(eng, name)
 
@@ -627,14 +708,24 @@ class DeepSpeedBackend(Backend):
                 state["grad_scaler"] = eng.scaler.state_dict()
             eng.engine.save_checkpoint(str(directory), tag=name, client_state=state, save_latest=False)
 
-    def load_engines(self, directory: Path, engines: dict) -> None:
+    def load_engines(self, directory: Path, engines: dict, scratch: Optional[Path] = None) -> None:
+        from hptransfer.checkpoint import read_meta
+        from hptransfer.distributed import reshard
+
+        directory = Path(directory)
+        if reshard.needs_universal(read_meta(directory), self.world_size, self.zero_stages):
+            clients = reshard.load_resharded(directory, {name: eng.engine for name, eng in engines.items()},
+                                             scratch or directory.parent, self.is_main, self.barrier)
+        else:
+            clients = {}
+            for name, eng in engines.items():
+                path, clients[name] = eng.engine.load_checkpoint(str(directory), tag=name, load_optimizer_states=True,
+                                                                 load_lr_scheduler_states=False)
+                if path is None:
+                    raise FileNotFoundError(f"DeepSpeed could not load {name} from {directory}")
         for name, eng in engines.items():
-            path, client = eng.engine.load_checkpoint(str(directory), tag=name, load_optimizer_states=True,
-                                                      load_lr_scheduler_states=False)
-            if path is None:
-                raise FileNotFoundError(f"DeepSpeed could not load {name} from {directory}")
-            if eng.scaler is not None and (client or {}).get("grad_scaler"):
-                eng.scaler.load_state_dict(client["grad_scaler"])
+            if eng.scaler is not None and (clients[name] or {}).get("grad_scaler"):
+                eng.scaler.load_state_dict(clients[name]["grad_scaler"])
 
 
 def make_backend(cfg, ds_config: Optional[str] = None) -> Backend:

@@ -31,6 +31,9 @@ from hptransfer.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+# The layout of an export directory's config.json + model.safetensors; raise it when a change would make
+# an older hptransfer misread a new export (read_export_config refuses a newer one).
+FORMAT_VERSION = 1
 
 
 def _fsync_dir(path: Path) -> None:
@@ -272,12 +275,54 @@ def export_dir(path: str | Path) -> Path:
 
 def read_export_config(path: str | Path) -> dict:
     """The ``config.json`` of an export directory (or of a run directory's ``export/``, see
-    :func:`export_dir`), with a clear error when it is not one."""
+    :func:`export_dir`), with a clear error when it is not one or when its ``format_version`` is missing
+    or newer than :data:`FORMAT_VERSION`."""
     path = export_dir(path)
+    config = path / "config.json"
     try:
-        meta = json.loads((path / "config.json").read_text())
+        meta = json.loads(config.read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path / 'config.json'}: not valid JSON: {e}") from None
-    if "arch" not in meta:
-        raise CheckpointError(f"{path / 'config.json'}: no 'arch' entry; not an hptransfer export")
+        raise CheckpointError(f"{config}: not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or "arch" not in meta:
+        raise CheckpointError(f"{config}: no 'arch' entry; not an hptransfer export")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{config}: format_version {version!r} is not an export format this hptransfer reads "
+                              f"(1 to {FORMAT_VERSION}); every hptransfer export writes it, so this file was made or "
+                              f"edited by other means: export again from the run's checkpoint (hptransfer export "
+                              f"--checkpoint RUN_DIR --format safetensors --out DIR)")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{config}: export format {version}, written by hptransfer "
+                              f"{meta.get('hptransfer_version', '?')}; this hptransfer reads formats up to "
+                              f"{FORMAT_VERSION}: upgrade hptransfer to load it")
     return meta
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links
+        shutil.copy2(src, dst)
+
+
+def publish_stage_export(root: str | Path, stage: str) -> Path:
+    """Make ``root`` (a run's export/) hold the files of its subdirectory ``stage`` (e.g. "128px", just
+    written) at its top level, keeping every subdirectory (each stage's export). One atomic directory
+    swap; the files are hard links (copies where the file system has none), so a crash leaves the
+    previous ``root`` whole and nothing large is written twice."""
+    root = Path(root)
+
+    def link_tree(src: Path, dst: Path) -> None:
+        dst.mkdir()
+        for f in src.iterdir():
+            (link_tree if f.is_dir() else _link_or_copy)(f, dst / f.name)
+
+    def fill(tmp: Path) -> None:
+        for f in (root / stage).iterdir():  # the stage's export, at the top level
+            if f.is_file():
+                _link_or_copy(f, tmp / f.name)
+        for d in root.iterdir():  # every stage's own export, this one included
+            if d.is_dir():
+                link_tree(d, tmp / d.name)
+
+    return write_dir_atomically(root, fill)

@@ -101,9 +101,11 @@ class LossConfig:
 class StageConfig:
     resolution: int = 64
     iterations: int = 700_000
-    batch_size: int = 16
+    batch_size: int = 16  # per rank and micro-batch
     # this stage's activation checkpointing; None = train.activation_checkpointing (see the module docstring)
     activation_checkpointing: Optional[bool] = None
+    # samples per optimiser step over all ranks; None = train.global_batch (see stage_global_batch)
+    global_batch: Optional[int] = None
 
 
 @dataclass
@@ -143,6 +145,13 @@ class TrainConfig:
     # Seconds a collective (all-reduce, barrier, the start-up rendezvous) may wait for the other ranks
     # before the run fails naming the rank (torch's init_process_group timeout; its default is 30 min).
     dist_timeout_s: int = 1800
+    # Samples per optimiser step over all ranks, for every stage without its own stages.N.global_batch;
+    # where batch_size x ranks is smaller the gradients of several micro-batches are accumulated, so
+    # the schedule does not change with the node count. None: batch_size x ranks (no accumulation).
+    global_batch: Optional[int] = None
+    # BatchNorm statistics over every rank's micro-batch at once (SyncBatchNorm); false: each rank's
+    # micro-batch alone, which makes a run independent of how its global batch is split (docs/cluster.md).
+    sync_batchnorm: bool = True
 
 
 @dataclass
@@ -177,13 +186,18 @@ class Config:
         if not self.train.progressive and len(self.stages) > 1:  # idempotent: a saved config reloads the same
             top = self.stages[-1]
             self.stages = [StageConfig(top.resolution, sum(s.iterations for s in self.stages), top.batch_size,
-                                       top.activation_checkpointing)]
+                                       top.activation_checkpointing, top.global_batch)]
         resolutions = [s.resolution for s in self.stages]
         for i, s in enumerate(self.stages):
             if s.resolution not in RESOLUTIONS:
                 raise ConfigError(f"{source}: stages.{i}.resolution={s.resolution} is not one of {RESOLUTIONS}")
             if s.iterations < 1 or s.batch_size < 1:
                 raise ConfigError(f"{source}: stages.{i} needs iterations >= 1 and batch_size >= 1")
+            wanted, key = ((s.global_batch, f"stages.{i}.global_batch") if s.global_batch is not None
+                           else (self.train.global_batch, "train.global_batch"))
+            if wanted is not None and (wanted < 1 or wanted % s.batch_size):
+                raise ConfigError(f"{source}: {key}={wanted} must be a positive multiple of stages.{i}.batch_size="
+                                  f"{s.batch_size} (the per-rank micro-batch)")
         expected = [resolutions[0] * 2**i for i in range(len(resolutions))]
         if resolutions != expected:
             raise ConfigError(f"{source}: stages must double from one to the next, got {resolutions}")
@@ -386,6 +400,23 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def config_from_dict(data: dict, source: str = "<dict>") -> Config:
     data = _rename_old_keys(dict(data), source) if isinstance(data, dict) else data
     return _build(Config, data, "", source).validate(source)
+
+
+def stage_global_batch(cfg: Config, idx: int, world_size: int) -> tuple:
+    """(samples per optimiser step, micro-batches accumulated per step on each rank) of stage ``idx`` on
+    ``world_size`` ranks: stages.N.global_batch, else train.global_batch, else batch_size x ranks.
+    ConfigError when the global batch is not a whole number of batch_size x ranks."""
+    st = cfg.stages[idx]
+    wanted = st.global_batch if st.global_batch is not None else cfg.train.global_batch
+    per_step = st.batch_size * world_size
+    if wanted is None:
+        return per_step, 1
+    if wanted % per_step:
+        key = f"stages.{idx}.global_batch" if st.global_batch is not None else "train.global_batch"
+        raise ConfigError(f"{key}={wanted} is not a multiple of stages.{idx}.batch_size={st.batch_size} x {world_size} "
+                          f"ranks = {per_step}: choose a global batch divisible by {per_step}, or a batch_size "
+                          f"that divides {wanted} / {world_size}")
+    return wanted, wanted // per_step
 
 
 def channels_at(resolution: int, model: ModelConfig) -> int:

@@ -32,7 +32,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--checkpoint", help="export directory: generate the split and score it")
+    p.add_argument("--checkpoint", help="generate the split and score it: export directory, training checkpoint "
+                   "(single-process or DeepSpeed: step_* dir) or run directory (its latest checkpoint)")
     p.add_argument("--data", help="dataset root (benchmark format); with --pred/--gt: annotations for local-SSIM")
     p.add_argument("--split", default="test")
     p.add_argument("--resolution", type=int, default=None, help="check the generator's resolution")
@@ -170,10 +171,10 @@ def _folder_batches(pairs, keypoints, batch_size: int):
 
 def _generated_batches(args, device):
     from hptransfer.data import PairDataset
-    from hptransfer.export import generate, load_generator
+    from hptransfer.export import generate, load_any
     from hptransfer.infer import save_image
 
-    g = load_generator(args.checkpoint, device=device)
+    g = load_any(args.checkpoint, device=device, prefer_export=True)
     if args.resolution is not None and args.resolution != g.resolution:
         raise InputError(f"{args.checkpoint} holds a {g.resolution}-px generator, not {args.resolution}")
     ds = PairDataset(args.data, args.split, g.resolution)
@@ -330,9 +331,9 @@ def evaluate_export(export_dir, data_root, split: str = "test", metrics=("ssim",
     out = {"model": evaluate(_generated_batches(args, device), list(M.PROTOCOLS), None, set(metrics), False, device)}
     if baseline:
         from hptransfer.data import PairDataset
-        from hptransfer.export import load_generator
+        from hptransfer.export import load_any
 
-        resolution = load_generator(export_dir).resolution
+        resolution = load_any(export_dir, prefer_export=True).resolution
         ds = PairDataset(data_root, split, resolution)
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
         copies = ((M.to_uint8(b["reference"]), M.to_uint8(b["target"]), b["kp_target"]) for b in loader)
@@ -354,10 +355,10 @@ def pose_following(export_dir, data_root, split: str = "test", batch_size: int =
 
     from hptransfer.data import PairDataset
     from hptransfer.data.synth import body_masks
-    from hptransfer.export import generate, load_generator
+    from hptransfer.export import generate, load_any
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    g = load_generator(export_dir, device=device)
+    g = load_any(export_dir, device=device, prefer_export=True)
     R = g.resolution
     ds = PairDataset(data_root, split, R)
     masks = {k: torch.from_numpy(m)[None, None].float() for k, m in

@@ -21,12 +21,11 @@ from typing import Optional
 import torch
 
 from hptransfer._version import __version__
-from hptransfer.checkpoint import export_dir, read_export_config, write_dir_atomically
+from hptransfer.checkpoint import FORMAT_VERSION, export_dir, read_export_config, write_dir_atomically
 from hptransfer.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 KEYPOINT_CONVENTION = "openpose18 (y, x) pixels; missing = (-1, -1)"
 
 
@@ -171,37 +170,76 @@ def onnx_max_abs_diff(generator, onnx_path: str | Path, batch: int = 2, seed: in
     return float(abs(got - want).max())
 
 
-def load_any(path: str | Path, device="cpu"):
-    """An export directory, or a single-process training checkpoint (a ``step_*`` directory, a
-    checkpoint root whose ``latest`` names one, or a run directory holding that root): its
-    ``meta.json`` architecture and the generator's weights from ``generator.pt`` (read with
-    ``weights_only=True``: tensors only, no code). A checkpoint from inside the input fade is refused
-    (its network needs the fade's old paths)."""
+def resolve_source(path: str | Path, prefer_export: bool = False) -> tuple:
+    """(kind, directory, metadata) of what a generator loads from: ``"export"`` (its config.json), or a
+    training checkpoint's meta.json, ``"single"`` (generator.pt) or ``"deepspeed"`` (DeepSpeed's
+    ``generator/`` shards), given as the ``step_*`` directory, a checkpoints root whose ``latest`` names
+    one, or a run directory holding that root. FileNotFoundError when it is none of these.
+
+    A run directory means its newest weights (the latest checkpoint), as ``export`` and ``--init-from``
+    take it; with ``prefer_export`` (``infer``, ``eval``, ``video``) it means its ``export/`` when there is
+    one (the last finished stage's network, safetensors: nothing unpickled), said in the log."""
+    from hptransfer import checkpoint as ckpt
+
     path = Path(path)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return load_generator(path, device)
-    from hptransfer import checkpoint as ckpt
-    from hptransfer.models import Generator
-
+        return "export", path, read_export_config(path)
+    no_export = None
+    if prefer_export and not (path / "meta.json").is_file():
+        try:
+            exported = export_dir(path)  # a run directory's export/ (logged), else the error says what is missing
+        except FileNotFoundError as e:
+            no_export = e
+        else:
+            return "export", exported, read_export_config(exported)
     if not (path / "meta.json").is_file():
-        # a checkpoint root, or a run directory (its checkpoints/), as train --init-from takes
         latest = (ckpt.read_latest(path) or ckpt.read_latest(path / "checkpoints")) if path.is_dir() else None
         if latest is None:
-            raise FileNotFoundError(f"{path}: neither an export (config.json + model.safetensors) nor a training "
-                                    "checkpoint (meta.json, or a checkpoint root or run directory with 'latest')")
+            raise no_export or FileNotFoundError(
+                f"{path}: neither an export (config.json + model.safetensors) nor a training checkpoint (meta.json, "
+                "or a checkpoint root or run directory with 'latest')")
         path = Path(latest)
     meta = ckpt.read_meta(path)
     if "arch" not in meta:
         raise CheckpointError(f"{path / 'meta.json'}: no 'arch' entry")
+    if (path / "generator.pt").is_file():
+        return "single", path, meta
+    if (path / "generator").is_dir():
+        return "deepspeed", path, meta
+    raise FileNotFoundError(f"{path}: a checkpoint without generator weights (no generator.pt, no DeepSpeed "
+                            "generator/ folder)")
+
+
+def _checkpoint_state(path: Path, kind: str) -> dict:
+    """The generator's fp32 state dict (weights and BatchNorm buffers) of a training checkpoint, on the CPU."""
+    if kind == "deepspeed":  # every rank's ZeRO shards gathered, no process group
+        from hptransfer.distributed.reshard import consolidated_state_dict
+
+        try:
+            return consolidated_state_dict(path, "generator")
+        except (OSError, ValueError, KeyError, RuntimeError) as e:  # a truncated or foreign shard
+            raise CheckpointError(f"{path / 'generator'}: unreadable DeepSpeed checkpoint ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
     weights = path / "generator.pt"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{path}: no generator.pt (a DeepSpeed checkpoint? export it from the run's "
-                                "export/ folder, which training writes at every stage end)")
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle / zip errors of a truncated or foreign file
         raise CheckpointError(f"{weights}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    state = state["model"] if "model" in state else state
+    return state["model"] if "model" in state else state
+
+
+def load_any(path: str | Path, device="cpu", prefer_export: bool = False):
+    """A generator in eval mode from an export directory or a training checkpoint (see
+    :func:`resolve_source`): single-process (``generator.pt``, read with ``weights_only=True``) or DeepSpeed
+    (every ZeRO stage, any number of ranks: the fp32 master weights and buffers gathered on the CPU by
+    DeepSpeed's zero_to_fp32, which unpickles: read checkpoints you wrote). A checkpoint from inside
+    the input fade is refused (its network needs the fade's old paths)."""
+    from hptransfer.models import Generator
+
+    kind, path, meta = resolve_source(path, prefer_export)
+    if kind == "export":
+        return load_generator(path, device)
+    state = _checkpoint_state(path, kind)
     g = Generator.from_arch(meta["arch"])
     fade = g.fade_prefixes
     if any(k.startswith(fade) for k in state):  # written during a grown stage with the input fade
@@ -215,7 +253,12 @@ def load_any(path: str | Path, device="cpu"):
                 "path, and an export holds the network without it. Export a checkpoint written after the fade, or "
                 "use the run's export/ folder (written at every stage end)")
         state = {k: v for k, v in state.items() if not k.startswith(fade)}  # alpha 1: the old paths are off
-    g.load_state_dict(state)
+    try:
+        g.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match the architecture in meta.json: {e}") from None
+    log.info("loaded the %d-px generator of %s checkpoint %s", g.resolution,
+             "a DeepSpeed" if kind == "deepspeed" else "a single-process", path)
     return g.to(device).eval()
 
 
@@ -223,8 +266,8 @@ def load_any(path: str | Path, device="cpu"):
 
 def add_arguments(p) -> None:
     p.add_argument("--checkpoint", required=True,
-                   help="export directory, or a single-process training checkpoint (step_* dir, its root, "
-                        "or the run directory)")
+                   help="export directory, or a training checkpoint, single-process or DeepSpeed (step_* dir, its "
+                        "root, or the run directory)")
     p.add_argument("--format", required=True, choices=["safetensors", "onnx", "torchscript"])
     p.add_argument("--resolution", type=int, default=None,
                    help="check the model's resolution (exports are fixed-resolution; a model is not resized)")

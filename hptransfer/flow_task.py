@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from hptransfer._version import __version__
-from hptransfer.checkpoint import export_dir, read_export_config, write_dir_atomically
+from hptransfer.checkpoint import FORMAT_VERSION, export_dir, read_export_config, write_dir_atomically
 from hptransfer.errors import CheckpointError
 from hptransfer.flow_losses import flow_loss
 from hptransfer.step import read_nonfinite
@@ -71,7 +71,7 @@ def train_step(engine, model, vgg, cfg, batch: dict, backend, *,
         terms = loss_hook(terms, info or {})
     skipped, *agreed = read_nonfinite(backend, terms["total"], agree=agree)
     if skipped:
-        engine.skip()
+        engine.skip(terms["total"])
     else:
         engine.backward(terms["total"])
         engine.step()
@@ -160,7 +160,8 @@ def export_flow(model, out_dir, extra: Optional[dict] = None) -> Path:
     def fill(tmp: Path) -> None:
         state = {k: v.detach().float().cpu().contiguous() for k, v in model.inference_state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        meta = {"format_version": 1, "task": TASK, "arch": model.arch(), "resolution": int(model.resolution),
+        meta = {"format_version": FORMAT_VERSION, "task": TASK, "arch": model.arch(),
+                "resolution": int(model.resolution),
                 "keypoints": "openpose18 (y, x) pixels; missing = (-1, -1)", "image_range": [-1, 1],
                 "flow_units": "grid_sample normalised offsets (x, y), align_corners=False",
                 "hptransfer_version": __version__, "extra": extra or {}}

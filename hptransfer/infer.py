@@ -370,7 +370,9 @@ def add_frame_arguments(p, paste_help: str) -> None:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--checkpoint", required=True, help="export directory (model.safetensors + config.json)")
+    p.add_argument("--checkpoint", required=True,
+                   help="export directory, training checkpoint (single-process or DeepSpeed: step_* dir) or run "
+                        "directory (its latest checkpoint)")
     p.add_argument("--reference", required=True, help="image of the person (any size; fitted as in training)")
     p.add_argument("--pose", required=True, help="pose: CSV (+ --pose-name, or CSV:NAME), OpenPose/COCO JSON, or image")
     p.add_argument("--pose-name", default=None, help="row name in an annotation CSV")
@@ -384,10 +386,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from hptransfer.export import generate, load_generator
+    from hptransfer.export import generate, load_any
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    g = load_generator(args.checkpoint, device=device)
+    g = load_any(args.checkpoint, device=device, prefer_export=True)
     R = g.resolution
     ref, ref_size = fit_reference(args.reference, R)
     kp, est_size = read_pose(args.pose, args.pose_name, args.person)

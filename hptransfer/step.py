@@ -3,8 +3,10 @@
 G forward; the discriminator's loss (when a discriminator engine is given) and the generator's losses,
 both from the same discriminator weights; ONE host read of both losses' finite flags (all-reduced, so
 every rank decides alike); then the generator's backward and step, then the discriminator's (the
-update order of pix2pixHD: simultaneous updates). A non-finite loss skips its own network's step and,
-for the generator, restores its BatchNorm buffers. Each part runs in its own
+update order of pix2pixHD: simultaneous updates). With gradient accumulation this is one micro-batch
+and the engines step after the window's last (``backend.Engine``). A non-finite loss skips its own
+network's step (the whole window's), and the engine restores that network's BatchNorm buffers as they
+were before the window. Each part runs in its own
 :func:`hptransfer.profiling.phase` (``losses.generator_loss`` marks its terms): generator_forward,
 discriminator (D's loss, its backward and step, and the adversarial term), global_vgg, local_vgg,
 backward, optimizer.
@@ -42,18 +44,16 @@ def train_step(g_engine, generator, vgg, cfg, reference: torch.Tensor, target: t
     """One iteration: G forward, (D's loss), G's losses, one finite check, G backward and step, (D's).
 
     ``reference``, ``target`` (B, 3, R, R) on the device in ``backend.input_dtype``; ``kp_ref``,
-    ``kp_tgt`` (B, 18, 2) float32 (y, x) pixels at R. ``generator`` is the module inside ``g_engine``
-    (its buffers are restored on a skipped step). ``loss_hook(terms, info)`` may replace the terms
-    before the finite check. ``agree``: the caller's own flags (a 1-D float tensor on the device) that
-    every rank must agree on, max-reduced in the same host read as the finite flags (no collective of
-    their own). Returns {"terms": dict of fp32 scalars (graph freed), "d_loss": scalar or None,
-    "skipped": bool, "d_skipped": bool, "agreed": list of floats (``agree``'s entries, each its maximum
-    over the ranks), "fake": (B, 3, R, R) detached}.
+    ``kp_tgt`` (B, 18, 2) float32 (y, x) pixels at R: one micro-batch. ``generator`` is the module inside
+    ``g_engine`` (the engine restores its buffers when a window is dropped). ``loss_hook(terms, info)`` may
+    replace the terms before the finite check. ``agree``: the caller's own flags (a 1-D float tensor on the
+    device) that every rank must agree on, max-reduced in the same host read as the finite flags (no
+    collective of their own). Returns {"terms": dict of fp32 scalars (graph freed), "d_loss": scalar or None,
+    "skipped": bool, "d_skipped": bool (this micro-batch's losses were non-finite on some rank), "agreed":
+    list of floats (``agree``'s entries, each its maximum over the ranks), "fake": (B, 3, R, R) detached}.
     """
     R = reference.shape[-1]
     geometry = losses.step_geometry(cfg.loss, kp_ref, kp_tgt, R, device=reference.device)  # once per step
-    # BatchNorm running stats change in forward: kept to restore them if this step is skipped.
-    saved_buffers = [b.detach().clone() for b in generator.buffers()]
     with phase("generator_forward"):
         fake = g_engine(reference, kp_tgt)
 
@@ -73,10 +73,7 @@ def train_step(g_engine, generator, vgg, cfg, reference: torch.Tensor, target: t
     flags = read_nonfinite(backend, *losses_read, agree=agree)
     skipped, d_skipped, agreed = flags[0], d_loss is not None and flags[1], flags[len(losses_read):]
     if skipped:
-        g_engine.skip()
-        with torch.no_grad():
-            for b, saved in zip(generator.buffers(), saved_buffers):
-                b.copy_(saved)
+        g_engine.skip(terms["total"])
     else:
         with phase("backward"):
             g_engine.backward(terms["total"])
@@ -85,7 +82,7 @@ def train_step(g_engine, generator, vgg, cfg, reference: torch.Tensor, target: t
     if d_engine is not None:
         with phase("discriminator"):
             if d_skipped:
-                d_engine.skip()
+                d_engine.skip(d_loss)
             else:
                 d_engine.backward(d_loss)
                 d_engine.step()

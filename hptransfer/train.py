@@ -10,10 +10,13 @@ Per stage: generator at the stage's resolution (``grow()`` between stages, optim
 DeepSpeed engines rebuilt), criterion L2 in the first half of the stage and L1 in the second, local
 descriptors 18/31/44, local discriminators (their own engine and optimiser; each iteration both
 losses from the same D weights, then G's step, then D's) only at ``loss.disc_at_resolution``. A
-non-finite loss skips its network's step on every rank.
-Checkpoints every ``train.checkpoint_every`` steps and at stage ends; export and a sample grid at
-every stage end. Reads top to bottom: :func:`train` (set-up, per stage: :func:`_begin_stage`,
-:func:`_train_stage` = the per-step loop, :func:`_end_stage`; summary), then resume, samples, export.
+step is one optimiser step over the stage's global batch (``config.stage_global_batch``: micro-batches
+accumulated where batch_size x ranks is smaller); the schedule, the fade, checkpoints and the data
+position count steps. A non-finite loss skips its network's step on every rank.
+Checkpoints every ``train.checkpoint_every`` steps and at stage ends; export (``export/`` and
+``export/<R>px/``) and a sample grid at every stage end. Reads top to bottom: :func:`train` (set-up,
+per stage: :func:`_begin_stage`, :func:`_train_stage` = the per-step loop, :func:`_end_stage`; summary),
+then resume, samples, export.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ if __name__ == "__main__" and sys.path and sys.path[0].rstrip("/").endswith("hpt
     sys.path.pop(0)  # run as a file (the deepspeed launcher): our modules must not shadow top-level names
 
 import argparse
+import dataclasses
 import logging
 import os
 import random
@@ -38,7 +42,7 @@ import torch
 from hptransfer import checkpoint as ckpt
 from hptransfer import losses, ops, pose
 from hptransfer.backend import Backend, Engine, make_backend
-from hptransfer.config import Config, ConfigError, StageConfig, load_config, save_config
+from hptransfer.config import Config, ConfigError, StageConfig, load_config, save_config, stage_global_batch
 from hptransfer.distributed import launch, signals
 from hptransfer.distributed.stats import RunStats
 from hptransfer.report import Reporter, save_sample_grid
@@ -321,34 +325,50 @@ def _check_dataset(cfg: Config, backend: Backend) -> None:
 
 
 class _Batches:
-    """Endless batches of a stage with an exact position: (epoch, batches consumed in the epoch)."""
+    """Endless micro-batches of a stage with an exact position: (epoch, optimiser steps into the epoch).
 
-    def __init__(self, cfg: Config, dataset, batch_size: int, seed: int, backend: Backend, epoch: int, consumed: int):
+    With ``accumulation`` a, rank r reads as the a "virtual ranks" r*a ... r*a+a-1 of a world of
+    world_size*a ranks would (the loaders shard the epoch's permutation like DistributedSampler), one
+    micro-batch of each per optimiser step. So every step takes the next global batch of the epoch's
+    permutation, and each micro-batch's samples depend only on (global batch, micro-batch), not on
+    how the global batch is split between ranks and accumulation."""
+
+    def __init__(self, cfg: Config, dataset, batch_size: int, seed: int, backend: Backend, epoch: int, consumed: int,
+                 accumulation: int = 1):
         from hptransfer.data.dali import make_loader_for_config  # data.loader: torch DataLoader or DALI
 
-        self.make = lambda e, skip: make_loader_for_config(cfg.data, dataset, batch_size, device=backend.device,
-                                                           seed=seed, rank=backend.rank,
-                                                           world_size=backend.world_size, epoch=e, skip_batches=skip)
-        self.dataset, self.epoch, self.consumed = dataset, epoch, consumed
-        self.it = None
+        a = accumulation
+        # the rank's decode workers shared by its loaders (each serves 1/a of the micro-batches)
+        data = dataclasses.replace(cfg.data, workers=-(-cfg.data.workers // a)) if a > 1 else cfg.data
+        self.make = lambda e, skip, v: make_loader_for_config(data, dataset, batch_size, device=backend.device,
+                                                              seed=seed, rank=backend.rank * a + v,
+                                                              world_size=backend.world_size * a, epoch=e,
+                                                              skip_batches=skip)
+        self.dataset, self.epoch, self.consumed, self.accumulation = dataset, epoch, consumed, a
+        self.its, self.micro = None, 0
 
     def next(self) -> dict:
         for _ in range(2):
-            if self.it is None:
+            if self.its is None:
                 if hasattr(self.dataset, "set_epoch"):
                     self.dataset.set_epoch(self.epoch)
                 # A DataLoader iterator without its own generator draws its base seed from the global
                 # RNG; fork so that where the iterator is made (fresh vs resumed) never shifts the RNG.
                 with torch.random.fork_rng(devices=[]):
-                    self.it = iter(self.make(self.epoch, self.consumed))
+                    self.its = [iter(self.make(self.epoch, self.consumed, v)) for v in range(self.accumulation)]
             try:
-                batch = next(self.it)
-                self.consumed += 1
-                return batch
+                batch = next(self.its[self.micro])
             except StopIteration:
-                self.epoch, self.consumed, self.it = self.epoch + 1, 0, None
-        raise RuntimeError(f"the training loader yields no batch: {len(self.dataset)} pairs are fewer than one batch "
-                           f"per rank; lower the stage batch_size or add data")
+                # every virtual rank's loader has the same length: they end together, at a step's start
+                assert self.micro == 0, "virtual ranks' loaders ended at different steps"
+                self.epoch, self.consumed, self.its = self.epoch + 1, 0, None
+                continue
+            self.micro = (self.micro + 1) % self.accumulation
+            if self.micro == 0:  # the step's last micro-batch
+                self.consumed += 1
+            return batch
+        raise RuntimeError(f"the training loader yields no batch: {len(self.dataset)} pairs are fewer than one global "
+                           f"batch; lower the stage batch_size or global_batch, or add data")
 
 
 def _to_device(batch: dict, backend: Backend) -> tuple:
@@ -394,6 +414,8 @@ class _Stage:
     d_engine: Optional[Engine]  # the local discriminators, where they train
     batches: _Batches
     samples: dict  # the fixed batch of the sample grids
+    global_batch: int  # samples per optimiser step, all ranks
+    accumulation: int  # micro-batches per optimiser step on each rank
 
     @property
     def engines(self) -> dict:  # what a checkpoint holds, in the order it is saved and loaded
@@ -427,6 +449,8 @@ def train(cfg: Config, *, ds_config: Optional[str] = None, resume: Optional[str]
 def _train(cfg: Config, stop_signals: signals.StopSignals, *, ds_config, resume, overwrite, stop_at_step, callback,
            loss_hook, init_from) -> dict:
     backend = make_backend(cfg, ds_config)
+    for i in range(len(cfg.stages)):  # every stage's global batch fits this world, before anything is written
+        stage_global_batch(cfg, i, backend.world_size)
     _seed_everything(cfg.train.seed + backend.rank, cfg.train.deterministic)
     costly = cpu_cost_warning(cfg, backend.device) if backend.is_main else None
     if costly:
@@ -497,12 +521,10 @@ def _train_stage(run: _Run, stage: _Stage) -> bool:
                      losses.criterion_for_step(step - 1, iterations).upper(), criterion.upper())
         stage.generator.fade_alpha = _fade_alpha(cfg, stage.idx, step, iterations, state)
         lr_factor = _set_learning_rates(run, stage, step)
-        with run.stats.data():
-            batch = stage.batches.next()
         info = {"stage": stage.idx, "resolution": stage.spec.resolution, "step_in_stage": step,
                 "global_step": state["global_step"], "criterion": criterion, "disc_active": stage.d_engine is not None,
                 "fade_alpha": stage.generator.fade_alpha, "lr_factor": lr_factor}
-        out = _step(run, stage, batch, criterion, info)
+        out = _step(run, stage, criterion, info)
         run.stats.iteration_ends(state["global_step"] + 1)
         # SIGTERM/SIGUSR1 on any rank: all stop after this step, with a checkpoint
         run.preempted = run.preempted or signals.name(out["agreed"][0])
@@ -524,8 +546,8 @@ def _train_stage(run: _Run, stage: _Stage) -> bool:
             shown = values or _loss_values(criterion, out)
         else:
             shown = {}
-        run.reporter.step(stage.idx, state["step"], state["global_step"], stage.spec.batch_size * backend.world_size,
-                          shown, out["skipped"], log_now)
+        run.reporter.step(stage.idx, state["step"], state["global_step"], stage.global_batch, shown, out["skipped"],
+                          log_now)
         if run.callback is not None:
             run.callback({**info, "skipped": out["skipped"], "terms": values, "generator": stage.generator,
                           "generator_engine": stage.g_engine, "discriminator_engine": stage.d_engine})
@@ -540,17 +562,34 @@ def _train_stage(run: _Run, stage: _Stage) -> bool:
     return False
 
 
-def _step(run: _Run, stage: _Stage, batch: dict, criterion: str, info: dict) -> dict:
-    """One optimisation step of the task's model: {"terms", "d_loss", "skipped", "d_skipped", ...}."""
+def _step(run: _Run, stage: _Stage, criterion: str, info: dict) -> dict:
+    """One optimiser step of the task's model over ``stage.accumulation`` micro-batches: {"terms" (means
+    over the micro-batches), "d_loss", "skipped", "d_skipped" (the step was dropped), "fake" (the last)}."""
     cfg, backend = run.cfg, run.backend
-    if cfg.task == "garment_flow":
-        return flow_task.train_step(stage.g_engine, stage.generator, run.vgg, cfg, batch, backend,
-                                    loss_hook=run.loss_hook, info=info, agree=run.signals.flag(backend.device))
-    reference, target, kp_ref, kp_tgt = _to_device(batch, backend)
-    # the stop flag rides in the step's one all-reduced host read: every rank stops after the same step
-    return train_step(stage.g_engine, stage.generator, run.vgg, cfg, reference, target, kp_ref, kp_tgt, criterion,
-                      cfg.train.impl, backend, d_engine=stage.d_engine, loss_hook=run.loss_hook, info=info,
-                      agree=run.signals.flag(backend.device))
+    # the stop flag rides in each micro-batch's one all-reduced host read: every rank stops after the same step
+    agree = run.signals.flag(backend.device)
+    outs = []
+    for micro in range(stage.accumulation):
+        with run.stats.data():
+            batch = stage.batches.next()
+        micro_info = {**info, "micro_step": micro}
+        if cfg.task == "garment_flow":
+            outs.append(flow_task.train_step(stage.g_engine, stage.generator, run.vgg, cfg, batch, backend,
+                                             loss_hook=run.loss_hook, info=micro_info, agree=agree))
+            continue
+        reference, target, kp_ref, kp_tgt = _to_device(batch, backend)
+        outs.append(train_step(stage.g_engine, stage.generator, run.vgg, cfg, reference, target, kp_ref, kp_tgt,
+                               criterion, cfg.train.impl, backend, d_engine=stage.d_engine, loss_hook=run.loss_hook,
+                               info=micro_info, agree=agree))
+    if len(outs) == 1:
+        return outs[0]
+    mean = lambda values: torch.stack([v.detach().float() for v in values]).mean()  # noqa: E731
+    return {"terms": {k: mean([o["terms"][k] for o in outs]) for k in outs[0]["terms"]},
+            "d_loss": None if outs[0]["d_loss"] is None else mean([o["d_loss"] for o in outs]),
+            "skipped": any(o["skipped"] for o in outs), "d_skipped": any(o["d_skipped"] for o in outs),
+            # each micro-batch's agreed values are the same on every rank, so their maximum is too
+            "agreed": [max(values) for values in zip(*(o["agreed"] for o in outs))],
+            "fake": outs[-1]["fake"]}
 
 
 def _loss_values(criterion: str, out: dict) -> dict:
@@ -567,7 +606,7 @@ def _record_stats(run: _Run, stage: _Stage, criterion: str, out: dict) -> dict:
     state, g_opt = run.state, stage.g_engine.optimizer
     terms = {**out["terms"], **({"d": out["d_loss"]} if out["d_loss"] is not None else {})}
     means = run.stats.record(
-        terms=terms, images_per_iteration=stage.spec.batch_size * run.backend.world_size, step=state["global_step"],
+        terms=terms, images_per_iteration=stage.global_batch, step=state["global_step"],
         stage=stage.idx, step_in_stage=state["step"], resolution=stage.spec.resolution, criterion=criterion,
         lr=g_opt.param_groups[0]["lr"],
         d_lr=stage.d_engine.optimizer.param_groups[0]["lr"] if stage.d_engine is not None else None,
@@ -608,24 +647,31 @@ def _begin_stage(run: _Run, idx: int, generator, resume_from: Optional[Path]) ->
     # the stage's activation checkpointing (stages.N.activation_checkpointing, else train's switch)
     generator.set_activation_checkpointing(cfg.train.activation_checkpointing if st.activation_checkpointing is None
                                            else st.activation_checkpointing)
-    generator = backend.prepare(generator)
+    global_batch, accumulation = stage_global_batch(cfg, idx, backend.world_size)
+    generator = backend.prepare(generator, sync_bn=cfg.train.sync_batchnorm)
     g_engine = backend.engine("generator", generator, _make_optimizer(cfg, generator.parameters(), cfg.train.lr),
-                              st.batch_size)
+                              st.batch_size, accumulation=accumulation)
     _compile_generator(cfg.train.compile, generator, g_engine)
     d_engine = None
     # From loss.disc_at_resolution on (the paper: the top stage only), as losses.active_terms says.
     if cfg.task == "transfer" and losses.active_terms(cfg.loss, R)["adv"]:
         n, crop = losses.descriptors_at(cfg.loss, R), pose.crop_size(R)
-        discriminator = backend.prepare(LocalDiscriminator(cfg.model, n, crop))
+        discriminator = backend.prepare(LocalDiscriminator(cfg.model, n, crop), sync_bn=cfg.train.sync_batchnorm)
         d_engine = backend.engine("discriminator", discriminator,
                                   _make_optimizer(cfg, discriminator.parameters(), cfg.loss.disc_lr),
-                                  st.batch_size)
+                                  st.batch_size, accumulation=accumulation)
         log.info("stage %d: local discriminators on (%d descriptors, crop %d px)", idx, n, crop)
     if state["stage"] != idx:  # a new stage starts at its beginning
         state.update(stage=idx, step=0, epoch=0, consumed=0)
+    elif resume_from is not None:
+        _map_data_position(state, st, global_batch, resume_from)
+    state["global_batch"] = global_batch
+    if accumulation > 1:
+        log.info("stage %d: global batch %d = %d ranks x batch_size %d x %d accumulated micro-batches", idx,
+                 global_batch, backend.world_size, st.batch_size, accumulation)
     batches = _Batches(cfg, _dataset(cfg, cfg.data.train_split, R, cfg.data.flip), st.batch_size,
-                       cfg.train.seed + 1000 * idx, backend, state["epoch"], state["consumed"])
-    stage = _Stage(idx, st, generator, g_engine, d_engine, batches, _sample_batch(cfg, R))
+                       cfg.train.seed + 1000 * idx, backend, state["epoch"], state["consumed"], accumulation)
+    stage = _Stage(idx, st, generator, g_engine, d_engine, batches, _sample_batch(cfg, R), global_batch, accumulation)
     if resume_from is not None:
         _load_checkpoint(run, stage, resume_from)
     run.reporter.stage_start(idx, R, st.iterations, state["step"])
@@ -661,9 +707,28 @@ def _where_to_start(resume: Optional[str], overwrite: bool, out_dir: Path, backe
 
 
 def _load_checkpoint(run: _Run, stage: _Stage, ckpt_dir: Path) -> None:
-    """Resume inside ``stage``: weights, optimisers, scaler, then the RNG last."""
-    run.backend.load_engines(ckpt_dir, stage.engines)
+    """Resume inside ``stage``: weights, optimisers, scaler, then the RNG last. A DeepSpeed checkpoint of
+    another number of ranks is resharded in a scratch folder of this run's checkpoints
+    (``hptransfer.distributed.reshard``)."""
+    run.backend.load_engines(ckpt_dir, stage.engines, scratch=Path(run.cfg.train.out_dir) / "checkpoints")
     ckpt.load_rng(ckpt_dir, run.backend.rank)
+
+
+def _map_data_position(state: dict, spec: StageConfig, global_batch: int, ckpt_dir: Path) -> None:
+    """The resumed stage's data position (optimiser steps into the epoch) for this run's global batch.
+    The same global batch keeps it exactly; another one (a changed global_batch, or no global_batch and
+    another number of ranks) moves it to the last whole new step inside the samples already seen."""
+    from hptransfer.distributed.reshard import map_data_position
+
+    # checkpoints from before train.global_batch: batch_size x the ranks that wrote them
+    saved = state.get("global_batch") or spec.batch_size * ckpt.read_meta(ckpt_dir).get("world_size", 1)
+    if saved == global_batch:
+        return
+    consumed, again = map_data_position(state["consumed"], saved, global_batch)
+    log.warning("global batch %d (checkpoint) -> %d (this run): the data position moves from step %d to step %d of "
+                "epoch %d (the same samples seen, %d of them again); later steps take the epoch's next samples %d "
+                "at a time", saved, global_batch, state["consumed"], consumed, state["epoch"], again, global_batch)
+    state["consumed"] = consumed
 
 
 def _resume_point(resume: Optional[str], overwrite: bool, out_dir: Path, backend: Backend):
@@ -671,8 +736,8 @@ def _resume_point(resume: Optional[str], overwrite: bool, out_dir: Path, backend
     resumes from the same checkpoint (or starts afresh) even while ``latest`` changes under them.
 
     Refused, on every rank alike: an out_dir holding checkpoints with neither ``resume`` nor
-    ``overwrite`` (``overwrite`` deletes them on rank 0 first); a checkpoint whose ZeRO shards were
-    written by another number of ranks; a checkpoint of the other backend (single process vs DeepSpeed).
+    ``overwrite`` (``overwrite`` deletes them on rank 0 first); a checkpoint of the other backend (single
+    process vs DeepSpeed). ZeRO shards of another number of ranks are resharded when loaded.
     """
     from hptransfer.errors import CheckpointError, OutputExistsError
 
@@ -707,55 +772,47 @@ def _resume_point(resume: Optional[str], overwrite: bool, out_dir: Path, backend
 
 
 def _check_resumable(ckpt_dir: Path, meta: dict, backend: Backend, error) -> None:
-    """Refuse what cannot load: the other backend's format, ZeRO shards of another world size."""
+    """Refuse what cannot load (the other backend's format); say what changes with the number of ranks."""
     wrote_ds = meta.get("backend", "single" if (ckpt_dir / "generator.pt").is_file() else "deepspeed") == "deepspeed"
     if wrote_ds != backend.distributed:
         raise error(f"{ckpt_dir} was written by {'DeepSpeed' if wrote_ds else 'a single process'}; resume it the same "
-                    f"way ({'with' if wrote_ds else 'without'} --deepspeed_config)")
+                    f"way ({'with' if wrote_ds else 'without'} --deepspeed_config), or start a new run from its "
+                    f"weights (--init-from)")
     ranks = meta.get("world_size", 1)
     if ranks != backend.world_size:
-        zero = meta.get("zero_stage", getattr(backend, "zero_stage", 0))
-        if wrote_ds and zero > 0:
-            raise error(f"{ckpt_dir} holds ZeRO-{zero} optimiser shards of {ranks} ranks; this run has "
-                        f"{backend.world_size}. Resume on {ranks} ranks, or start a new run from its weights "
-                        f"(--init-from)")
-        log.warning("checkpoint written by %s ranks, resuming on %s: the data order differs", ranks,
-                    backend.world_size)
+        how = (" (its ZeRO optimiser shards are resharded through DeepSpeed's universal checkpoint)"
+               if wrote_ds and meta.get("zero_stage", 0) > 0 else "")
+        log.warning("checkpoint written by %d ranks, resuming on %d%s: weights and optimiser state carry over; "
+                    "each rank's share of the data and the ranks' RNG streams change (docs/cluster.md)", ranks,
+                    backend.world_size, how)
 
 
 def _init_source(path: str) -> tuple:
-    """(export dir or checkpoint dir, "export" | "checkpoint") of an --init-from path, or ConfigError."""
-    p = Path(path)
-    if (p / "model.safetensors").is_file():
-        return p, "export"
-    source = p if (p / "meta.json").is_file() else (ckpt.read_latest(p / "checkpoints") or ckpt.read_latest(p))
-    if source is None or not (source / "generator.pt").is_file():
-        raise ConfigError(f"--init-from {path}: no export (model.safetensors) or single-process checkpoint "
-                          f"(meta.json + generator.pt) there")
-    return source, "checkpoint"
+    """``export.resolve_source`` of an --init-from path (kind, directory, metadata), or ConfigError."""
+    from hptransfer.export import resolve_source
+
+    try:
+        return resolve_source(path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"--init-from {path}: no export or training checkpoint there ({e})") from None
 
 
 def _init_resolution(path: str) -> int:
-    source, kind = _init_source(path)
-    return int(ckpt.read_export_config(source)["arch"]["resolution"] if kind == "export"
-               else ckpt.read_meta(source)["arch"]["resolution"])
+    return int(_init_source(path)[2]["arch"]["resolution"])
 
 
 def _init_from(cfg: Config, path: str, fade: bool = False):
-    """The generator of a new run from the weights at ``path`` only (no optimiser, RNG or step):
-    an export directory, a single-process checkpoint directory, or a run directory (its latest
-    checkpoint). A lower-resolution generator is grown to the first stage's resolution (new blocks
+    """The generator of a new run from the weights at ``path`` only (no optimiser, RNG or step): what
+    ``export.load_any`` reads (an export, a single-process or DeepSpeed checkpoint, a run directory: its
+    latest checkpoint). A lower-resolution generator is grown to the first stage's resolution (new blocks
     untrained), as a progressive run grows between stages: the last growth with the input fade when
     ``fade`` (model.input_fade > 0), so that a branch equals the progressive run it branches from."""
-    from hptransfer.export import load_generator
+    from hptransfer.export import load_any
 
-    source, kind = _init_source(path)
-    if kind == "export":
-        exported = load_generator(source)
-        state, resolution = exported.state_dict(), exported.resolution
-    else:
-        state = torch.load(source / "generator.pt", map_location="cpu", weights_only=True)["model"]
-        resolution = int(ckpt.read_meta(source)["arch"]["resolution"])
+    source = _init_source(path)[1]
+    with torch.random.fork_rng(devices=[]):  # reading weights does not move this run's RNG
+        loaded = load_any(source)
+    state, resolution = loaded.state_dict(), loaded.resolution
     R0 = cfg.stages[0].resolution
     if resolution > R0:
         raise ConfigError(f"--init-from {path}: a {resolution}-px generator cannot start a run whose first stage "
@@ -764,8 +821,6 @@ def _init_from(cfg: Config, path: str, fade: bool = False):
         g = _build_generator(cfg, resolution, state)
     except RuntimeError as e:
         raise ConfigError(f"--init-from {path}: weights do not fit this config's model section: {e}") from None
-    if g.fading:
-        g.fade_alpha = 1.0
     while g.resolution < R0:
         g.grow(input_fade=fade and g.resolution * 2 == R0)
     fades = " with the input and output fades" if cfg.model.output_fade else " with the input fade"
@@ -824,6 +879,7 @@ def _write_samples(run: _Run, stage: _Stage) -> None:
 
 
 def _export(run: _Run, stage: _Stage) -> Path:
+    """The stage's export into ``export/<R>px/`` (kept), then ``export/`` itself made the same (the latest)."""
     from hptransfer.export import export_generator
 
     cfg, backend, state = run.cfg, run.backend, run.state
@@ -832,10 +888,12 @@ def _export(run: _Run, stage: _Stage) -> Path:
     if backend.is_main:
         was_training = g.training
         write = flow_task.export_flow if cfg.task == "garment_flow" else export_generator
-        write(g, path, extra={"global_step": state["global_step"], "stage": state["stage"]})
+        name = f"{stage.generator.resolution}px"
+        write(g, path / name, extra={"global_step": state["global_step"], "stage": state["stage"]})
+        ckpt.publish_stage_export(path, name)
         g.train(was_training)
         what = "appearance-flow model" if cfg.task == "garment_flow" else "generator"
-        log.info("exported %d-px %s to %s", stage.generator.resolution, what, path)
+        log.info("exported %d-px %s to %s (and %s)", stage.generator.resolution, what, path, path / name)
     backend.barrier()
     return path
 
@@ -847,7 +905,9 @@ def _save_checkpoint(run: _Run, stage: _Stage) -> None:
     meta = {"state": dict(state), "arch": stage.generator.arch(), "fade_alpha": stage.generator.fade_alpha,
             "world_size": backend.world_size,
             "backend": "deepspeed" if backend.distributed else "single",
-            "zero_stage": getattr(backend, "zero_stage", 0), "engines": sorted(engines), "time": time.time(),
+            "zero_stage": getattr(backend, "zero_stage", 0),
+            "zero_stages": {name: getattr(backend, "zero_stages", {}).get(name, 0) for name in engines},
+            "engines": sorted(engines), "time": time.time(),
             "preempted": run.preempted}  # the signal that stopped the run here (a requeue script reads it)
     backend.save_engines(tmp, engines)
     ckpt.save_rng(tmp, backend.rank)

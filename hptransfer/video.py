@@ -150,7 +150,9 @@ def write_video(frames, path: str | Path, fps: float) -> int:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--checkpoint", required=True, help="export directory")
+    p.add_argument("--checkpoint", required=True,
+                   help="export directory, training checkpoint (single-process or DeepSpeed: step_* dir) or run "
+                        "directory (its latest checkpoint)")
     p.add_argument("--reference", required=True, help="image of the person")
     p.add_argument("--poses", required=True, help="folder of OpenPose/COCO JSON, annotation CSV, or a driving video")
     p.add_argument("--pose-size", default=None, help="HxW of the poses' images, for --frame fit (default: the "
@@ -178,10 +180,10 @@ def _pasted(frames: Iterator[np.ndarray], source: Path, boxes: list) -> Iterator
 
 
 def run(args) -> int:
-    from hptransfer.export import load_generator
+    from hptransfer.export import load_any
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    g = load_generator(args.checkpoint, device=device)
+    g = load_any(args.checkpoint, device=device, prefer_export=True)
     R = g.resolution
     ref, ref_size = infer.fit_reference(args.reference, R)
     poses, src_size = read_pose_sequence(args.poses, args.person)

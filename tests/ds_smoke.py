@@ -1,4 +1,5 @@
-"""Launched by tests/test_train_deepspeed.py and tests/test_multinode.py on 2 CPU ranks (gloo).
+"""Launched by tests/test_train_deepspeed.py and tests/test_multinode.py on 2 CPU ranks (gloo), and by
+tests/test_reshard.py on 2 and on 1 rank at once.
 
 One launch runs several short scenarios (each DeepSpeed engine start is the expensive part; one
 launch amortises the interpreter and DeepSpeed imports). Scenarios, ``--scenarios a,b,...``:
@@ -11,6 +12,17 @@ zero1    configs/ds/zero1g_zero2d_bf16.json: the generator under ZeRO-1, the loc
 zero3    ZeRO-3 bf16, 64 px, 2 steps (parameters partitioned: the export gathers them).
 fp16     ZeRO-2 fp16 autocast with DeepSpeed's GradScaler, 64 px: stopped at step 2 and resumed
          (the loss scale travels in the checkpoint), compared with an uninterrupted run.
+reshard_write   every shipped configs/ds/*.json, 64 px: a checkpoint at step 1 under ``OUT/w<ranks>/``,
+         and each engine's consolidated state at that moment (``live.pt``: fp32 weights, Adam's exp_avg
+         and exp_avg_sq, the optimiser's step, the loss scale, buffers), gathered from the live engines
+         with DeepSpeed's own accessors; then ``OUT/w<ranks>/DONE``.
+reshard_resume  waits for the other launch's ``DONE`` (``--peer-ranks``), resumes each of its
+         checkpoints on this number of ranks, records the engines' consolidated state right after the
+         load (``loaded.pt``) and trains one more step.
+accum    fp32 ZeRO-2, generator and discriminators, train.global_batch=4 with batch_size 2 and
+         per-rank BatchNorm statistics: 1 rank accumulates 2 micro-batches, 2 ranks 1 each; step 1 is
+         made non-finite on rank 0 (its whole window must be dropped); the final weights go to
+         ``OUT/accum_w<ranks>.pt`` for the test to compare.
 
 Every rank reports on its OWN training module (the object the engine trains, not a gathered copy):
 a hash of its parameters (ZeRO-1/2: the full replicas; ZeRO-3: its own partition is all it has,
@@ -83,12 +95,14 @@ def _export_diff(export_dir: Path, state: dict) -> float:
     return max((exported[k].double() - state[k].double()).abs().max().item() for k in exported)
 
 
-def _run(cfg, ds_config, **kw):
+def _run(cfg, ds_config, extra_callback=None, **kw):
     """train() plus this rank's own-module report after the last step (and its parameter hash after each)."""
     seen, steps = {}, []
     zero3 = json.loads(Path(ds_config).read_text()).get("zero_optimization", {}).get("stage") == 3
 
     def record(info):
+        if extra_callback is not None:
+            extra_callback(info)
         seen["module"] = info["generator"]
         seen["zero_stages"] = [e.engine.zero_optimization_stage() if e is not None else None
                                for e in (info["generator_engine"], info["discriminator_engine"])]
@@ -153,12 +167,145 @@ def scenario_fp16(args) -> dict:
             "finite": all(bool(torch.isfinite(v.float()).all()) for v in full["generator_state"].values())}
 
 
+# ----------------------------------------------------------------------------- resharding, accumulation
+def _consolidated(eng) -> dict:
+    """One engine's state gathered from the LIVE engine (not from a file) with DeepSpeed's accessors, a
+    collective under ZeRO-3: per parameter its fp32 master weight and Adam's exp_avg / exp_avg_sq; the
+    optimiser's step counts, the loss scaler's state and the module's buffers."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    out = {"params": {}, "buffers": {n: b.detach().cpu().clone() for n, b in eng.module.named_buffers()}}
+    for name, p in eng.module.named_parameters():
+        out["params"][name] = {key: fn(p).detach().float().cpu().clone() for key, fn in (
+            ("fp32", safe_get_full_fp32_param), ("exp_avg", lambda t: safe_get_full_optimizer_state(t, "exp_avg")),
+            ("exp_avg_sq", lambda t: safe_get_full_optimizer_state(t, "exp_avg_sq")))}
+    out["step"] = sorted({float(s["step"]) for s in eng.engine.optimizer.optimizer.state.values() if "step" in s})
+    out["scaler"] = eng.scaler.state_dict() if eng.scaler is not None else None
+    return out
+
+
+def _world() -> int:
+    """The launch's world size (known before train() forms the process group)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _engines(info) -> dict:
+    return {name: info[f"{name}_engine"] for name in ("generator", "discriminator") if info[f"{name}_engine"]}
+
+
+def _ds_names(args) -> list:
+    return sorted({p.name for pattern in args.ds_configs.split(",") for p in DS.glob(pattern)})
+
+
+def _reshard_cfg(args, out: Path, name: str):
+    both = "hptransfer_engines" in json.loads((DS / name).read_text())  # the discriminators train too
+    return _cfg(out, args.data, "[{resolution: 64, iterations: 2, batch_size: 2}]", f"loss.vgg_weights={args.vgg}",
+                *(["loss.disc_at_resolution=64"] if both else ["loss.descriptors=0"]))  # no local terms: faster
+
+
+def scenario_reshard_write(args) -> dict:
+    world = _world()
+    root, report = Path(args.out) / f"w{world}", {}
+    for name in _ds_names(args):
+        live = {}
+
+        def capture(info, live=live):  # after every step, so after the one the checkpoint follows
+            live.update({n: _consolidated(e) for n, e in _engines(info).items()})
+
+        out = root / Path(name).stem
+        result, own = _run(_reshard_cfg(args, out, name), DS / name, capture, stop_at_step=1)
+        if dist.get_rank() == 0:
+            torch.save(live, out / "live.pt")
+        report[name] = {"step": result["global_step"], "stopped": result["stopped"], "own": _gathered(own)}
+    if dist.get_rank() == 0:
+        (root / "DONE").write_text("ok")
+    return report
+
+
+def _wait_for(root: Path, timeout_s: float = 1800.0) -> None:
+    t0 = time.monotonic()
+    while not (root / "DONE").is_file():
+        if (root / "FAILED").is_file():
+            raise RuntimeError(f"the other launch failed: {(root / 'FAILED').read_text()}")
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"no {root / 'DONE'} after {timeout_s:.0f} s")
+        time.sleep(1.0)
+
+
+def scenario_reshard_resume(args) -> dict:
+    import hptransfer.train as train_module
+
+    world, peer = _world(), args.peer_ranks
+    _wait_for(Path(args.out) / f"w{peer}")
+    report, original = {}, train_module._load_checkpoint
+    for name in _ds_names(args):
+        loaded, t = {}, {}
+
+        def load_and_capture(run, stage, ckpt_dir, loaded=loaded, t=t):
+            t0 = time.perf_counter()
+            original(run, stage, ckpt_dir)
+            t["load_s"] = time.perf_counter() - t0
+            loaded.update({n: _consolidated(e) for n, e in stage.engines.items()})
+
+        train_module._load_checkpoint = load_and_capture
+        try:
+            source = Path(args.out) / f"w{peer}" / Path(name).stem / "checkpoints" / "step_00000001"
+            out = Path(args.out) / f"r{world}" / Path(name).stem
+            result, own = _run(_reshard_cfg(args, out, name), DS / name, resume=str(source))
+        finally:
+            train_module._load_checkpoint = original
+        if dist.get_rank() == 0:
+            torch.save(loaded, out / "loaded.pt")
+        report[name] = {"step": result["global_step"], "own": _gathered(own), "load_s": round(t["load_s"], 2),
+                        "finite": all(bool(torch.isfinite(v.float()).all())
+                                      for v in result["generator_state"].values()),
+                        "scratch_left": sorted(p.name for p in (out / "checkpoints").glob(".universal-*"))}
+    return report
+
+
+def scenario_accum(args) -> dict:
+    """1 rank x 2 micro-batches or 2 ranks x 1, fp32, per-rank BatchNorm statistics; step 1 dropped."""
+    world = _world()
+    ds = Path(args.out) / f"fp32_zero2_w{world}_rank{os.environ.get('RANK', 0)}.json"  # each rank its own file
+    ds.parent.mkdir(parents=True, exist_ok=True)
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": "auto"}))
+    final = {}
+
+    def nan_on_rank0(terms, info):  # one micro-batch of step 1 on one rank: the whole step must go
+        if info["global_step"] == 1 and info["micro_step"] == 0 and dist.get_rank() == 0:
+            return dict(terms, total=terms["total"] * float("nan"))
+        return terms
+
+    def capture(info):
+        final.update({n: {k: v.detach().cpu().clone() for k, v in e.module.state_dict().items()}
+                      for n, e in _engines(info).items()})
+        final["accumulation"] = [e.accumulation for e in _engines(info).values()]
+
+    cfg = _cfg(Path(args.out) / f"accum_w{world}", args.data, "[{resolution: 64, iterations: 3, batch_size: 2}]",
+               *ACCUM_OVERRIDES, f"loss.vgg_weights={args.vgg}")
+    result, _ = _run(cfg, ds, capture, loss_hook=nan_on_rank0)
+    if dist.get_rank() == 0:
+        torch.save(final, Path(args.out) / f"accum_w{world}.pt")
+    meta = ckpt.read_meta(ckpt.read_latest(Path(args.out) / f"accum_w{world}" / "checkpoints"))
+    return {"step": result["global_step"], "skipped": result["skipped"], "d_skipped": result["d_skipped"],
+            "accumulation": final["accumulation"], "meta_state": meta["state"]}
+
+
+# the accumulation scenario's settings, shared with the single-process run of tests/test_reshard.py
+ACCUM_OVERRIDES = ("train.global_batch=4", "train.sync_batchnorm=false", "loss.disc_at_resolution=64")
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--result", required=True)
     p.add_argument("--scenarios", default="growth")
+    p.add_argument("--vgg", default="random", help="loss.vgg_weights of the reshard and accum scenarios")
+    p.add_argument("--ds-configs", dest="ds_configs", default="zero*.json",
+                   help="reshard scenarios: which configs/ds files (comma-separated globs; default every shipped one)")
+    p.add_argument("--peer-ranks", dest="peer_ranks", type=int, default=None,
+                   help="reshard_resume: the world size of the launch whose checkpoints it resumes")
     p.add_argument("--local_rank", type=int, default=None)  # passed by the launcher
     args = p.parse_args()
     rank = int(os.environ.get("RANK", 0))
@@ -166,13 +313,20 @@ def main() -> int:
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ["HPTRANSFER_NO_BAR"] = "1"
     report = {"env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}}
-    scenarios = {"growth": scenario_growth, "fp16": scenario_fp16,
+    scenarios = {"growth": scenario_growth, "fp16": scenario_fp16, "reshard_write": scenario_reshard_write,
+                 "reshard_resume": scenario_reshard_resume, "accum": scenario_accum,
                  # the generator under ZeRO-1, the discriminators (on at 64 px here) under ZeRO-2
                  "zero1": lambda a: _short(a, "zero1", "zero1g_zero2d_bf16.json", 2, "loss.disc_at_resolution=64"),
                  "zero3": lambda a: _short(a, "zero3", "zero3_bf16.json")}
     for name in args.scenarios.split(","):
         t0 = time.perf_counter()
-        r = scenarios[name](args)
+        try:
+            r = scenarios[name](args)
+        except Exception as e:  # a launch waiting for this one's checkpoints must not wait forever
+            marker = Path(args.out) / f"w{_world()}" / "FAILED"
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"rank {rank}, scenario {name}: {type(e).__name__}: {e}")
+            raise
         r.pop("state", None)
         r["seconds"] = round(time.perf_counter() - t0, 1)
         report[name] = r

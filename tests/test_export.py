@@ -55,6 +55,26 @@ def test_load_errors_name_the_file(tmp_path):
         ex.load_generator(tmp_path)
 
 
+def test_format_version_is_checked_on_load(gen, tmp_path):
+    from hptransfer.checkpoint import FORMAT_VERSION
+    from hptransfer.errors import CheckpointError
+
+    out = ex.export_generator(gen, tmp_path / "export")
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["format_version"] == FORMAT_VERSION
+    for version, match in ((FORMAT_VERSION + 1, f"export format {FORMAT_VERSION + 1}, written by hptransfer .*upgrade "
+                                                 "hptransfer"),
+                           (None, "format_version None is not an export format.*export again from the run's "
+                                  "checkpoint"),
+                           ("1", "format_version '1' is not an export format")):
+        broken = dict(meta, format_version=version) if version is not None else \
+            {k: v for k, v in meta.items() if k != "format_version"}
+        (out / "config.json").write_text(json.dumps(broken))
+        with pytest.raises(CheckpointError, match=match) as e:
+            ex.load_generator(out)
+        assert str(out / "config.json") in str(e.value)
+
+
 def test_onnx_matches_torch(gen, tmp_path):
     pytest.importorskip("onnxruntime")
     path = ex.export_onnx(gen, tmp_path / "g.onnx")

@@ -194,3 +194,18 @@ def test_doctor_names_the_dali_build_for_torchs_cuda(monkeypatch):
     assert doctor.dali_build("12.8")["ok"]  # none installed: nothing to mismatch
     present.update({"nvidia-dali-cuda130": "2.4.0", "nvidia-dali-cuda120": "2.4.0"})
     assert not doctor.dali_build("13.0")["ok"]  # both: the import picks one at random
+
+
+def test_shard_writing_names_its_missing_dependencies(tmp_path, monkeypatch):
+    """Without DALI's wds2idx (a CPU box without the dali extra) `data shard` stops with the extra to
+    install, before it writes anything."""
+    import importlib.util
+
+    from hptransfer.data.shard_writer import ShardOptions, ShardSink
+    from hptransfer.errors import MissingDependency
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wds2idx" else real(name, *a))
+    with pytest.raises(MissingDependency, match=r"hptransfer\[shards\]"):
+        ShardSink(tmp_path / "out", {}, ShardOptions())
+    assert not (tmp_path / "out").exists()

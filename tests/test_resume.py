@@ -1,9 +1,9 @@
 """Where a run starts, single process: an out_dir holding checkpoints is never overwritten by
 accident (--resume or --overwrite), a dangling ``latest`` falls back to the newest complete
-checkpoint, the resume decision is rank 0's (broadcast), and what cannot load is refused clearly:
-ZeRO shards of another world size, the other backend's format. Also the DeepSpeed config
-translation (one mixed-precision mechanism on CPU and GPU; gradient accumulation refused).
-The synchronised BatchNorm has its own tests (tests/test_sync_batchnorm.py).
+checkpoint, the resume decision is rank 0's (broadcast), what cannot load is refused clearly (the
+other backend's format) and ZeRO shards of another world size go to resharding. Also the DeepSpeed
+config translation (one mixed-precision mechanism on CPU and GPU; the accumulation steps are the
+trainer's). The synchronised BatchNorm has its own tests (tests/test_sync_batchnorm.py).
 """
 from __future__ import annotations
 
@@ -126,24 +126,29 @@ class _Backend:
         return obj
 
 
-def test_zero_shards_of_another_world_size_are_refused(tmp_path, caplog):
+def test_zero_shards_of_another_world_size_resume_resharded(tmp_path, caplog):
+    from hptransfer.distributed.reshard import needs_universal
+
     out = tmp_path / "out"
     root = out / "checkpoints"
     tmp = ckpt.begin(root, 5, True)
     (tmp / "generator").mkdir()
-    ckpt.finish(root, tmp, {"state": {"global_step": 5}, "world_size": 2, "backend": "deepspeed", "zero_stage": 2},
-                keep=0, is_main=True)
-    with pytest.raises(CheckpointError, match="ZeRO-2 optimiser shards of 2 ranks; this run has 4"):
-        _resume_point("auto", False, out, _Backend(True, 4, 2))
-    with pytest.raises(CheckpointError, match="written by DeepSpeed"):
-        _resume_point("auto", False, out, _Backend(False, 1))
-    assert _resume_point("auto", False, out, _Backend(True, 2, 2))[0].name == "step_00000005"
-    meta = json.loads((root / "step_00000005" / "meta.json").read_text())
-    meta["zero_stage"] = 0  # no shards: another world size only changes the data order, and says so
-    (root / "step_00000005" / "meta.json").write_text(json.dumps(meta))
+    meta = {"state": {"global_step": 5}, "world_size": 2, "backend": "deepspeed", "zero_stage": 2,
+            "zero_stages": {"generator": 2}, "engines": ["generator"]}
+    ckpt.finish(root, tmp, meta, keep=0, is_main=True)
     with caplog.at_level(logging.WARNING, logger="hptransfer.train"):
-        assert _resume_point("auto", False, out, _Backend(True, 4, 0))[0] is not None
-    assert "data order differs" in caplog.text
+        assert _resume_point("auto", False, out, _Backend(True, 4, 2))[0].name == "step_00000005"
+    assert "written by 2 ranks, resuming on 4" in caplog.text and "resharded" in caplog.text
+    with pytest.raises(CheckpointError, match="written by DeepSpeed.*--init-from"):
+        _resume_point("auto", False, out, _Backend(False, 1))
+    # what goes through DeepSpeed's universal checkpoint: ZeRO shards of another world size or stage
+    assert needs_universal(meta, 4, {"generator": 2}) and needs_universal(meta, 1, {"generator": 2})
+    assert not needs_universal(meta, 2, {"generator": 2})
+    assert needs_universal(meta, 2, {"generator": 3})
+    assert not needs_universal({**meta, "zero_stages": {"generator": 0}}, 4, {"generator": 0})  # no shards
+    assert not needs_universal({**meta, "backend": "single"}, 4, {"generator": 2})
+    older = {k: v for k, v in meta.items() if k != "zero_stages"}  # before per-engine stages were recorded
+    assert needs_universal(older, 1, {"generator": 2}) and not needs_universal(older, 2, {"generator": 2})
 
 
 def test_checkpoint_meta_names_backend_and_zero_stage(data_root, tmp_path):
@@ -165,6 +170,9 @@ def test_ds_configs_are_autocast_on_every_device():
         want = torch.bfloat16 if "bf16" in path.name else torch.float16
         assert autocast_dtype(cfg) == want and "bf16" not in cfg and "fp16" not in cfg, path
         assert cfg["train_batch_size"] == 8 and cfg["gradient_accumulation_steps"] == 1
+        cfg = resolve_ds_config(engine_ds_config(load_ds_config(path), name, str(path)), micro_batch=4, world_size=2,
+                                grad_clip=0.0, source=str(path), accumulation=3)  # train.global_batch 24 on 2 ranks
+        assert cfg["train_batch_size"] == 24 and cfg["gradient_accumulation_steps"] == 3
     # DeepSpeed's own bf16/fp16 sections (casting the module, BatchNorm buffers included) are translated
     for name, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
         cfg = resolve_ds_config({name: {"enabled": True}, "zero_optimization": {"stage": 2}}, 2, 2, 0.0)
@@ -187,7 +195,8 @@ def test_engine_overlays_give_each_engine_its_own_section():
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps=2 is not supported"),
+    ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps=2 is not read: set the global batch"),
+    ({"train_batch_size": 64}, "train_batch_size=64 is not read: set the global batch"),
     ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "both enabled"),
     ({"torch_autocast": {"enabled": True, "dtype": "int8"}}, "expected bfloat16 or float16"),
     ({"torch_autocast": {"enabled": True, "dtype": "float16"}, "zero_optimization": {"stage": 2},
@@ -201,7 +210,15 @@ def test_ds_config_refusals_name_the_file(bad, match):
     assert "my_ds.json" in str(e.value)
 
 
-def test_gradient_accumulation_refused_before_any_rank_starts(tmp_path):
+def test_accumulation_needs_zero():
+    from hptransfer.backend import resolve_ds_config
+
+    with pytest.raises(ValueError, match="my_ds.json: gradient accumulation under DeepSpeed needs ZeRO"):
+        resolve_ds_config({"zero_optimization": {"stage": 0}}, 2, 2, 0.0, source="my_ds.json", accumulation=2)
+    assert resolve_ds_config({"zero_optimization": {"stage": 0}}, 2, 2, 0.0)["gradient_accumulation_steps"] == 1
+
+
+def test_accumulation_of_the_ds_config_refused_before_any_rank_starts(tmp_path):
     from hptransfer.backend import DeepSpeedBackend
 
     path = tmp_path / "gas.json"
@@ -224,6 +241,9 @@ class _FakeDeepSpeed:
 
     def zero_optimization_stage(self):
         return 2
+
+    def gradient_accumulation_steps(self):
+        return 1
 
     def torch_autocast_enabled(self):
         return False

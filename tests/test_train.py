@@ -201,6 +201,12 @@ def test_export_round_trip(full_run, data_root):
 
     loaded = load_generator(out / "export")
     assert loaded.resolution == 128 and not loaded.training
+    # every finished stage keeps its own export; the top level is the last one's (the same files)
+    assert sorted(p.name for p in (out / "export").iterdir()) == ["128px", "64px", "config.json", "model.safetensors"]
+    assert load_generator(out / "export" / "64px").resolution == 64
+    for name in ("config.json", "model.safetensors"):
+        assert (out / "export" / name).read_bytes() == (out / "export" / "128px" / name).read_bytes()
+    assert not [p for p in out.iterdir() if p.name.startswith(".export")]  # no temporary directory left
     ref = Generator.from_arch(loaded.arch())
     ref.load_state_dict(result["generator_state"])
     ref.eval()

@@ -7,7 +7,7 @@
 #
 # What the image lacks (docs: the device README's package list): DeepSpeed 0.19.8 and its pure-Python
 # needs hjson, pydantic, pydantic-core (compiled, cp312), annotated-types, typing-inspection, plus
-# typing-extensions (pydantic needs a newer one than the image may have); lpips and nvtx. DeepSpeed's
+# typing-extensions (pydantic needs a newer one than the image may have); lpips. DeepSpeed's
 # other needs (einops, msgpack, ninja, numpy, packaging, psutil, py-cpuinfo, tqdm) are in the image.
 # About 9 MB in all. DeepSpeed publishes only an sdist: it is built here into a pure-Python wheel
 # (DS_BUILD_OPS=0, ops JIT-compile on first use; the trainer needs none). DALI (nvidia-dali-cuda130 2.4.0,
@@ -21,7 +21,7 @@ PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$DEST"
 version() { "$PY" -c "from importlib import metadata; print(metadata.version('$1'))"; }
 PINNED=()
-for name in lpips nvtx hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions; do
+for name in lpips hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions; do
   PINNED+=("$name==$(version "$name")")
 done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -9,7 +9,7 @@
 # needs hjson, pydantic, pydantic-core (compiled, cp312), annotated-types, typing-inspection, plus
 # typing-extensions (pydantic needs a newer one than the image may have); lpips. DeepSpeed's
 # other needs (einops, msgpack, ninja, numpy, packaging, psutil, py-cpuinfo, tqdm) are in the image.
-# About 9 MB in all. DeepSpeed publishes only an sdist: it is built here into a pure-Python wheel
+# About 5 MB in all. DeepSpeed publishes only an sdist: it is built here into a pure-Python wheel
 # (DS_BUILD_OPS=0, ops JIT-compile on first use; the trainer needs none). DALI (nvidia-dali-cuda130 2.4.0,
 # hundreds of MB: 476 MB installed here) does not fit the 64 MiB that a device call may carry: gpu_check.sh
 # then skips its dali step and leaves tests/test_dali.py out, and says so. With the device tool: carry

@@ -50,7 +50,8 @@ log = logging.getLogger("hptransfer.ablate")
 ABLATION_DIR = Path(__file__).resolve().parents[1] / "configs" / "ablation"
 DEFAULT_VARIANTS = "baseline,lpl,pt,pt_lpl,pt_lpl_ld"
 LABELS = {"baseline": "Baseline", "lpl": "LPL", "pt": "PT", "pt_lpl": "PT + LPL", "pt_lpl_ld": "PT + LPL + LD",
-          "pt_lpl_ld_both": "PT + LPL + LD + LPL at top"}
+          "pt_lpl_ld_both": "PT + LPL + LD + LPL at top", "pt_fade": "PT, fades (ours)",
+          "pt_fade_lpl": "PT + LPL, fades (ours)", "pt_fade_lpl_ld": "PT + LPL + LD, fades (ours)"}
 # table columns: (key in a run's flat scores, header, higher is better)
 COLUMNS = (
     ("ssim_gaussian", "SSIM", True),
@@ -64,6 +65,8 @@ COLUMNS = (
 # Settings read only at the discriminator stage: set aside when comparing trunks below it.
 _TOP_ONLY_LOSS = ("adv_weight", "disc_lr", "disc_at_resolution", "local_perceptual_at_top")
 _TOP_ONLY_MODEL = ("disc_channels", "disc_shared")
+# Settings read only at a grown stage (the fades start at a growth): set aside for a one-stage trunk.
+_GROWTH_ONLY_MODEL = ("input_fade", "output_fade")
 
 
 # ---------------------------------------------------------------- command line
@@ -108,10 +111,14 @@ def variant_name(name: str) -> str:
 
 
 def _trunk_key(cfg: Config) -> str:
-    """Identity of a trunk's training: its config without out_dir and without the settings that act
-    only at the discriminator stage when that stage is above the trunk."""
+    """Identity of a trunk's training: its config without out_dir, without the settings that act
+    only at the discriminator stage when that stage is above the trunk, and without the fades when the
+    trunk never grows (one stage, trained from scratch: nothing to fade from)."""
     d = cfg.to_dict()
     d["train"].pop("out_dir")
+    if len(cfg.stages) == 1:
+        for k in _GROWTH_ONLY_MODEL:
+            d["model"].pop(k)
     if cfg.loss.disc_at_resolution > cfg.stages[-1].resolution:
         for k in _TOP_ONLY_LOSS:
             d["loss"].pop(k)

@@ -127,17 +127,19 @@ def transport_labels(mask: np.ndarray, kp_src, kp_dst) -> np.ndarray:
 def try_on(transfer, flow, person: torch.Tensor, kp_person: torch.Tensor, garment: torch.Tensor,
            kp_garment: torch.Tensor, garment_mask: torch.Tensor, kp_frontal: torch.Tensor,
            region_of: Callable[[torch.Tensor], torch.Tensor], back_to_pose: bool = False,
-           feather_sigma: Optional[float] = None) -> dict:
+           feather_sigma: Optional[float] = None, person_frontal: Optional[torch.Tensor] = None) -> dict:
     """Batched try-on at the transfer network's resolution R. Images (B, 3, R, R) in [-1, 1], keypoints
     (B, 18, 2) (y, x) at R, ``garment_mask`` (B, 1, R, R) 0/1; ``region_of(person_frontal)`` -> the
     person's garment region in the frontal pose (B, 1, R, R). Returns every intermediate:
     person_frontal, region, garment (masked), flow, warped, warped_mask, alpha, composite (frontal) and,
-    with ``back_to_pose``, result (P's pose); else result = composite."""
+    with ``back_to_pose``, result (P's pose); else result = composite. ``person_frontal`` given (e.g. an
+    exact synthetic rendering) replaces step 1's transfer network; ``transfer`` may then be None."""
     from hptransfer.export import generate
 
     R = person.shape[-1]
     flow.resolution = R
-    person_frontal = generate(transfer, person, kp_frontal)
+    if person_frontal is None:
+        person_frontal = generate(transfer, person, kp_frontal)
     region = region_of(person_frontal).to(person.dtype)
     p = next(flow.parameters())
     g = garment * garment_mask

@@ -85,7 +85,7 @@ def count_frames(path: Path) -> tuple[int, float]:
 class MediaPipePose:
     """MediaPipe Pose on a frame sequence: keypoints (18, 2) (y, x) and optionally the person mask."""
 
-    def __init__(self, segmentation: bool):
+    def __init__(self, segmentation: bool, static: bool = False):
         from hptransfer.errors import MissingDependency
         from hptransfer.infer import import_mediapipe
 
@@ -93,7 +93,8 @@ class MediaPipePose:
             mp = import_mediapipe()
         except MissingDependency:
             raise PrepareError(MEDIAPIPE_HINT) from None
-        self.pose = mp.solutions.pose.Pose(static_image_mode=False, model_complexity=1,
+        # static: every image on its own (crops that move between frames); else tracking along a video
+        self.pose = mp.solutions.pose.Pose(static_image_mode=static, model_complexity=1,
                                            enable_segmentation=segmentation)
 
     def __call__(self, frame: np.ndarray):

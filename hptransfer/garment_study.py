@@ -15,7 +15,8 @@ frontal garment mask, :func:`hptransfer.garment_eval.affine_paste`) is scored on
 does not train, so it is one line. Both composite onto A's *exact* frontal rendering (no transfer
 network), so the curves compare the warps alone.
 
-Outputs in ``--out``: ``flow_seed<k>/`` (the training runs, resumable), ``curves.json`` (every
+The seeds train in rounds (``--round-every`` iterations each in turn), so a study stopped early has
+every seed at the same length. Outputs in ``--out``: ``flow_seed<k>/`` (the training runs, resumable), ``curves.json`` (every
 evaluation: per seed, step and resolution, the means and per-pair values; the affine paste's), the
 figure ``curves.png`` (L1 and SSIM against iterations, one panel per resolution and metric: each seed's
 curve, their mean, the affine line) and ``summary.md`` (final means ± std over seeds and on how many
@@ -52,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=3, help="training seeds (train.seed = 0 .. N-1)")
     p.add_argument("--iterations", type=int, default=6000, help="flow training iterations per seed")
     p.add_argument("--eval-every", type=int, default=250, help="evaluate (and checkpoint) every N iterations")
+    p.add_argument("--round-every", type=int, default=1000,
+                   help="train the seeds in turn, this many iterations each, so a stopped study has them all")
     p.add_argument("--pairs", type=int, default=24, help="held-out try-on pairs scored")
     p.add_argument("--resolutions", default="64,128", help="comma list of resolutions the warps are scored at")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of the flow config")
@@ -76,7 +79,8 @@ def _means(per_pair: dict) -> dict:
 
 
 def study(data, out, seeds: int = 3, iterations: int = 6000, eval_every: int = 250, pairs: int = 24,
-          resolutions: tuple = (64, 128), config=GARMENT_CONFIG, overrides: Optional[list] = None) -> dict:
+          resolutions: tuple = (64, 128), config=GARMENT_CONFIG, overrides: Optional[list] = None,
+          round_every: int = 1000) -> dict:
     """Run (or resume) the study; returns curves.json's content."""
     from hptransfer.config import load_config
     from hptransfer.garment_eval import _composite, affine_paste, flow_composite, score_frontal, tryon_inputs
@@ -84,8 +88,8 @@ def study(data, out, seeds: int = 3, iterations: int = 6000, eval_every: int = 2
     from hptransfer.train import train
 
     data, out = Path(data), Path(out)
-    if seeds < 1 or iterations < 1 or eval_every < 1:
-        raise ConfigError("--seeds, --iterations and --eval-every must be >= 1")
+    if seeds < 1 or iterations < 1 or eval_every < 1 or round_every < 1:
+        raise ConfigError("--seeds, --iterations, --eval-every and --round-every must be >= 1")
     out.mkdir(parents=True, exist_ok=True)
     curves_path = out / "curves.json"
     settings = {"data": str(data), "iterations": iterations, "eval_every": eval_every, "pairs": pairs,
@@ -119,6 +123,7 @@ def study(data, out, seeds: int = 3, iterations: int = 6000, eval_every: int = 2
         log.info("seed %d step %d: %s", seed, step, "; ".join(
             f"{R} px L1 {v['l1']:.4f} SSIM {v['ssim']:.4f} IoU {v['iou']:.3f}" for R, v in m.items()))
 
+    configs = {}
     for seed in range(seeds):
         cfg = load_config(config, [f"data.root={data}", f"train.out_dir={out / f'flow_seed{seed}'}",
                                    f"train.seed={seed}", f"stages.0.iterations={iterations}",
@@ -131,13 +136,19 @@ def study(data, out, seeds: int = 3, iterations: int = 6000, eval_every: int = 2
         f = cfg.flow
         evaluate(AppearanceFlow(cfg.stages[0].resolution, levels=f.levels, channels=f.channels,
                                 max_channels=f.max_channels), seed, 0)  # the untrained network: identity warp
+        configs[seed] = cfg
+    # in rounds, every seed to the round's step before any goes further: a stopped study has all seeds
+    # at the same length (each run stops and resumes exactly)
+    rounds = sorted({min(k * round_every, iterations) for k in range(1, math.ceil(iterations / round_every) + 1)})
+    for target in rounds:
+        for seed, cfg in configs.items():
+            def callback(info, seed=seed):
+                step = info["global_step"] + 1  # info counts the steps before this one
+                if step % eval_every == 0 or step == iterations:
+                    evaluate(info["generator"], seed, step)
 
-        def callback(info, seed=seed):
-            step = info["global_step"] + 1  # info counts the steps before this one
-            if step % eval_every == 0 or step == iterations:
-                evaluate(info["generator"], seed, step)
-
-        train(cfg, resume="auto", callback=callback)
+            log.info("seed %d: training to step %d of %d", seed, target, iterations)
+            train(cfg, resume="auto", callback=callback, stop_at_step=target)
     save()
     plot(doc, out / "curves.png")
     atomic_write_text(out / "summary.md", summary(doc))
@@ -217,7 +228,7 @@ def plot(doc: dict, path: Path) -> Path:
 
 def run(args) -> int:
     doc = study(args.data, args.out, args.seeds, args.iterations, args.eval_every, args.pairs,
-                tuple(_resolutions(args.resolutions)), args.config, args.overrides)
+                tuple(_resolutions(args.resolutions)), args.config, args.overrides, args.round_every)
     print(summary(doc))
     print(f"curves: {Path(args.out) / 'curves.png'}; every evaluation: {Path(args.out) / 'curves.json'}")
     return 0

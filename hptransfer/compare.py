@@ -6,8 +6,9 @@ against one ground-truth folder under the same protocol, one table.
 
 Images are matched by file name (:func:`hptransfer.evaluate.match_folders`). ``--crop x0:x1`` keeps
 columns x0:x1 of prediction and ground truth *before* every metric (SSIM under both protocols,
-MS-SSIM, local-SSIM, LPIPS, FID), so a 256x256 output scored with ``--crop 40:216`` is compared on the
-176-wide DeepFashion frame the published numbers use; keypoints (``--data``, for local-SSIM) are
+MS-SSIM, local-SSIM, LPIPS, FID), so a 256x256 output scored with ``--crop 40:216`` is compared on a
+176-wide DeepFashion frame (the paper states no protocol; PATN-lineage scripts score 256x176 images);
+keypoints (``--data``, for local-SSIM) are
 shifted with it, and those outside the kept columns count as missing. Scoring itself is
 :func:`hptransfer.evaluate.evaluate`.
 """
@@ -23,12 +24,14 @@ import torch
 
 from hptransfer import metrics as M
 from hptransfer.errors import ConfigError
+from hptransfer.evaluate import add_fid_arguments
 
 log = logging.getLogger(__name__)
 
 # (result key, header, higher is better)
 COLUMNS = (
-    ("ssim_gaussian", "SSIM (Gaussian 11)", True),
+    ("ssim_gaussian", "SSIM (Gaussian σ1.5)", True),
+    ("ssim_gaussian12", "SSIM (Gaussian σ1.2)", True),
     ("ssim_uniform51", "SSIM (uniform 51)", True),
     ("ms_ssim", "MS-SSIM", True),
     ("local_ssim", "local-SSIM", True),
@@ -50,9 +53,11 @@ def add_arguments(p) -> None:
                    "metrics must run (missing weights = error); default: all that can")
     p.add_argument("--data-range", default="255", choices=["255", "pred"],
                    help="SSIM data range: 255, or each prediction's max-min (PATN/GFLA Gaussian SSIM scripts)")
+    p.add_argument("--protocol", default="both", choices=[*M.ALL_PROTOCOLS, "both", "all"],
+                   help="SSIM protocols (as hptransfer eval): both = gaussian and uniform51 (default), all = the three")
     p.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"])
     p.add_argument("--lpips-weights", default=None)
-    p.add_argument("--inception-weights", default=None)
+    add_fid_arguments(p)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -75,8 +80,10 @@ def parse_methods(items: list[str]) -> list[tuple[str, Path]]:
 def compare(gt: str | Path, methods: list[tuple[str, Path]], crop: Optional[tuple[int, int]] = None,
             data: Optional[str] = None, split: str = "test", metrics: Optional[set] = None,
             data_range: str = "255", lpips_net: str = "alex", lpips_weights=None, inception_weights=None,
-            batch_size: int = 16, device=None) -> dict:
-    """{method: {metric: {"value", "n"} | {"unavailable"}}} for every method (evaluate's results)."""
+            batch_size: int = 16, device=None, protocols: Optional[list] = None, fid_network: str = "torchvision",
+            fid_reference=None) -> dict:
+    """{method: {metric: {"value", "n", "protocol"} | {"unavailable"}}} for every method (evaluate's
+    results; ``fid_reference`` as :func:`hptransfer.evaluate.evaluate` takes it)."""
     from hptransfer.evaluate import ALL_METRICS, _folder_batches, evaluate, match_folders
 
     gt = Path(gt)
@@ -86,7 +93,7 @@ def compare(gt: str | Path, methods: list[tuple[str, Path]], crop: Optional[tupl
     if wanted - set(ALL_METRICS):
         raise ConfigError(f"unknown metrics {sorted(wanted - set(ALL_METRICS))}; choose from {', '.join(ALL_METRICS)}")
     annotations = None
-    if data:
+    if data and "local_ssim" in wanted:  # --data may be there for FID's training images only
         from hptransfer.data import read_annotations
         annotations = read_annotations(Path(data) / f"annotations-{split}.csv")
     elif not explicit:
@@ -96,8 +103,9 @@ def compare(gt: str | Path, methods: list[tuple[str, Path]], crop: Optional[tupl
         pairs = match_folders(folder, gt)
         batches = _folder_batches(pairs, gt, annotations, batch_size)
         log.info("scoring %s: %d images", name, len(pairs))
-        results[name] = evaluate(batches, list(M.PROTOCOLS), crop, set(wanted), explicit, device, lpips_net,
-                                 lpips_weights, inception_weights, math.ceil(len(pairs) / batch_size), data_range)
+        results[name] = evaluate(batches, list(protocols or M.PROTOCOLS), crop, set(wanted), explicit, device,
+                                 lpips_net, lpips_weights, inception_weights, math.ceil(len(pairs) / batch_size),
+                                 data_range, fid_network, fid_reference)
     return results
 
 
@@ -111,6 +119,8 @@ def format_markdown(results: dict, crop_text: Optional[str]) -> str:
         lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
     missing = sorted({f"{k}: {v['unavailable']}" for r in results.values() for k, v in r.items() if "unavailable" in v})
     notes = [f"columns {crop_text} of every image for every metric" if crop_text else "whole images"]
+    protocol = {k: v["protocol"] for r in results.values() for k, v in r.items() if "protocol" in v}
+    notes += [f"{h}: {protocol[k]}" for k, h, _ in cols if k in protocol]
     notes += [f"unavailable: {m}" for m in missing]
     ns = {next((v["n"] for v in r.values() if "n" in v), 0) for r in results.values()}
     if len(ns) > 1:
@@ -124,9 +134,12 @@ def run(args) -> int:
     methods = parse_methods(args.method)
     crop = M.parse_crop(args.crop)
     wanted = None if args.metrics is None else {m.strip() for m in args.metrics.split(",") if m.strip()}
+    from hptransfer.evaluate import fid_reference_of, protocols_of
+
     try:
         results = compare(args.gt, methods, crop, args.data, args.split, wanted, args.data_range, args.lpips_net,
-                          args.lpips_weights, args.inception_weights, args.batch_size, args.device)
+                          args.lpips_weights, args.inception_weights, args.batch_size, args.device,
+                          protocols_of(args.protocol), args.fid_network, fid_reference_of(args))
     except RuntimeError as e:  # a metric listed in --metrics cannot run (evaluate's message names it)
         print(f"error: {e}")
         return 1

@@ -4,8 +4,9 @@ On a synthetic dataset's held-out split, each pair takes A's photo (one of its p
 (another identity, another pose) and compares, inside the ground truth's garment region, three ways
 of dressing A in B's garment in the frontal pose:
 
-- ``ours``: the pipeline of :mod:`hptransfer.garment` (transfer network to the frontal pose, appearance
-  flow warp, feathered composite);
+- ``ours`` ("flow (ours)": its flow network is our design, not the paper's; docs/garment.md): the
+  pipeline of :mod:`hptransfer.garment` (transfer network to the frontal pose, appearance flow warp,
+  feathered composite);
 - ``affine``: B's garment pasted with the best affine fit of its mask onto A's own frontal garment mask
   (moments, then 1 - soft IoU minimised over the six parameters), composited the same way;
 - ``transfer_only``: the transfer network alone: it moves B (the wearer) to A's frontal pose, and the

@@ -28,7 +28,8 @@ Progressive variants train in two jobs: the *trunk* (every stage below the top) 
 stage, started from the trunk's final weights (``train --init-from``: weights only, fresh
 optimisers, as at any growth). Variants whose trunks are the same training (same config once the
 settings that act only at the discriminator stage are set aside, e.g. PT+LPL and PT+LPL+LD, and, for a
-one-stage trunk, the fades, which act only at a growth: PT and PT with fades) share one trunk run. Resuming: a job with ``done.json`` is skipped, an unfinished one continues from its
+one-stage trunk, the fades, which act only at a growth: PT and PT with fades) share one trunk run.
+Resuming: a job with ``done.json`` is skipped, an unfinished one continues from its
 latest checkpoint (``--resume auto``), an evaluation with its JSON is not redone; a killed ablation
 rerun with the same arguments continues where it stopped.
 """
@@ -83,8 +84,8 @@ _GROWTH_ONLY_MODEL = ("input_fade", "output_fade")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None, help="base config (e.g. configs/synth_ablation.yaml); not with --report")
     p.add_argument("--variants", default=None,
-                   help=f"comma list of overlays: names in configs/ablation/ or YAML paths (default: {DEFAULT_VARIANTS}; "
-                        f"with --descriptors: {DEFAULT_SWEEP_VARIANTS})")
+                   help=f"comma list of overlays: names in configs/ablation/ or YAML paths "
+                        f"(default: {DEFAULT_VARIANTS}; with --descriptors: {DEFAULT_SWEEP_VARIANTS})")
     p.add_argument("--descriptors", default=None, metavar="N,N,...",
                    help="Fig. 4: every variant once per descriptor count (loss.descriptors; from 0, 18, 31, 44), "
                         "and the figure of zoomed crops per count")
@@ -152,7 +153,8 @@ def parse_counts(text: str) -> list[int]:
     try:
         counts = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ConfigError(f"--descriptors must be a comma list of counts from {DESCRIPTOR_COUNTS}, got {text!r}") from None
+        raise ConfigError(f"--descriptors must be a comma list of counts from {DESCRIPTOR_COUNTS}, "
+                          f"got {text!r}") from None
     bad = [c for c in counts if c not in DESCRIPTOR_COUNTS]
     if not counts or bad or len(set(counts)) != len(counts):
         raise ConfigError(f"--descriptors: counts from {DESCRIPTOR_COUNTS}, each once, got {text!r}")
@@ -595,8 +597,8 @@ def format_report(doc: dict, extra: Optional[list[tuple[str, str]]] = None) -> s
             c = compare(ra, rb, up)
             cell = (lambda r: f"{r['mean']:.4f} ± {r['std']:.4f}")
             if c is None:
-                lines.append(f"| {head} {'↑' if up else '↓'} | {cell(ra)} | {cell(rb)} | {rb['mean'] - ra['mean']:+.4f} "
-                             "| | too few seeds |")
+                lines.append(f"| {head} {'↑' if up else '↓'} | {cell(ra)} | {cell(rb)} | "
+                             f"{rb['mean'] - ra['mean']:+.4f} | | too few seeds |")
                 continue
             lines.append(f"| {head} {'↑' if up else '↓'} | {cell(ra)} | {cell(rb)} | {c['delta']:+.4f} | "
                          f"{c['units']:+.2f} (threshold {c['threshold']:.2f}) | {c['verdict']} |")

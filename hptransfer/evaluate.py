@@ -65,14 +65,15 @@ def add_arguments(p) -> None:
 def add_fid_arguments(p) -> None:
     """FID's protocol options, shared by ``eval`` and ``compare``."""
     p.add_argument("--fid-network", default="torchvision", choices=list(M.FID_NETWORKS),
-                   help="torchvision: torchvision's Inception-v3 as PCDMs' evaluation feeds it (default); pt_inception: the TF "
-                        "FID Inception of pytorch-fid / clean-fid (hptransfer weights fetch fid_inception)")
+                   help="torchvision: torchvision's Inception-v3 as PCDMs' evaluation feeds it (default); "
+                        "pt_inception: the TF FID Inception of pytorch-fid / clean-fid (weights fetch fid_inception)")
     p.add_argument("--fid-reference", default="train", choices=["train", "test-gt"],
                    help="FID's real images: train = the training images (the peers' protocol; --data's train split "
                         "or --fid-real DIR; default), test-gt = the ground truth of the scored images")
     p.add_argument("--fid-real", default=None, metavar="DIR", help="folder of FID's reference images (with "
                    "--fid-reference train; default: --data's train split)")
-    p.add_argument("--inception-weights", default=None, help="the FID network's weights file (else env var / hub cache)")
+    p.add_argument("--inception-weights", default=None,
+                   help="the FID network's weights file (else env var / hub cache)")
 
 
 def protocols_of(name: str) -> list[str]:

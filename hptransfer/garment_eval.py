@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hptransfer.errors import InputError
 from hptransfer.garment import dilate, feather, region_tensor, synthetic_frontal, try_on
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def _pairs(root: Path, split: str, count: int):
         by_id.setdefault(int(n[6:11]), []).append(n)
     ids = sorted(by_id)
     if len(ids) < 2:
-        raise ValueError(f"{root}: the {split} split needs two identities for try-on pairs, has {len(ids)}")
+        raise InputError(f"{root}: the {split} split needs two identities for try-on pairs, has {len(ids)}")
     out = []
     for k in range(count):
         a, b = ids[k % len(ids)], ids[(k + 1 + k // len(ids)) % len(ids)]

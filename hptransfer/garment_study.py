@@ -2,7 +2,8 @@
 paste once it has converged? Learning curves with seeds.
 
     hptransfer garment-study --data data/synth_ablation --out runs/garment_study --seeds 3 \\
-        --iterations 6000 --eval-every 250 --pairs 24 --resolutions 64,128
+        --iterations 6000 --eval-every 300 --round-every 1200 --pairs 24 --resolutions 64,128
+    hptransfer garment-study --out runs/garment_study --report      # summary and plot as they stand
 
 For each seed the flow network trains on ``configs/garment_flow.yaml`` as the garment demo trains it
 (same-person pose pairs of the synthetic train split, no perceptual term; ``train.seed`` = the seed;
@@ -16,7 +17,8 @@ does not train, so it is one line. Both composite onto A's *exact* frontal rende
 network), so the curves compare the warps alone.
 
 The seeds train in rounds (``--round-every`` iterations each in turn), so a study stopped early has
-every seed at the same length. Outputs in ``--out``: ``flow_seed<k>/`` (the training runs, resumable), ``curves.json`` (every
+every seed at the same length. Outputs in ``--out``: ``flow_seed<k>/`` (the training runs, resumable),
+``curves.json`` (every
 evaluation: per seed, step and resolution, the means and per-pair values; the affine paste's), the
 figure ``curves.png`` (L1 and SSIM against iterations, one panel per resolution and metric: each seed's
 curve, their mean, the affine line) and ``summary.md`` (final means ± std over seeds and on how many
@@ -36,7 +38,7 @@ from typing import Optional
 import torch
 
 from hptransfer.checkpoint import atomic_write_text
-from hptransfer.errors import ConfigError
+from hptransfer.errors import ConfigError, InputError
 
 log = logging.getLogger("hptransfer.garment_study")
 
@@ -47,9 +49,12 @@ METRICS = (("l1", "L1 in garment", False), ("ssim", "SSIM in garment", True), ("
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="synthetic dataset with parsing maps (hptransfer data synth)")
+    p.add_argument("--data", default=None, help="synthetic dataset with parsing maps (hptransfer data synth)")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: the summary and curves.png from OUT/curves.json as they stand")
     p.add_argument("--out", required=True, help="study directory (rerun with the same arguments to resume)")
-    p.add_argument("--config", default=str(GARMENT_CONFIG), help="flow training config (default: configs/garment_flow.yaml)")
+    p.add_argument("--config", default=str(GARMENT_CONFIG),
+                   help="flow training config (default: configs/garment_flow.yaml)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds (train.seed = 0 .. N-1)")
     p.add_argument("--iterations", type=int, default=6000, help="flow training iterations per seed")
     p.add_argument("--eval-every", type=int, default=250, help="evaluate (and checkpoint) every N iterations")
@@ -87,10 +92,14 @@ def study(data, out, seeds: int = 3, iterations: int = 6000, eval_every: int = 2
     from hptransfer.models import AppearanceFlow
     from hptransfer.train import train
 
+    from hptransfer.data.synth import PARAMS_FILE, PARSING_DIR
+
     data, out = Path(data), Path(out)
     if seeds < 1 or iterations < 1 or eval_every < 1 or round_every < 1:
         raise ConfigError("--seeds, --iterations, --eval-every and --round-every must be >= 1")
-    out.mkdir(parents=True, exist_ok=True)
+    if not (data / PARAMS_FILE).is_file() or not (data / PARSING_DIR).is_dir():
+        raise InputError(f"{data}: not a synthetic dataset with parsing maps (no {PARAMS_FILE} or {PARSING_DIR}/); "
+                         "the study renders its ground truth: use `hptransfer data synth` output")
     curves_path = out / "curves.json"
     settings = {"data": str(data), "iterations": iterations, "eval_every": eval_every, "pairs": pairs,
                 "resolutions": list(resolutions), "config": str(config), "overrides": list(overrides or [])}
@@ -99,7 +108,7 @@ def study(data, out, seeds: int = 3, iterations: int = 6000, eval_every: int = 2
         raise ConfigError(f"{curves_path}: this directory holds a study with other settings ({doc['settings']}); "
                           "use another --out")
 
-    inputs, affine = {}, {}
+    inputs, affine = {}, {}  # before anything is written: a dataset without try-on pairs stops here
     for R in resolutions:
         log.info("try-on inputs and the affine paste at %d px (%d held-out pairs)", R, pairs)
         t = tryon_inputs(data, "test", pairs, R)
@@ -107,6 +116,7 @@ def study(data, out, seeds: int = 3, iterations: int = 6000, eval_every: int = 2
         img, alpha = _composite(t["frontal"], *affine_paste(t), t["region"], R)
         affine[str(R)] = _per_pair(score_frontal(img, alpha, t))
     doc["affine"] = affine
+    out.mkdir(parents=True, exist_ok=True)
 
     def save():
         atomic_write_text(curves_path, json.dumps(doc, indent=1))
@@ -155,24 +165,27 @@ def study(data, out, seeds: int = 3, iterations: int = 6000, eval_every: int = 2
     return doc
 
 
-def _final(doc: dict, seed: str) -> str:
-    return str(max(int(s) for s in doc["seeds"][seed]))
+def last_common_step(doc: dict) -> str:
+    """The last step every seed has been evaluated at (a study stopped mid-round has seeds at several)."""
+    return str(max(set.intersection(*(set(int(k) for k in v) for v in doc["seeds"].values()))))
 
 
-def summary(doc: dict) -> str:
-    """Final means ± std over seeds, the affine paste's, and per-pair wins of the flow (every seed's pair)."""
+def summary(doc: dict, step: Optional[str] = None) -> str:
+    """Means ± std over seeds at ``step`` (default: :func:`last_common_step`), the affine paste's, and
+    per-pair wins of the flow (every seed's pairs)."""
     lines = []
     seeds = sorted(doc["seeds"], key=int)
+    step = str(step) if step is not None else last_common_step(doc)
     for R in doc["settings"]["resolutions"]:
         R = str(R)
         aff = doc["affine"][R]
-        lines += [f"**{R} px** ({len(aff['l1'])} held-out pairs, seeds {', '.join(seeds)}, final step "
-                  f"{', '.join(_final(doc, s) for s in seeds)}; mean ± sample std over seeds)", "",
+        lines += [f"**{R} px** ({len(aff['l1'])} held-out pairs, seeds {', '.join(seeds)}, flow after {step} of "
+                  f"{doc['settings']['iterations']} iterations; mean ± sample std over seeds)", "",
                   "| | " + " | ".join(f"{h} {'↑' if up else '↓'}" for _, h, up in METRICS) + " |",
                   "|---|" + "---|" * len(METRICS)]
         cells_flow, cells_aff, wins = [], [], []
         for k, _, up in METRICS:
-            finals = [doc["seeds"][s][_final(doc, s)][R][k] for s in seeds]
+            finals = [doc["seeds"][s][step][R][k] for s in seeds]
             means = [sum(v) / len(v) for v in finals]
             m = sum(means) / len(means)
             sd = math.sqrt(sum((x - m) ** 2 for x in means) / (len(means) - 1)) if len(means) > 1 else 0.0
@@ -180,7 +193,7 @@ def summary(doc: dict) -> str:
             cells_aff.append(f"{sum(aff[k]) / len(aff[k]):.4f}")
             better = sum((f > a) if up else (f < a) for v in finals for f, a in zip(v, aff[k]))
             wins.append(f"{better}/{sum(len(v) for v in finals)}")
-        lines += [f"| flow (ours), final | " + " | ".join(cells_flow) + " |",
+        lines += [f"| flow (ours), step {step} | " + " | ".join(cells_flow) + " |",
                   "| affine paste | " + " | ".join(cells_aff) + " |",
                   "| pairs where the flow is better (all seeds) | " + " | ".join(wins) + " |", ""]
     return "\n".join(lines)
@@ -227,8 +240,19 @@ def plot(doc: dict, path: Path) -> Path:
 
 
 def run(args) -> int:
-    doc = study(args.data, args.out, args.seeds, args.iterations, args.eval_every, args.pairs,
-                tuple(_resolutions(args.resolutions)), args.config, args.overrides, args.round_every)
+    out = Path(args.out)
+    if args.report:
+        path = out / "curves.json"
+        if not path.is_file():
+            raise ConfigError(f"{path}: no study here (run hptransfer garment-study --data ... --out {out} first)")
+        doc = json.loads(path.read_text())
+        plot(doc, out / "curves.png")
+        atomic_write_text(out / "summary.md", summary(doc))
+    else:
+        if not args.data:
+            raise ConfigError("--data is required (or --report to summarise an existing study)")
+        doc = study(args.data, out, args.seeds, args.iterations, args.eval_every, args.pairs,
+                    tuple(_resolutions(args.resolutions)), args.config, args.overrides, args.round_every)
     print(summary(doc))
     print(f"curves: {Path(args.out) / 'curves.png'}; every evaluation: {Path(args.out) / 'curves.json'}")
     return 0

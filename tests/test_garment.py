@@ -270,3 +270,8 @@ def test_garment_study_curves_seeds_rounds_and_resume(toy, tmp_path):
     assert (out / "flow_seed1" / "checkpoints").stat().st_mtime_ns == stamp
     with pytest.raises(ConfigError, match="other settings"):
         study(toy["data"], out, **{**args, "pairs": 3})
+    # --report: the summary and the plot from curves.json, nothing trained; at a step every seed has
+    (out / "summary.md").unlink()
+    assert main(["garment-study", "--out", str(out), "--report"]) == 0
+    assert (out / "summary.md").read_text() == text and "flow (ours), step 2" in text
+    assert main(["garment-study", "--out", str(tmp_path / "none"), "--report"]) == 2

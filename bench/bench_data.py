@@ -242,6 +242,10 @@ def main(argv=None) -> int:
     print("1024-px member: " + ", ".join(f"{k} {v['bytes_mean'] / 1e3:.0f} kB, decode {v['decode_ms_median']:.1f} ms"
                                           for k, v in formats.items()))
     for what, v in node.items():
+        if v["torch_worker_cores"] is None and v["dali_cpu_threads"] is None:
+            print(f"8 GPUs at the {what}: {v['images_per_s_per_node']} img/s (cores not estimated: needs --sizes 1024 "
+                  f"and --workers 0)")
+            continue
         print(f"8 GPUs at the {what}: {v['images_per_s_per_node']} img/s = {v['torch_worker_cores'] or float('nan'):.0f} cores of "
               f"torch workers, or {v['dali_cpu_threads'] or float('nan'):.0f} DALI CPU threads, at this CPU's CPU time "
               f"per image")

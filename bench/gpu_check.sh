@@ -276,7 +276,7 @@ if [ "$DRY" = 1 ]; then
   run_step kernels 120 "" "" "$PY" bench/bench_kernels.py --resolutions 64 --batches 1 --out "$OUTDIR/kernels-$DEV.json"
   run_step local_loss 120 "" "" "$PY" bench/bench_local_loss.py --sizes 64 --batches 1 --repeat 1 --vgg-layers relu1_2 \
       --out "$OUTDIR/local_loss-$DEV.json"
-  DALI_ARGS=(--sizes 64 --batch 2 --batches 2 --max-workers 0 --width 0.03125)
+  DALI_ARGS=(--sizes 64 --batch 2 --batches 2 --workers 0 --rounds 1 --quick)
 else
   run_step sync_check 90 "" "$SCRATCH/sync_check.json" env HPTRANSFER_STRICT=1 "$PY" bench/sync_check.py \
       --resolution 512 1024 --out "$SCRATCH/sync_check.json"
@@ -293,7 +293,7 @@ else
   run_step kernels 60 "" "" "$PY" bench/bench_kernels.py --resolutions 1024 --batches 4 --out "$OUTDIR/kernels-$DEV.json"
   run_step local_loss 60 "" "" "$PY" bench/bench_local_loss.py --sizes 512 --batches 4 --repeat 3 \
       --out "$OUTDIR/local_loss-$DEV.json"
-  DALI_ARGS=(--sizes 512 --batch 8 --batches 10 --max-workers 2)
+  DALI_ARGS=(--sizes 512 --batch 8 --batches 4 --workers 2 --rounds 1 --quick)
 fi
 if [ "$DALI" = 1 ]; then
   run_step dali 90 "" "$SCRATCH/dali.json" "$PY" bench/bench_data.py "${DALI_ARGS[@]}" --out "$SCRATCH/dali.json"

@@ -14,14 +14,22 @@ split, and the table is written from the per-run results:
     OUT/runs/<job>/done.json          written when its training finished (wall time)
     OUT/eval/<variant>_seed<k>.json   its scores on the test split
     OUT/table.md, OUT/table.json      mean +- std over seeds per variant (Table 1 layout)
+    OUT/report.md                     the readings: every pair of rows a Table 1 claim compares (and
+                                      the fade rows against the paper's), each metric's difference in
+                                      pooled seed spreads and a verdict (:data:`RULE`); also
+                                      ``hptransfer ablate --out OUT --report [--pairs A:B,...]``
     OUT/figure.png                    Fig. 7: a few test pairs, every variant's output (seed 0) and
                                       zoomed crops at two descriptors
+    OUT/figure_descriptors.png        with ``--descriptors 0,18,31,44`` (Fig. 4's sweep: every variant
+                                      once per count, rows ``<variant>_d<count>``): Fig. 4 right, the
+                                      chest zoomed in each count's output
 
 Progressive variants train in two jobs: the *trunk* (every stage below the top) and the *top*
 stage, started from the trunk's final weights (``train --init-from``: weights only, fresh
 optimisers, as at any growth). Variants whose trunks are the same training (same config once the
-settings that act only at the discriminator stage are set aside, e.g. PT+LPL and PT+LPL+LD) share
-one trunk run. Resuming: a job with ``done.json`` is skipped, an unfinished one continues from its
+settings that act only at the discriminator stage are set aside, e.g. PT+LPL and PT+LPL+LD, and, for a
+one-stage trunk, the fades, which act only at a growth: PT and PT with fades) share one trunk run.
+Resuming: a job with ``done.json`` is skipped, an unfinished one continues from its
 latest checkpoint (``--resume auto``), an evaluation with its JSON is not redone; a killed ablation
 rerun with the same arguments continues where it stopped.
 """
@@ -49,8 +57,11 @@ log = logging.getLogger("hptransfer.ablate")
 
 ABLATION_DIR = Path(__file__).resolve().parents[1] / "configs" / "ablation"
 DEFAULT_VARIANTS = "baseline,lpl,pt,pt_lpl,pt_lpl_ld"
+DEFAULT_SWEEP_VARIANTS = "pt_lpl"
+DESCRIPTOR_COUNTS = (0, 18, 31, 44)
 LABELS = {"baseline": "Baseline", "lpl": "LPL", "pt": "PT", "pt_lpl": "PT + LPL", "pt_lpl_ld": "PT + LPL + LD",
-          "pt_lpl_ld_both": "PT + LPL + LD + LPL at top"}
+          "pt_lpl_ld_both": "PT + LPL + LD + LPL at top", "pt_fade": "PT, fades (ours)",
+          "pt_fade_lpl": "PT + LPL, fades (ours)", "pt_fade_lpl_ld": "PT + LPL + LD, fades (ours)"}
 # table columns: (key in a run's flat scores, header, higher is better)
 COLUMNS = (
     ("ssim_gaussian", "SSIM", True),
@@ -64,16 +75,27 @@ COLUMNS = (
 # Settings read only at the discriminator stage: set aside when comparing trunks below it.
 _TOP_ONLY_LOSS = ("adv_weight", "disc_lr", "disc_at_resolution", "local_perceptual_at_top")
 _TOP_ONLY_MODEL = ("disc_channels", "disc_shared")
+# Settings read only at a grown stage (the fades start at a growth): set aside for a one-stage trunk.
+_GROWTH_ONLY_MODEL = ("input_fade", "output_fade")
 
 
 # ---------------------------------------------------------------- command line
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", required=True, help="base config (e.g. configs/synth_ablation.yaml)")
-    p.add_argument("--variants", default=DEFAULT_VARIANTS,
-                   help=f"comma list of overlays: names in configs/ablation/ or YAML paths (default: {DEFAULT_VARIANTS})")
+    p.add_argument("--base", default=None, help="base config (e.g. configs/synth_ablation.yaml); not with --report")
+    p.add_argument("--variants", default=None,
+                   help=f"comma list of overlays: names in configs/ablation/ or YAML paths "
+                        f"(default: {DEFAULT_VARIANTS}; with --descriptors: {DEFAULT_SWEEP_VARIANTS})")
+    p.add_argument("--descriptors", default=None, metavar="N,N,...",
+                   help="Fig. 4: every variant once per descriptor count (loss.descriptors; from 0, 18, 31, 44), "
+                        "and the figure of zoomed crops per count")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant (train.seed = 0 .. N-1)")
     p.add_argument("--out", required=True, help="ablation directory (rerun with the same arguments to resume)")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: compare rows of OUT/table.json (the Table 1 pairs, the fade rows against "
+                        "the paper's, descriptor counts in turn, and --pairs) and print the verdicts")
+    p.add_argument("--pairs", default=None, metavar="A:B,...",
+                   help="with --report: also compare these rows (table row names, e.g. lpl:pt)")
     p.add_argument("--split", default=None, help="evaluation split (default: the config's data.test_split)")
     p.add_argument("--figure-pairs", type=int, default=4, help="test pairs in the Fig. 7 figure")
     p.add_argument("--device", default=None, help="evaluation device (default: cuda when present)")
@@ -107,11 +129,65 @@ def variant_name(name: str) -> str:
     return Path(name).stem
 
 
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A table row: an overlay (``configs/ablation/<overlay>.yaml`` or a path), with extra overrides
+    (``loss.descriptors=N`` in a descriptor sweep)."""
+    name: str  # the row's name (and its jobs' prefix)
+    overlay: str  # as given: a name in configs/ablation/ or a YAML path
+    overrides: tuple = ()
+    descriptors: Optional[int] = None
+
+    @property
+    def kind(self) -> str:
+        """The overlay's name (pt_lpl_ld for pt_lpl_ld_d44): its Table 1 row."""
+        return variant_name(self.overlay)
+
+    @property
+    def label(self) -> str:
+        text = LABELS.get(self.kind, self.kind)
+        return text if self.descriptors is None else f"{text}, {self.descriptors} descriptors"
+
+
+def parse_counts(text: str) -> list[int]:
+    try:
+        counts = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--descriptors must be a comma list of counts from {DESCRIPTOR_COUNTS}, "
+                          f"got {text!r}") from None
+    bad = [c for c in counts if c not in DESCRIPTOR_COUNTS]
+    if not counts or bad or len(set(counts)) != len(counts):
+        raise ConfigError(f"--descriptors: counts from {DESCRIPTOR_COUNTS}, each once, got {text!r}")
+    return counts
+
+
+def make_variants(names: list[str], descriptors: Optional[list[int]] = None) -> tuple[list[Variant], dict]:
+    """The rows to train: each overlay once, or (a sweep) once per descriptor count. Returns (rows,
+    {row name: why it is skipped}): with 0 descriptors there are no local discriminators, so an
+    ``_ld`` variant has nothing to differ by and is skipped, not run as a mislabelled row."""
+    if descriptors is None:
+        return [Variant(variant_name(n), n) for n in names], {}
+    rows, skipped = [], {}
+    for count in descriptors:
+        for n in names:
+            name = f"{variant_name(n)}_d{count}"
+            if count == 0 and variant_name(n).endswith("_ld"):
+                skipped[name] = ("loss.descriptors=0 leaves no local discriminator (nor local perceptual loss): "
+                                 f"{variant_name(n)} would train as PT alone")
+                continue
+            rows.append(Variant(name, n, (f"loss.descriptors={count}",), count))
+    return rows, skipped
+
+
 def _trunk_key(cfg: Config) -> str:
-    """Identity of a trunk's training: its config without out_dir and without the settings that act
-    only at the discriminator stage when that stage is above the trunk."""
+    """Identity of a trunk's training: its config without out_dir, without the settings that act
+    only at the discriminator stage when that stage is above the trunk, and without the fades when the
+    trunk never grows (one stage, trained from scratch: nothing to fade from)."""
     d = cfg.to_dict()
     d["train"].pop("out_dir")
+    if len(cfg.stages) == 1:
+        for k in _GROWTH_ONLY_MODEL:
+            d["model"].pop(k)
     if cfg.loss.disc_at_resolution > cfg.stages[-1].resolution:
         for k in _TOP_ONLY_LOSS:
             d["loss"].pop(k)
@@ -120,16 +196,18 @@ def _trunk_key(cfg: Config) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def plan(base: str, variants: list[str], seeds: int, out: Path, overrides: list[str]) -> tuple[dict, list[Job]]:
-    """Resolve every variant x seed into jobs. Returns ({variant: {seed: final job name}}, jobs in run order)."""
+def plan(base: str, variants: list, seeds: int, out: Path, overrides: list[str]) -> tuple[dict, list[Job]]:
+    """Resolve every variant (an overlay name or path, or a :class:`Variant`) x seed into jobs.
+    Returns ({variant: {seed: final job name}}, jobs in run order)."""
     finals: dict = {}
     jobs: dict[str, Job] = {}
     trunks: dict[str, str] = {}  # trunk key -> job name
     for v in variants:
-        name = variant_name(v)
+        v = v if isinstance(v, Variant) else Variant(variant_name(v), v)
+        name = v.name
         finals[name] = {}
         for seed in range(seeds):
-            cfg = load_config([base, variant_path(v)], [*overrides, f"train.seed={seed}"])
+            cfg = load_config([base, variant_path(v.overlay)], [*overrides, *v.overrides, f"train.seed={seed}"])
             if len(cfg.stages) == 1:
                 job = f"{name}_seed{seed}"
                 jobs[job] = Job(job, _with(cfg, out / "runs" / job), seed)
@@ -255,12 +333,13 @@ def summarize(scores: dict[str, dict[int, dict]], seeds: int) -> dict:
     return rows
 
 
-def format_markdown(rows: dict, seeds: int, note: str = "") -> str:
+def format_markdown(rows: dict, seeds: int, note: str = "", labels: Optional[dict] = None) -> str:
     cols = [(k, h, up) for k, h, up in COLUMNS if any(k in r for r in rows.values())]
     head = "| Method | seeds | " + " | ".join(f"{h} {'↑' if up else '↓'}" for _, h, up in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
+    labels = {**LABELS, "copy_reference": "copy the reference", **(labels or {})}
     for variant, r in rows.items():
-        label = LABELS.get(variant, "copy the reference" if variant == "copy_reference" else variant)
+        label = labels.get(variant, variant)
         done = "-" if variant == "copy_reference" else f"{len(r['seeds_done'])}/{seeds}"
         cells = []
         for k, _, _ in cols:
@@ -283,7 +362,7 @@ def _pick_descriptors(kp, count: int = 2) -> list[int]:
 
 
 def make_figure(finals: dict, jobs: dict[str, Job], out_path: Path, split: str, n_pairs: int = 4,
-                zoom: int = 4) -> Optional[Path]:
+                labels: Optional[dict] = None, zoom: int = 4) -> Optional[Path]:
     """Fig. 7 layout: per test pair a row of reference, ground truth and each variant's output (its
     first finished seed); two descriptors boxed (R/8 side) and zoomed ``zoom`` x beneath each image."""
     import numpy as np
@@ -316,7 +395,8 @@ def make_figure(finals: dict, jobs: dict[str, Job], out_path: Path, split: str, 
     kp_ref = torch.stack([torch.as_tensor(it["kp_reference"]) for it in items]).float()
     # (label, images, keypoints where its boxes go): the reference at its own pose, the rest at the target's
     columns = [("reference", ref, kp_ref), ("ground truth", tgt, kp)]
-    columns += [(LABELS.get(v, v), generate(g, ref, kp).float().cpu(), kp) for v, g in shown.items()]
+    labels = {**LABELS, **(labels or {})}
+    columns += [(labels.get(v, v), generate(g, ref, kp).float().cpu(), kp) for v, g in shown.items()]
     s = pose.crop_size(R)
     z = s * zoom
     cell_w = max(R, 2 * z)
@@ -353,22 +433,206 @@ def make_figure(finals: dict, jobs: dict[str, Job], out_path: Path, split: str, 
     return out_path
 
 
+# ---------------------------------------------------------------- Fig. 4 (right)
+
+def chest_box(kp, resolution: int) -> Optional[tuple[int, int, int]]:
+    """(top, left, side) of a R/4 square on the chest (halfway from the neck to the hips' midpoint),
+    where Fig. 4's zoomed logo sits; None without a neck or a hip."""
+    from hptransfer import pose
+
+    present = ~pose.is_missing(kp)
+    hips = [kp[i] for i in (8, 11) if bool(present[i])]
+    if not bool(present[1]) or not hips:
+        return None
+    cy, cx = (float(v) for v in (kp[1] + sum(hips) / len(hips)) / 2)
+    side = max(resolution // 4, 4)
+    top = min(max(int(round(cy - side / 2)), 0), resolution - side)
+    left = min(max(int(round(cx - side / 2)), 0), resolution - side)
+    return top, left, side
+
+
+def make_descriptor_figure(finals: dict, jobs: dict[str, Job], info: dict, out_path: Path, split: str,
+                           n_pairs: int = 4) -> Optional[Path]:
+    """Fig. 4 (right) for a descriptor sweep: per test pair the ground truth with the chest box, its
+    zoom, and the zoom of each count's output (seed 0), in the sweep's order."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw
+
+    from hptransfer import metrics as M
+    from hptransfer.data import PairDataset
+    from hptransfer.export import generate, load_generator
+
+    shown = {}
+    for variant, by_seed in finals.items():
+        run_dir = Path(jobs[by_seed[0]].cfg.train.out_dir) if 0 in by_seed else None
+        if run_dir is not None and (run_dir / "done.json").is_file():
+            shown[variant] = load_generator(run_dir / "export")
+    if not shown:
+        return None
+    any_job = jobs[next(iter(next(iter(finals.values())).values()))]
+    R = next(iter(shown.values())).resolution
+    ds = PairDataset(any_job.cfg.data.root, split, R)
+    picks = sorted({round(i * (len(ds) - 1) / max(n_pairs - 1, 1)) for i in range(n_pairs)})
+    items = [ds[i] for i in picks]
+    ref = torch.stack([torch.as_tensor(it["reference"]) for it in items])
+    tgt = torch.stack([torch.as_tensor(it["target"]) for it in items])
+    kp = torch.stack([torch.as_tensor(it["kp_target"]) for it in items]).float()
+    outputs = {v: M.to_uint8(generate(g, ref, kp).float().cpu()) for v, g in shown.items()}
+    truth = M.to_uint8(tgt)
+    label_h, gap = 14, 4
+    columns = ["ground truth", "zoom"] + [f"{info.get(v, {}).get('kind', v)} {info.get(v, {}).get('descriptors', '')}"
+                                          for v in shown]
+    W, H = R * len(columns) + gap * (len(columns) - 1), label_h + (R + gap) * len(items)
+    canvas = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, text in enumerate(columns):
+        draw.text((c * (R + gap) + 2, 1), text, fill=(0, 0, 0))
+    as_image = lambda t: Image.fromarray(np.ascontiguousarray(t.permute(1, 2, 0).numpy()))  # noqa: E731
+    for r in range(len(items)):
+        y0 = label_h + r * (R + gap)
+        full = as_image(truth[r])
+        canvas.paste(full, (0, y0))
+        box = chest_box(kp[r], R)
+        if box is None:
+            continue
+        top, left, side = box
+        draw.rectangle((left, y0 + top, left + side - 1, y0 + top + side - 1), outline=(255, 0, 0))
+        crops = [full] + [as_image(outputs[v][r]) for v in shown]
+        for c, im in enumerate(crops, start=1):
+            zoomed = im.crop((left, top, left + side, top + side)).resize((R, R), Image.NEAREST)
+            canvas.paste(zoomed, (c * (R + gap), y0))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
+    canvas.save(tmp)
+    os.replace(tmp, out_path)
+    return out_path
+
+
+# ---------------------------------------------------------------- the report (readings computed from the table)
+
+# The comparisons a Table 1 claim makes (section 4.2: each component, alone and added), then ours.
+TABLE1_PAIRS = (("baseline", "lpl"), ("baseline", "pt"), ("pt", "pt_lpl"), ("pt_lpl", "pt_lpl_ld"), ("lpl", "pt_lpl"))
+FADE_PAIRS = (("pt", "pt_fade"), ("pt_lpl", "pt_fade_lpl"), ("pt_lpl_ld", "pt_fade_lpl_ld"))
+OTHER_PAIRS = (("pt_lpl_ld", "pt_lpl_ld_both"),)
+SIGNIFICANCE = 0.05
+RULE = ("Verdict rule: B is *better* (or *worse*) than A on a metric when a two-sided two-sample t-test with "
+        f"pooled variance over the seeds rejects equal means at {SIGNIFICANCE:.0%}, i.e. when |Δ| / s_pooled > "
+        "t(0.975; n_A + n_B − 2) · sqrt(1/n_A + 1/n_B) (2.27 with 3 seeds each); otherwise *within noise*. "
+        "Δ = mean(B) − mean(A); s_pooled = sqrt(((n_A − 1) s_A² + (n_B − 1) s_B²) / (n_A + n_B − 2)), s the "
+        "sample std over seeds. Better means higher for ↑ columns and lower for ↓ columns.")
+
+
+def parse_pairs(text: Optional[str]) -> list[tuple[str, str]]:
+    out = []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        a, sep, b = item.strip().partition(":")
+        if not sep or not a or not b:
+            raise ConfigError(f"--pairs: {item!r} must look like A:B (two table row names)")
+        out.append((a, b))
+    return out
+
+
+def default_pairs(doc: dict) -> list[tuple[str, str]]:
+    """The comparisons of the rows present: Table 1's claims, each fade row against the paper's row, LD
+    keeping LPL against LD replacing it; in a descriptor sweep the same within each count, and each
+    variant's counts in increasing order."""
+    rows = set(doc["rows"]) - {"copy_reference"}
+    info = doc.get("variants") or {}
+    by_count: dict = {}
+    for name in rows:
+        i = info.get(name, {})
+        by_count.setdefault(i.get("descriptors"), {})[i.get("kind", name)] = name
+    pairs = []
+    for count, kinds in sorted(by_count.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
+        pairs += [(kinds[a], kinds[b]) for a, b in TABLE1_PAIRS + FADE_PAIRS + OTHER_PAIRS if a in kinds and b in kinds]
+    counts = sorted(c for c in by_count if c is not None)
+    for kind in sorted({k for c in counts for k in by_count[c]}):
+        have = [by_count[c][kind] for c in counts if kind in by_count[c]]
+        pairs += list(zip(have, have[1:]))
+    return pairs
+
+
+def compare(a: dict, b: dict, higher_better: bool) -> Optional[dict]:
+    """One metric of rows A and B ({"mean", "std", "values"}): Δ, Δ / s_pooled, the t threshold and
+    the verdict of :data:`RULE`; None without two seeds on each side."""
+    from scipy import stats
+
+    na, nb = len(a.get("values", [])), len(b.get("values", []))
+    if na < 2 or nb < 2:
+        return None
+    delta = b["mean"] - a["mean"]
+    pooled = math.sqrt(((na - 1) * a["std"] ** 2 + (nb - 1) * b["std"] ** 2) / (na + nb - 2))
+    threshold = float(stats.t.ppf(1 - SIGNIFICANCE / 2, na + nb - 2)) * math.sqrt(1 / na + 1 / nb)
+    units = delta / pooled if pooled > 0 else (0.0 if delta == 0 else math.copysign(math.inf, delta))
+    if abs(units) <= threshold:
+        verdict = "within noise"
+    else:
+        verdict = "better" if (delta > 0) == higher_better else "worse"
+    return {"delta": delta, "pooled_std": pooled, "units": units, "threshold": threshold, "verdict": verdict,
+            "n": (na, nb)}
+
+
+def format_report(doc: dict, extra: Optional[list[tuple[str, str]]] = None) -> str:
+    """Every default pair (:func:`default_pairs`) and ``extra``: per metric A, B, Δ, Δ in pooled seed
+    spreads, the verdict; the rule once at the top."""
+    rows = doc["rows"]
+    labels = {**LABELS, **{k: v.get("label", k) for k, v in (doc.get("variants") or {}).items()}}
+    for a, b in extra or []:
+        for n in (a, b):
+            if n not in rows or n == "copy_reference":
+                known = ", ".join(sorted(set(rows) - {"copy_reference"}))
+                raise ConfigError(f"--pairs: no row {n!r} in the table (rows: {known})")
+    pairs = list(dict.fromkeys(default_pairs(doc) + list(extra or [])))
+    lines = [RULE, ""]
+    for a, b in pairs:
+        lines += [f"**{labels.get(a, a)} → {labels.get(b, b)}** (`{a}` → `{b}`)", "",
+                  "| metric | A | B | Δ (B − A) | Δ / s_pooled | verdict |", "|---|---|---|---|---|---|"]
+        for key, head, up in COLUMNS:
+            if key not in rows[a] or key not in rows[b]:
+                continue
+            ra, rb = rows[a][key], rows[b][key]
+            c = compare(ra, rb, up)
+            cell = (lambda r: f"{r['mean']:.4f} ± {r['std']:.4f}")
+            if c is None:
+                lines.append(f"| {head} {'↑' if up else '↓'} | {cell(ra)} | {cell(rb)} | "
+                             f"{rb['mean'] - ra['mean']:+.4f} | | too few seeds |")
+                continue
+            lines.append(f"| {head} {'↑' if up else '↓'} | {cell(ra)} | {cell(rb)} | {c['delta']:+.4f} | "
+                         f"{c['units']:+.2f} (threshold {c['threshold']:.2f}) | {c['verdict']} |")
+        lines.append("")
+    if not pairs:
+        lines.append("No pair of rows to compare (give --pairs A:B).")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- the command
 
 def ablate(base: str, variants: list[str], seeds: int, out: str | Path, overrides: Optional[list[str]] = None,
-           split: Optional[str] = None, figure_pairs: int = 4, device=None) -> dict:
-    """Run (or resume) the ablation; returns table.json's content."""
+           split: Optional[str] = None, figure_pairs: int = 4, device=None,
+           descriptors: Optional[list[int]] = None) -> dict:
+    """Run (or resume) the ablation; returns table.json's content. ``descriptors``: Fig. 4's sweep,
+    every variant once per count (rows ``<variant>_d<count>``; see :func:`make_variants`)."""
     import torch
 
     out = Path(out)
     overrides = list(overrides or [])
     if seeds < 1:
         raise ConfigError("--seeds must be >= 1")
-    finals, order = plan(base, variants, seeds, out, overrides)
+    rows, skipped = make_variants(variants, descriptors)
+    for name, why in skipped.items():
+        log.warning("skipping %s: %s", name, why)
+    if not rows:
+        raise ConfigError("nothing to train: every variant was skipped (" + "; ".join(skipped.values()) + ")")
+    finals, order = plan(base, rows, seeds, out, overrides)
     jobs = {j.name: j for j in order}
-    _check_variants(finals, jobs)
+    _check_variants(finals, jobs, {v.name: v.kind for v in rows})
+    info = {v.name: {"label": v.label, "kind": v.kind, "descriptors": v.descriptors} for v in rows}
     out.mkdir(parents=True, exist_ok=True)
-    plan_doc = {"base": str(base), "variants": variants, "seeds": seeds, "overrides": overrides,
+    plan_doc = {"base": str(base), "variants": [v.name for v in rows], "seeds": seeds, "overrides": overrides,
+                "descriptors": descriptors, "skipped": skipped,
                 "jobs": {j.name: {"init_from": j.init_from, "stages": [dataclasses.asdict(s) for s in j.cfg.stages]}
                          for j in order}}
     plan_file = out / "plan.json"
@@ -404,9 +668,12 @@ def ablate(base: str, variants: list[str], seeds: int, out: str | Path, override
                 first = next(iter(final_of)) == job.name  # the copy-the-reference row once
                 atomic_write_text(path, json.dumps(evaluate_job(job, split, dev, with_copy=first), indent=1))
             scores[variant][seed] = json.loads(path.read_text())
-            table = write_table(out, finals, jobs, scores, seeds, split, walls)
+            table = write_table(out, finals, jobs, scores, seeds, split, walls, info, skipped)
             if seed == 0 and all(0 in scores[v] for v in finals):
-                make_figure(finals, jobs, out / "figure.png", split, figure_pairs)
+                make_figure(finals, jobs, out / "figure.png", split, figure_pairs,
+                            {v: i["label"] for v, i in info.items()})
+                if descriptors is not None:
+                    make_descriptor_figure(finals, jobs, info, out / "figure_descriptors.png", split, figure_pairs)
     except KeyboardInterrupt:
         if _Child.proc is not None:
             _Child.proc.terminate()
@@ -418,22 +685,22 @@ def ablate(base: str, variants: list[str], seeds: int, out: str | Path, override
     return table
 
 
-def _check_variants(finals: dict, jobs: dict[str, Job]) -> None:
-    """A variant named *_ld must run the local discriminators at its top stage; one without must not."""
+def _check_variants(finals: dict, jobs: dict[str, Job], kinds: Optional[dict] = None) -> None:
+    """A variant whose overlay is named *_ld must run the local discriminators at its top stage."""
     from hptransfer import losses
 
     for variant, by_seed in finals.items():
         cfg = jobs[by_seed[0]].cfg
         top = cfg.stages[-1].resolution
         adv = losses.active_terms(cfg.loss, top)["adv"]
-        if variant.endswith("_ld") and not adv:
+        if (kinds or {}).get(variant, variant).endswith("_ld") and not adv:
             raise ConfigError(f"variant {variant}: no local discriminators at its top stage ({top} px): the config "
                               f"has loss.disc_at_resolution={cfg.loss.disc_at_resolution}, "
                               f"loss.adv_weight={cfg.loss.adv_weight}")
 
 
 def write_table(out: Path, finals: dict, jobs: dict[str, Job], scores: dict, seeds: int, split: str,
-                walls: dict) -> dict:
+                walls: dict, info: Optional[dict] = None, skipped: Optional[dict] = None) -> dict:
     from hptransfer import losses
 
     rows = summarize({v: s for v, s in scores.items() if s}, seeds)
@@ -451,18 +718,43 @@ def write_table(out: Path, finals: dict, jobs: dict[str, Job], scores: dict, see
     note = (f"Test split `{split}` of `{first.data.root}` ({pairs} pairs); mean ± sample std over the seeds "
             f"that finished; training wall time of the jobs so far {total_wall / 60:.1f} min. "
             f"↑ higher is better, ↓ lower is better.")
-    doc = {"split": split, "seeds": seeds, "rows": rows, "stages_and_terms": terms, "job_wall_s": walls,
+    if skipped:
+        note += " Skipped: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()) + "."
+    info = info or {v: {"label": LABELS.get(v, v), "kind": v, "descriptors": None} for v in finals}
+    doc = {"split": split, "seeds": seeds, "rows": rows, "variants": info, "skipped": skipped or {},
+           "stages_and_terms": terms, "job_wall_s": walls,
            "total_train_wall_s": round(total_wall, 1), "columns": {k: h for k, h, _ in COLUMNS}}
     atomic_write_text(out / "table.json", json.dumps(doc, indent=1))
-    atomic_write_text(out / "table.md", format_markdown(rows, seeds, note))
+    atomic_write_text(out / "table.md", format_markdown(rows, seeds, note, {v: i["label"] for v, i in info.items()}))
+    atomic_write_text(out / "report.md", format_report(doc))
     return doc
 
 
 def run(args) -> int:
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    out = Path(args.out)
+    if args.report:
+        if args.base or args.variants or args.descriptors or args.overrides:
+            raise ConfigError("--report reads OUT/table.json and trains nothing: drop --base, --variants, "
+                              "--descriptors and overrides")
+        table = out / "table.json"
+        if not table.is_file():
+            raise ConfigError(f"{table}: no ablation table here (run hptransfer ablate --base ... --out {out} first)")
+        text = format_report(json.loads(table.read_text()), parse_pairs(args.pairs))
+        atomic_write_text(out / "report.md", text)
+        print(text)
+        return 0
+    if args.pairs:
+        raise ConfigError("--pairs goes with --report")
+    if not args.base:
+        raise ConfigError("--base is required (or --report to compare the rows of an existing table)")
+    descriptors = parse_counts(args.descriptors) if args.descriptors else None
+    names = args.variants or (DEFAULT_SWEEP_VARIANTS if descriptors else DEFAULT_VARIANTS)
+    variants = [v.strip() for v in names.split(",") if v.strip()]
     if not variants:
         raise ConfigError("--variants is empty")
-    ablate(args.base, variants, args.seeds, args.out, args.overrides, args.split, args.figure_pairs, args.device)
-    print((Path(args.out) / "table.md").read_text())
-    print(f"figure: {Path(args.out) / 'figure.png'}")
+    ablate(args.base, variants, args.seeds, out, args.overrides, args.split, args.figure_pairs, args.device,
+           descriptors)
+    print((out / "table.md").read_text())
+    print((out / "report.md").read_text())
+    print(f"figure: {out / 'figure.png'}" + (f", {out / 'figure_descriptors.png'}" if descriptors else ""))
     return 0

@@ -28,6 +28,7 @@ COMMANDS = {
     "model-summary": ("hptransfer.models.summary", "table of stages: resolution, channels, parameters, FLOPs"),
     "demo": ("hptransfer.demo", "the end-to-end CPU demo behind `make demo`"),
     "garment": ("hptransfer.garment", "garment transfer / virtual try-on with the transfer and appearance flow networks"),
+    "garment-study": ("hptransfer.garment_study", "the appearance flow against the affine paste: curves with seeds"),
     "doctor": ("hptransfer.doctor", "versions, and what each fast path will run on this machine"),
     "weights": ("hptransfer.weights", "download and verify the ImageNet weights (VGG-16, AlexNet, Inception)"),
 }

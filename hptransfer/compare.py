@@ -8,8 +8,9 @@ Images are matched by file name (:func:`hptransfer.evaluate.match_folders`), and
 on the same images: the ground-truth names that every method has (what is left out is counted in the
 table's notes and named in the log). ``--crop x0:x1`` keeps
 columns x0:x1 of prediction and ground truth *before* every metric (SSIM under both protocols,
-MS-SSIM, local-SSIM, LPIPS, FID), so a 256x256 output scored with ``--crop 40:216`` is compared on the
-176-wide DeepFashion frame the published numbers use; keypoints (``--data``, for local-SSIM) are
+MS-SSIM, local-SSIM, LPIPS, FID), so a 256x256 output scored with ``--crop 40:216`` is compared on a
+176-wide DeepFashion frame (the paper states no protocol; PATN-lineage scripts score 256x176 images);
+keypoints (``--data``, for local-SSIM) are
 shifted with it, and those outside the kept columns count as missing. Scoring itself is
 :func:`hptransfer.evaluate.evaluate`.
 """
@@ -25,12 +26,14 @@ import torch
 
 from hptransfer import metrics as M
 from hptransfer.errors import ConfigError, InputError
+from hptransfer.evaluate import add_fid_arguments
 
 log = logging.getLogger(__name__)
 
 # (result key, header, higher is better)
 COLUMNS = (
-    ("ssim_gaussian", "SSIM (Gaussian 11)", True),
+    ("ssim_gaussian", "SSIM (Gaussian σ1.5)", True),
+    ("ssim_gaussian12", "SSIM (Gaussian σ1.2)", True),
     ("ssim_uniform51", "SSIM (uniform 51)", True),
     ("ms_ssim", "MS-SSIM", True),
     ("local_ssim", "local-SSIM", True),
@@ -52,9 +55,11 @@ def add_arguments(p) -> None:
                    "metrics must run (missing weights = error); default: all that can")
     p.add_argument("--data-range", default="255", choices=["255", "pred"],
                    help="SSIM data range: 255, or each prediction's max-min (PATN/GFLA Gaussian SSIM scripts)")
+    p.add_argument("--protocol", default="both", choices=[*M.ALL_PROTOCOLS, "both", "all"],
+                   help="SSIM protocols (as hptransfer eval): both = gaussian and uniform51 (default), all = the three")
     p.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"])
     p.add_argument("--lpips-weights", default=None)
-    p.add_argument("--inception-weights", default=None)
+    add_fid_arguments(p)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -77,11 +82,13 @@ def parse_methods(items: list[str]) -> list[tuple[str, Path]]:
 def compare(gt: str | Path, methods: list[tuple[str, Path]], crop: Optional[tuple[int, int]] = None,
             data: Optional[str] = None, split: str = "test", metrics: Optional[set] = None,
             data_range: str = "255", lpips_net: str = "alex", lpips_weights=None, inception_weights=None,
-            batch_size: int = 16, device=None) -> dict:
+            batch_size: int = 16, device=None, protocols: Optional[list] = None, fid_network: str = "torchvision",
+            fid_reference=None) -> dict:
     """Every method scored on the same images: the ground-truth names that every method has a prediction
     for (a prediction without a ground truth, or of a name another method lacks, is left out and named in
-    the log). Returns {"results": {method: {metric: {"value", "n", ...} | {"unavailable"}}} (evaluate's
-    results), "images": n, "dropped": {method: [names]}, "ground_truth_unused": n}."""
+    the log). Returns {"results": {method: {metric: {"value", "n", "protocol", ...} | {"unavailable"}}}
+    (evaluate's results; ``fid_reference`` as :func:`hptransfer.evaluate.evaluate` takes it), "images": n,
+    "dropped": {method: [names]}, "ground_truth_unused": n}."""
     from hptransfer.evaluate import (ALL_METRICS, _folder_batches, evaluate, ground_truth_keypoints, keypoint_note,
                                      match_folders)
 
@@ -92,7 +99,7 @@ def compare(gt: str | Path, methods: list[tuple[str, Path]], crop: Optional[tupl
     if wanted - set(ALL_METRICS):
         raise ConfigError(f"unknown metrics {sorted(wanted - set(ALL_METRICS))}; choose from {', '.join(ALL_METRICS)}")
     annotations = ann_path = None
-    if data:
+    if data and "local_ssim" in wanted:  # --data may be there for FID's training images only
         from hptransfer.data import read_annotations
         ann_path = Path(data) / f"annotations-{split}.csv"
         annotations = read_annotations(ann_path)
@@ -120,9 +127,9 @@ def compare(gt: str | Path, methods: list[tuple[str, Path]], crop: Optional[tupl
                 log.warning("%s", keypoint_note(missing, len(pairs), ann_path))
             reasons = {"local_ssim": f"no row in {ann_path.name}"} if missing else None
         log.info("scoring %s: %d images", name, len(pairs))
-        results[name] = evaluate(_folder_batches(pairs, keypoints, batch_size), list(M.PROTOCOLS), crop, set(wanted),
-                                 explicit, device, lpips_net, lpips_weights, inception_weights,
-                                 math.ceil(len(pairs) / batch_size), data_range, reasons)
+        results[name] = evaluate(_folder_batches(pairs, keypoints, batch_size), list(protocols or M.PROTOCOLS), crop,
+                                 set(wanted), explicit, device, lpips_net, lpips_weights, inception_weights,
+                                 math.ceil(len(pairs) / batch_size), data_range, reasons, fid_network, fid_reference)
     return {"results": results, "images": len(common), "dropped": dropped, "ground_truth_unused": unused_gt}
 
 
@@ -155,6 +162,8 @@ def format_markdown(compared: dict, crop_text: Optional[str]) -> str:
                    for k, v in r.items() if v.get("left_out")})
     notes += left
     missing = sorted({f"{k}: {v['unavailable']}" for r in results.values() for k, v in r.items() if "unavailable" in v})
+    protocol = {k: v["protocol"] for r in results.values() for k, v in r.items() if "protocol" in v}
+    notes += [f"{h}: {protocol[k]}" for k, h, _ in cols if k in protocol]
     notes += [f"unavailable: {m}" for m in missing]
     return "\n".join(lines) + "\n\n" + "; ".join(notes) + ".\n"
 
@@ -165,9 +174,12 @@ def run(args) -> int:
     methods = parse_methods(args.method)
     crop = M.parse_crop(args.crop)
     wanted = None if args.metrics is None else {m.strip() for m in args.metrics.split(",") if m.strip()}
+    from hptransfer.evaluate import fid_reference_of, protocols_of
+
     try:
         compared = compare(args.gt, methods, crop, args.data, args.split, wanted, args.data_range, args.lpips_net,
-                           args.lpips_weights, args.inception_weights, args.batch_size, args.device)
+                           args.lpips_weights, args.inception_weights, args.batch_size, args.device,
+                           protocols_of(args.protocol), args.fid_network, fid_reference_of(args))
     except RuntimeError as e:  # a metric listed in --metrics cannot run (evaluate's message names it)
         print(f"error: {e}")
         return 1

@@ -4,9 +4,13 @@ compared under the same protocol. Two folders holding different names are refuse
 be of another test set), unless ``--intersection`` restricts both to the common names and says how
 many it dropped.
 
-Metrics: SSIM under the "gaussian" and/or "uniform51" protocols (see :mod:`hptransfer.metrics`),
-MS-SSIM, local-SSIM (needs keypoints: generated splits, or ``--data`` with the ground truth's
-annotations), LPIPS and FID (need ImageNet weights on disk: ``hptransfer weights fetch``). A metric
+Metrics: SSIM under the "gaussian" (sigma 1.5), "gaussian12" (sigma 1.2) and/or "uniform51" protocols
+(see :mod:`hptransfer.metrics`), MS-SSIM, local-SSIM (needs keypoints: generated splits, or ``--data``
+with the ground truth's annotations), LPIPS and FID (need weights on disk: ``hptransfer weights
+fetch``). FID names its network (``--fid-network``: torchvision's Inception-v3 or the TF FID
+Inception) and its reference set (``--fid-reference``: the training images, as the peers' scripts
+score, from ``--data``'s train split or ``--fid-real DIR``; or the test ground truth); every FID and
+SSIM printed carries its protocol. A metric
 whose weights or inputs are missing is one short "unavailable (reason)" line in the table (the long
 explanation, e.g. where the weights go, is logged once) unless it was requested with ``--metrics``:
 then it is an error. ``--json`` prints the results as JSON on stdout instead of the table.
@@ -42,7 +46,9 @@ def add_arguments(p) -> None:
     p.add_argument("--intersection", action="store_true",
                    help="with --pred/--gt holding different names: score the names both have (the dropped ones "
                         "are counted and named in the log) instead of stopping")
-    p.add_argument("--protocol", default="both", choices=["gaussian", "uniform51", "both"])
+    p.add_argument("--protocol", default="both", choices=[*M.ALL_PROTOCOLS, "both", "all"],
+                   help="SSIM protocol: gaussian (sigma 1.5), gaussian12 (sigma 1.2), uniform51; both = gaussian and "
+                        "uniform51 (default); all = the three")
     p.add_argument("--data-range", default="255", choices=["255", "pred"],
                    help="SSIM data range: 255, or each prediction's max-min (PATN/GFLA Gaussian SSIM scripts)")
     p.add_argument("--crop", default=None, help="x0:x1 columns kept for every metric (e.g. 40:216: DeepFashion's 176-wide frame)")
@@ -50,7 +56,7 @@ def add_arguments(p) -> None:
                    "listed metrics must run (missing weights = error); default: all that can")
     p.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"])
     p.add_argument("--lpips-weights", default=None, help="torchvision backbone file (else env var / hub cache)")
-    p.add_argument("--inception-weights", default=None, help="torchvision inception_v3 file for FID")
+    add_fid_arguments(p)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None, help="score only the first N images/pairs")
     p.add_argument("--save-dir", default=None, help="with --checkpoint: also save generated images here")
@@ -60,6 +66,73 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default=None, help="default: cuda when present")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout (no table)")
+
+
+def add_fid_arguments(p) -> None:
+    """FID's protocol options, shared by ``eval`` and ``compare``."""
+    p.add_argument("--fid-network", default="torchvision", choices=list(M.FID_NETWORKS),
+                   help="torchvision: torchvision's Inception-v3 as PCDMs' evaluation feeds it (default); "
+                        "pt_inception: the TF FID Inception of pytorch-fid / clean-fid (weights fetch fid_inception)")
+    p.add_argument("--fid-reference", default="train", choices=["train", "test-gt"],
+                   help="FID's real images: train = the training images (the peers' protocol; --data's train split "
+                        "or --fid-real DIR; default), test-gt = the ground truth of the scored images")
+    p.add_argument("--fid-real", default=None, metavar="DIR", help="folder of FID's reference images (with "
+                   "--fid-reference train; default: --data's train split)")
+    p.add_argument("--inception-weights", default=None,
+                   help="the FID network's weights file (else env var / hub cache)")
+
+
+def protocols_of(name: str) -> list[str]:
+    """``--protocol`` value -> SSIM protocols."""
+    return {"both": list(M.PROTOCOLS), "all": list(M.ALL_PROTOCOLS)}.get(name, [name])
+
+
+def fid_reference_of(args):
+    """``--fid-reference``/``--fid-real``/``--data`` -> :func:`evaluate`'s ``fid_reference``: None (the
+    test ground truth) or a function returning :func:`training_images`' answer."""
+    if args.fid_reference == "test-gt":
+        return None
+    return lambda: training_images(args.data, args.fid_real, batch_size=args.batch_size)
+
+
+def training_images(data=None, folder=None, split: str = "train", batch_size: int = 16):
+    """(description, batches factory) of FID's reference images: ``folder``'s images, else ``data``'s
+    ``split``; an InputError when there are none."""
+    if folder is not None:
+        root = Path(folder)
+        if not root.is_dir():
+            raise InputError(f"--fid-real {root}: no such folder")
+        paths = sorted(q for q in root.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
+        where = f"--fid-real {root}"
+    elif data is not None:
+        from hptransfer.data import read_annotations
+
+        ann = Path(data) / f"annotations-{split}.csv"
+        if not ann.is_file():
+            raise InputError(f"{ann}: no {split} split for FID's reference images (give --fid-real DIR, or "
+                             "--fid-reference test-gt)")
+        paths = [Path(data) / "images" / n for n in sorted(read_annotations(ann))]
+        where = f"{split} split of {data}"
+    else:
+        raise InputError("FID against the training images needs --data (its train split) or --fid-real DIR "
+                         "(or --fid-reference test-gt)")
+    if len(paths) < 2:
+        raise InputError(f"FID's reference ({where}) has {len(paths)} images; it needs at least 2")
+    kind = "training images" if folder is None else "images"
+    return f"{len(paths)} {kind} ({where})", lambda: image_batches(paths, batch_size)
+
+
+def image_batches(paths: list[Path], batch_size: int):
+    """uint8 (B, 3, H, W) batches of the images at ``paths``; a batch holds images of one size."""
+    batch: list = []
+    for path in paths:
+        img = _load_uint8(path)
+        if batch and (len(batch) == batch_size or img.shape != batch[0].shape):
+            yield torch.stack(batch)
+            batch = []
+        batch.append(img)
+    if batch:
+        yield torch.stack(batch)
 
 
 # ---------------------------------------------------------------- inputs
@@ -222,16 +295,19 @@ UNDEFINED = {"local_ssim": "no valid descriptor (keypoints missing)"}
 
 def evaluate(batches, protocols, crop, wanted, explicit: bool, device, lpips_net="alex",
              lpips_weights=None, inception_weights=None, total=None, data_range="255",
-             reasons: Optional[dict] = None) -> dict:
-    """Score (pred uint8, gt uint8, kp or None) batches. Returns {metric: {"value", "n"[, "left_out",
-    "why"]} | {"unavailable"}}.
+             reasons: Optional[dict] = None, fid_network: str = "torchvision", fid_reference=None) -> dict:
+    """Score (pred uint8, gt uint8, kp or None) batches. Returns {metric: {"value", "n", "protocol"[,
+    "left_out", "why"]} | {"unavailable"}}; "protocol" says in words how the number was made (SSIM window
+    and data range; FID network and reference set).
 
-    ``crop`` = (x0, x1) keeps those columns of every image for EVERY metric (:func:`crop_batches`).
-    An unavailable metric gets a short reason; a longer one (where weights go) is logged once. A
-    metric in ``wanted`` with ``explicit`` raises :class:`UserError` instead. Images for which a metric
-    is undefined (local-SSIM without keypoints) are left out of its mean and counted, with ``reasons[metric]``
-    (else :data:`UNDEFINED`) as the why; a metric undefined for every image is unavailable with that reason:
-    no NaN reaches the table."""
+    ``crop`` = (x0, x1) keeps those columns of every image for EVERY metric (:func:`crop_batches`), FID's
+    reference images included. ``fid_reference``: None (the ground truth of ``batches``), or a function
+    returning (description, batches factory) (:func:`training_images`) or raising InputError (then FID
+    is unavailable, or with ``explicit`` an error). An unavailable metric gets a short reason; a longer one
+    (where weights go) is logged once. A metric in ``wanted`` with ``explicit`` raises :class:`UserError`
+    instead. Images for which a metric is undefined (local-SSIM without keypoints) are left out of its mean
+    and counted, with ``reasons[metric]`` (else :data:`UNDEFINED`) as the why; a metric undefined for every
+    image is unavailable with that reason: no NaN reaches the table."""
     from tqdm import tqdm
 
     results: dict = {}
@@ -258,11 +334,17 @@ def evaluate(batches, protocols, crop, wanted, explicit: bool, device, lpips_net
             models["lpips"] = M.LPIPSMetric(lpips_net, lpips_weights, device=device)
         except (M.WeightsUnavailable, ImportError) as e:
             unavailable("lpips", e)
+    reference = None
     if "fid" in wanted:
         try:
-            models["fid"] = M.InceptionFeatures(inception_weights, device=device)
+            models["fid"] = M.InceptionFeatures(fid_network, inception_weights, device=device)
         except (M.WeightsUnavailable, ImportError, ValueError) as e:
             unavailable("fid", e)
+    if "fid" in wanted and fid_reference is not None:
+        try:
+            reference = fid_reference()
+        except InputError as e:
+            unavailable("fid", str(e))
     feats = {"pred": [], "gt": []}
     for pred, gt, kp in tqdm(crop_batches(batches, crop), total=total, desc="eval", unit="batch", leave=False):
         x, y = pred.to(device), gt.to(device)
@@ -292,7 +374,9 @@ def evaluate(batches, protocols, crop, wanted, explicit: bool, device, lpips_net
             per.setdefault(f"lpips_{lpips_net}", []).append(models["lpips"](x, y))
         if "fid" in wanted:
             feats["pred"].append(models["fid"](x))
-            feats["gt"].append(models["fid"](y))
+            if reference is None:
+                feats["gt"].append(models["fid"](y))
+    range_text = "data range = each prediction's max - min" if data_range == "pred" else "data range 255"
     for name, vals in per.items():
         if name in results:  # became unavailable part-way
             continue
@@ -307,10 +391,23 @@ def evaluate(batches, protocols, crop, wanted, explicit: bool, device, lpips_net
         results[name] = {"value": float(ok.mean()), "n": int(len(ok))}
         if len(ok) < len(v):
             results[name].update(left_out=int(len(v) - len(ok)), why=why)
+        if name.startswith("ssim_"):
+            results[name]["protocol"] = f"{M.PROTOCOL_TEXT[name[5:]]}, {range_text}"
     if "fid" in wanted:
+        where = "the test ground truth"
+        if reference is not None:
+            where, make = reference
+            for ref in make():
+                if crop is not None:
+                    if crop[1] > ref.shape[-1]:
+                        raise InputError(f"--crop {crop[0]}:{crop[1]} is wider than FID's reference images "
+                                         f"({ref.shape[-1]} px)")
+                    ref = ref[..., crop[0]:crop[1]]
+                feats["gt"].append(models["fid"](ref.to(device)))
         a, b = torch.cat(feats["pred"]).numpy(), torch.cat(feats["gt"]).numpy()
         try:
-            results["fid"] = {"value": M.frechet_distance(a, b), "n": int(len(a))}
+            results["fid"] = {"value": M.frechet_distance(a, b), "n": int(len(a)), "reference_n": int(len(b)),
+                              "protocol": f"{fid_network} network; reference: {where}"}
         except ValueError as e:
             unavailable("fid", str(e))
     return results
@@ -389,16 +486,17 @@ def region_errors(batches, pairs, masks: dict, produce) -> dict:
 
 
 def format_table(results: dict) -> str:
-    rows = [("metric", "value", "n")]
+    rows = [("metric", "value", "n", "protocol")]
     for name, r in results.items():
         if "unavailable" in r:
-            rows.append((name, f"unavailable ({r['unavailable']})", ""))
+            rows.append((name, f"unavailable ({r['unavailable']})", "", ""))
         else:
             left = f"  ({r['left_out']} images left out: {r['why']})" if r.get("left_out") else ""
-            rows.append((name, f"{r['value']:.4f}{left}", str(r["n"])))
+            rows.append((name, f"{r['value']:.4f}{left}", str(r["n"]), r.get("protocol", "")))
     w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows if not r[1].startswith("unavailable"))
     w2 = max(len(r[2]) for r in rows)
-    return "\n".join(f"{a:<{w0}}  {c:>{w2}}  {b}" for a, b, c in rows)
+    return "\n".join(f"{a:<{w0}}  {c:>{w2}}  {b:<{w1}}  {d}".rstrip() for a, b, c, d in rows)
 
 
 def _json_safe(obj):
@@ -416,7 +514,7 @@ def run(args) -> int:
     from hptransfer.data.formats import atomic_write_text  # a full disk: an error naming the file, no temp file
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    protocols = list(M.PROTOCOLS) if args.protocol == "both" else [args.protocol]
+    protocols = protocols_of(args.protocol)
     try:
         crop = M.parse_crop(args.crop)
     except ValueError as e:
@@ -441,7 +539,7 @@ def run(args) -> int:
             log.warning("--intersection: scoring the %d common names only; %s", len(matched), differ)
         pairs = matched[: args.limit]
         keypoints = None
-        if args.data:
+        if args.data and "local_ssim" in wanted:  # --data may be there for FID's training images only
             from hptransfer.data import read_annotations
             ann_path = Path(args.data) / f"annotations-{args.split}.csv"
             keypoints, missing = ground_truth_keypoints(pairs, Path(args.gt), read_annotations(ann_path))
@@ -464,7 +562,8 @@ def run(args) -> int:
             raise InputError(f"--pose-following needs {Path(args.data) / PARAMS_FILE}: body masks exist only for "
                              "datasets written by `hptransfer data synth`")
     results = evaluate(batches, protocols, crop, wanted, explicit, device, args.lpips_net,
-                       args.lpips_weights, args.inception_weights, total, args.data_range, reasons)
+                       args.lpips_weights, args.inception_weights, total, args.data_range, reasons,
+                       args.fid_network, fid_reference_of(args))
     following = None
     if args.pose_following:
         following = pose_following(args.checkpoint, args.data, args.split, args.batch_size, device)

@@ -1,4 +1,5 @@
-"""Losses of the appearance flow network (``task: garment_flow``).
+"""Losses of the appearance flow network (``task: garment_flow``). Ours: the paper (Fig. 9) names no
+loss for its appearance flow network; these follow appearance-flow peers (ClothFlow, PF-AFN).
 
 - ``l1``: mean |warped - target| over the target garment's pixels (images in [-1, 1]);
 - ``perceptual``: VGG-16 features (the config's ``loss.layers``, L1) of the warped garment and of the

@@ -1,5 +1,7 @@
 """The ``task: garment_flow`` pieces the trainer (:mod:`hptransfer.train`) calls instead of the
 generator's: model, dataset, one training step, sample grids, export (safetensors + config.json, ONNX).
+The network, its losses and its training pairs are ours (the paper's Fig. 9 gives only the flow
+network's inputs and the bilinear sampling; docs/garment.md).
 
 Training uses the trainer as it is (config, stages, checkpoints, exact resume, DeepSpeed engines,
 progress, TensorBoard, sample grids): ``hptransfer train --config configs/garment_flow.yaml``. A stage's

@@ -1,5 +1,13 @@
 """``hptransfer garment``: garment transfer / virtual try-on (paper section 4.5, Fig. 9).
 
+What is the paper's and what is ours (docs/garment.md): the paper gives the two steps (dis-occlude the
+person with the transfer network into a pre-defined frontal pose, then an appearance flow network),
+the flow network's inputs (the garment image, the reference and target pose masks, from a human
+parsing network) and the bilinear sampling layer. Ours: the pose heatmaps as extra flow inputs, the
+flow network's pyramid, losses and training pairs (:mod:`hptransfer.models.appearance_flow`), the
+feathered composite (step 4), ``--back-to-pose`` (step 5), carrying a parsing map bone by bone
+(:func:`transport_labels`) and the synthetic parsing maps.
+
 Person P (image + pose) and a garment photo G (someone else wearing it, + pose and parsing):
 
 1. **dis-occlude**: the transfer network moves P to a pre-defined frontal pose F, where nothing
@@ -10,10 +18,10 @@ Person P (image + pose) and a garment photo G (someone else wearing it, + pose a
    parser run on the frontal image, the synthetic generator's exact frontal map, or P's own map
    (``--person-parsing``) carried to the frontal pose bone by bone (:func:`transport_labels`);
 3. **warp**: the appearance flow network predicts a flow from G's garment, its mask and the target
-   region (and both poses); the bilinear sampling layer warps the garment;
-4. **composite**: the warped garment replaces P's pixels under a feathered mask (the warped mask
+   region (the paper's inputs; both poses' heatmaps are ours); the bilinear sampling layer warps the garment;
+4. **composite** (ours): the warped garment replaces P's pixels under a feathered mask (the warped mask
    inside the region);
-5. ``--back-to-pose``: the transfer network returns the result to P's own pose.
+5. ``--back-to-pose`` (ours): the transfer network returns the result to P's own pose.
 
 ``--steps DIR`` writes every intermediate (frontal person, masks, flow as a colour wheel, warped
 garment, alpha, composite) so a person can see where a result went wrong. Inputs are fitted to the
@@ -127,17 +135,19 @@ def transport_labels(mask: np.ndarray, kp_src, kp_dst) -> np.ndarray:
 def try_on(transfer, flow, person: torch.Tensor, kp_person: torch.Tensor, garment: torch.Tensor,
            kp_garment: torch.Tensor, garment_mask: torch.Tensor, kp_frontal: torch.Tensor,
            region_of: Callable[[torch.Tensor], torch.Tensor], back_to_pose: bool = False,
-           feather_sigma: Optional[float] = None) -> dict:
+           feather_sigma: Optional[float] = None, person_frontal: Optional[torch.Tensor] = None) -> dict:
     """Batched try-on at the transfer network's resolution R. Images (B, 3, R, R) in [-1, 1], keypoints
     (B, 18, 2) (y, x) at R, ``garment_mask`` (B, 1, R, R) 0/1; ``region_of(person_frontal)`` -> the
     person's garment region in the frontal pose (B, 1, R, R). Returns every intermediate:
     person_frontal, region, garment (masked), flow, warped, warped_mask, alpha, composite (frontal) and,
-    with ``back_to_pose``, result (P's pose); else result = composite."""
+    with ``back_to_pose``, result (P's pose); else result = composite. ``person_frontal`` given (e.g. an
+    exact synthetic rendering) replaces step 1's transfer network; ``transfer`` may then be None."""
     from hptransfer.export import generate
 
     R = person.shape[-1]
     flow.resolution = R
-    person_frontal = generate(transfer, person, kp_frontal)
+    if person_frontal is None:
+        person_frontal = generate(transfer, person, kp_frontal)
     region = region_of(person_frontal).to(person.dtype)
     p = next(flow.parameters())
     g = garment * garment_mask

@@ -4,8 +4,9 @@ On a synthetic dataset's held-out split, each pair takes A's photo (one of its p
 (another identity, another pose) and compares, inside the ground truth's garment region, three ways
 of dressing A in B's garment in the frontal pose:
 
-- ``ours``: the pipeline of :mod:`hptransfer.garment` (transfer network to the frontal pose, appearance
-  flow warp, feathered composite);
+- ``ours`` ("flow (ours)": its flow network is our design, not the paper's; docs/garment.md): the
+  pipeline of :mod:`hptransfer.garment` (transfer network to the frontal pose, appearance flow warp,
+  feathered composite);
 - ``affine``: B's garment pasted with the best affine fit of its mask onto A's own frontal garment mask
   (moments, then 1 - soft IoU minimised over the six parameters), composited the same way;
 - ``transfer_only``: the transfer network alone: it moves B (the wearer) to A's frontal pose, and the
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hptransfer.errors import InputError
 from hptransfer.garment import dilate, feather, region_tensor, synthetic_frontal, try_on
 
 log = logging.getLogger(__name__)
@@ -122,7 +124,7 @@ def _pairs(root: Path, split: str, count: int):
         by_id.setdefault(int(n[6:11]), []).append(n)
     ids = sorted(by_id)
     if len(ids) < 2:
-        raise ValueError(f"{root}: the {split} split needs two identities for try-on pairs, has {len(ids)}")
+        raise InputError(f"{root}: the {split} split needs two identities for try-on pairs, has {len(ids)}")
     out = []
     for k in range(count):
         a, b = ids[k % len(ids)], ids[(k + 1 + k // len(ids)) % len(ids)]
@@ -134,22 +136,26 @@ def _pairs(root: Path, split: str, count: int):
 
 
 @torch.no_grad()
-def evaluate_tryon(transfer, flow, root, split: str = "test", count: int = 24, back_to_pose: bool = True) -> dict:
-    """Scores of :data:`METHODS` (see the module docstring) and the tensors for a figure."""
+def tryon_inputs(root, split: str, count: int, R: int) -> dict:
+    """The tensors of ``count`` held-out try-on pairs at ``R`` px (see :func:`_pairs`): A's photo and
+    pose, B's photo, pose and garment mask, A's frontal pose, garment region and own garment mask, the
+    ground truth (A in B's garment, frontal and in A's pose, with garment masks), B's frontal garment
+    mask, and ``frontal``: A in its own garment in the frontal pose, rendered exactly (the dis-occlusion
+    a perfect transfer network would give)."""
     from hptransfer.data import read_annotations, synth
     from hptransfer.data.dataset import fit_image, fit_keypoints, load_image, to_tensor
     from hptransfer.data.garment_pairs import fit_labels, parsing_path
     from hptransfer.data.parsing import UPPER_GARMENT, garment_masks, mask_of, read_parsing
-    from hptransfer.export import generate
 
     root = Path(root)
     params = json.loads((root / synth.PARAMS_FILE).read_text())
-    S, seed, R = params["size"], params["seed"], transfer.resolution
+    S, seed = params["size"], params["seed"]
     ann = read_annotations(root / f"annotations-{split}.csv")
     pairs = _pairs(root, split, count)
     as_mask = lambda m: torch.from_numpy(np.asarray(m, np.float32))[None]  # noqa: E731
     rows = {k: [] for k in ("person", "kp_person", "garment", "kp_garment", "garment_mask", "kp_frontal", "region",
-                            "own_upper", "gt", "gt_mask", "gt_pose", "gt_pose_mask", "wearer_frontal_mask")}
+                            "own_upper", "gt", "gt_mask", "gt_pose", "gt_pose_mask", "wearer_frontal_mask",
+                            "frontal")}
     for pa, pb in pairs:
         a, b = int(pa[6:11]), int(pb[6:11])
         for key, name in (("person", pa), ("garment", pb)):
@@ -162,6 +168,8 @@ def evaluate_tryon(transfer, flow, root, split: str = "test", count: int = 24, b
         rows["kp_frontal"].append(kp_f)
         rows["region"].append(region_tensor(lab_f, "lip"))
         rows["own_upper"].append(as_mask(mask_of(lab_f, "lip", UPPER_GARMENT)))
+        frontal_img, _, _ = synth.render_frontal(seed, a, S)
+        rows["frontal"].append(to_tensor(fit_image(frontal_img, R)))
         gt_img, _, gt_lab = synth.render_frontal(seed, a, S, garment_from=b)
         rows["gt"].append(to_tensor(fit_image(gt_img, R)))
         rows["gt_mask"].append(as_mask(mask_of(fit_labels(gt_lab, R), "lip", UPPER_GARMENT)))
@@ -172,37 +180,64 @@ def evaluate_tryon(transfer, flow, root, split: str = "test", count: int = 24, b
                                          with_labels=True, garment_from=b)[p]
         rows["gt_pose"].append(to_tensor(fit_image(rendered[1], R)))
         rows["gt_pose_mask"].append(as_mask(mask_of(fit_labels(rendered[4], R), "lip", UPPER_GARMENT)))
-    t = {k: torch.stack(v) for k, v in rows.items()}
+    return {k: torch.stack(v) for k, v in rows.items()}
 
-    steps = try_on(transfer, flow, t["person"], t["kp_person"], t["garment"], t["kp_garment"], t["garment_mask"],
-                   t["kp_frontal"], lambda _: t["region"], back_to_pose=False)
-    pf = steps["person_frontal"]
-    results = {"ours": (steps["composite"], steps["alpha"])}
-    # (b) the garment pasted by the best affine fit of its mask onto A's own frontal garment mask
+
+@torch.no_grad()
+def affine_paste(t: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(warped garment, warped mask): each B's garment laid onto A's own frontal garment mask by the
+    best affine fit of the masks (:func:`fit_affine`). Deterministic: no seed."""
+    R = t["garment"].shape[-1]
     warped, wmask = [], []
-    for i in range(len(pairs)):
+    for i in range(t["garment"].shape[0]):
         theta = fit_affine(t["garment_mask"][i, 0], t["own_upper"][i, 0])
         grid = F.affine_grid(theta[None], [1, 3, R, R], align_corners=False)
         wm = F.grid_sample(t["garment_mask"][i:i + 1], grid, align_corners=False)
         wg = F.grid_sample(t["garment"][i:i + 1] * t["garment_mask"][i:i + 1], grid, align_corners=False)
         warped.append((wg / wm.clamp_min(1e-3)).clamp(-1, 1))
         wmask.append(wm)
-    warped, wmask = torch.cat(warped), torch.cat(wmask)
-    results["affine"] = _composite(pf, warped, wmask, t["region"], R)
+    return torch.cat(warped), torch.cat(wmask)
+
+
+def score_frontal(img: torch.Tensor, alpha: torch.Tensor, t: dict) -> dict:
+    """Per-pair (B,) L1 and SSIM inside the ground truth's garment, and the IoU of ``alpha`` with it."""
+    return {"l1": masked_l1(img, t["gt"], t["gt_mask"]), "ssim": masked_ssim(img, t["gt"], t["gt_mask"]),
+            "iou": mask_iou(alpha, t["gt_mask"])}
+
+
+@torch.no_grad()
+def flow_composite(flow, t: dict, person_frontal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(composite, alpha) of the appearance flow's warp onto ``person_frontal`` (see :func:`try_on`)."""
+    steps = try_on(None, flow, t["person"], t["kp_person"], t["garment"], t["kp_garment"], t["garment_mask"],
+                   t["kp_frontal"], lambda _: t["region"], person_frontal=person_frontal)
+    return steps["composite"], steps["alpha"]
+
+
+@torch.no_grad()
+def evaluate_tryon(transfer, flow, root, split: str = "test", count: int = 24, back_to_pose: bool = True) -> dict:
+    """Scores of :data:`METHODS` (see the module docstring) and the tensors for a figure."""
+    from hptransfer.export import generate
+
+    R = transfer.resolution
+    t = tryon_inputs(root, split, count, R)
+    pf = generate(transfer, t["person"], t["kp_frontal"])
+    steps = try_on(transfer, flow, t["person"], t["kp_person"], t["garment"], t["kp_garment"], t["garment_mask"],
+                   t["kp_frontal"], lambda _: t["region"], person_frontal=pf)
+    results = {"ours": (steps["composite"], steps["alpha"])}
+    results["affine"] = _composite(pf, *affine_paste(t), t["region"], R)
     # (c) the transfer network alone: the wearer moved to A's frontal pose, garment cut with B's frontal mask
     wearer = generate(transfer, t["garment"], t["kp_frontal"])
     results["transfer_only"] = _composite(pf, wearer, t["wearer_frontal_mask"], t["region"], R)
 
     scores = {}
     for name, (img, alpha) in results.items():
-        s = {"l1": masked_l1(img, t["gt"], t["gt_mask"]), "ssim": masked_ssim(img, t["gt"], t["gt_mask"]),
-             "iou": mask_iou(alpha, t["gt_mask"])}
+        s = score_frontal(img, alpha, t)
         if back_to_pose:
             back = generate(transfer, img, t["kp_person"])
             s["l1_pose"] = masked_l1(back, t["gt_pose"], t["gt_pose_mask"])
             s["ssim_pose"] = masked_ssim(back, t["gt_pose"], t["gt_pose_mask"])
         scores[name] = {k: float(v.mean()) for k, v in s.items()}
-    return {"scores": scores, "pairs": len(pairs), "resolution": R, "tensors": t, "results": results,
+    return {"scores": scores, "pairs": t["person"].shape[0], "resolution": R, "tensors": t, "results": results,
             "steps": steps}
 
 
@@ -211,7 +246,7 @@ def format_table(scores: dict) -> str:
             ("l1_pose", "L1, back in A's pose"), ("ssim_pose", "SSIM, back in A's pose")]
     cols = [c for c in cols if c[0] in next(iter(scores.values()))]
     lines = ["| method | " + " | ".join(h for _, h in cols) + " |", "| --- |" + " --- |" * len(cols)]
-    names = {"ours": "(a) ours: transfer + appearance flow", "affine": "(b) best affine fit of the mask",
+    names = {"ours": "(a) flow (ours): transfer + appearance flow", "affine": "(b) best affine fit of the mask",
              "transfer_only": "(c) transfer network alone"}
     for m, s in scores.items():
         lines.append(f"| {names.get(m, m)} | " + " | ".join(f"{s[k]:.3f}" for k, _ in cols) + " |")

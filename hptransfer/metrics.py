@@ -1,12 +1,17 @@
 """Image metrics for pose transfer: SSIM (two literature protocols), MS-SSIM, local-SSIM, LPIPS, FID.
 
 All SSIM variants run in torch (batched, float64, on the images' device) on uint8-quantised images
-(values 0..255), so they equal scikit-image's ``structural_similarity`` on the saved PNGs:
+(values 0..255), so they equal scikit-image's ``structural_similarity`` on the saved PNGs. The
+protocols (:data:`PROTOCOL_TEXT` says each in one line, and every printed number carries it):
 
 - ``"gaussian"``: 11x11 Gaussian window, sigma 1.5, no sample-covariance correction
-  (PG2 / Deformable GAN / PATN: ``gaussian_weights=True, sigma=1.5, use_sample_covariance=False``).
+  (PG2 / Deformable GAN / PATN, GFLA's "ssim_256"; the sigma-1.5 protocol of CFLD and MCLD:
+  ``gaussian_weights=True, sigma=1.5, use_sample_covariance=False``).
+- ``"gaussian12"``: the same with sigma 1.2 (a 9x9 window: skimage truncates at 3.5 sigma): the
+  "SSIM_256" of PCDMs' metrics.py (checked) and PIDM's, which pass ``data_range = pred.max() - pred.min()``
+  (``data_range="pred"``).
 - ``"uniform51"``: 51x51 uniform window with the sample-covariance correction N/(N-1)
-  (skimage defaults with ``win_size=51``, as in the GFLA / PIDM / CFLD evaluation scripts).
+  (skimage defaults with ``win_size=51``, as in the GFLA / PIDM / PCDMs / CFLD evaluation scripts' "SSIM").
 
 Both use ``data_range=255`` by default. The original scripts differ here: GFLA's uniform-51 SSIM
 runs on images / 255 with ``data_range=1`` (the same numbers: SSIM is invariant to scaling image
@@ -16,7 +21,9 @@ and range together), while PATN's and GFLA's Gaussian SSIM ("ssim_256") pass
 count: a "valid" convolution gives exactly those values.
 
 LPIPS and FID need ImageNet backbone weights, which are never downloaded here: see :func:`find_weights`
-and ``hptransfer weights fetch alexnet inception``.
+and ``hptransfer weights fetch alexnet inception fid_inception``. FID has two networks (:data:`FID_NETWORKS`):
+torchvision's Inception-v3 fed as PCDMs' evaluation code feeds it, or the TF FID Inception of
+pytorch-fid / clean-fid (:class:`hptransfer.models.fid_inception.FIDInceptionV3`).
 """
 from __future__ import annotations
 
@@ -35,12 +42,19 @@ from hptransfer.weights import WEIGHTS, find, load_state_dict
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("gaussian", "uniform51")
+PROTOCOLS = ("gaussian", "uniform51")  # the default pair ("--protocol both")
+ALL_PROTOCOLS = ("gaussian", "gaussian12", "uniform51")
+GAUSSIAN_SIGMA = {"gaussian": 1.5, "gaussian12": 1.2}
+PROTOCOL_TEXT = {
+    "gaussian": "Gaussian 11x11 sigma 1.5, no sample covariance (PG2/PATN/GFLA ssim_256; CFLD, MCLD)",
+    "gaussian12": "Gaussian 9x9 sigma 1.2, no sample covariance (PCDMs/PIDM SSIM_256)",
+    "uniform51": "uniform 51x51, sample covariance (GFLA/PIDM/PCDMs/CFLD SSIM)",
+}
 K1, K2 = 0.01, 0.03
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, as in pytorch-msssim
 
 # metric backbone -> hptransfer.weights name (the registry holds file names, env vars and hashes)
-WEIGHT_NAMES = {"alex": "alexnet", "vgg": "vgg16", "inception": "inception"}
+WEIGHT_NAMES = {"alex": "alexnet", "vgg": "vgg16", "inception": "inception", "fid_inception": "fid_inception"}
 WEIGHT_FILES = {k: (WEIGHTS[n].env, WEIGHTS[n].filename) for k, n in WEIGHT_NAMES.items()}
 
 
@@ -83,16 +97,17 @@ def _filter_valid(x: torch.Tensor, k1d: torch.Tensor) -> torch.Tensor:
 
 def _protocol_window(protocol: str, side: int, dtype, device):
     """(1-D kernel, sample-covariance factor) of a protocol; windows shrink for images smaller than them."""
-    if protocol == "gaussian":
-        size = min(11, side if side % 2 else side - 1)  # skimage: 2*int(3.5*sigma+0.5)+1 = 11
-        return _gauss_1d(size, 1.5, dtype, device), 1.0
+    if protocol in GAUSSIAN_SIGMA:
+        sigma = GAUSSIAN_SIGMA[protocol]
+        size = min(2 * int(3.5 * sigma + 0.5) + 1, side if side % 2 else side - 1)  # skimage's truncation
+        return _gauss_1d(size, sigma, dtype, device), 1.0
     if protocol == "uniform51":
         size = 51
         if side < size:
             raise ValueError(f"uniform51 SSIM needs images of at least 51 px, got {side}")
         n = size * size
         return torch.full((size,), 1.0 / size, dtype=dtype, device=device), n / (n - 1)
-    raise ValueError(f"unknown SSIM protocol {protocol!r}; choose from {PROTOCOLS}")
+    raise ValueError(f"unknown SSIM protocol {protocol!r}; choose from {ALL_PROTOCOLS}")
 
 
 def _ssim_cs(x: torch.Tensor, y: torch.Tensor, k1d: torch.Tensor, cov_norm: float, data_range: float):
@@ -236,20 +251,46 @@ class LPIPSMetric:
         return self.model(x, y).view(-1).double().cpu()
 
 
+# FID's networks (--fid-network): the weights file (hptransfer.weights) and what feeds them
+FID_NETWORKS = {
+    "torchvision": "torchvision Inception-v3 (inception_v3_google-0cc3c7bd.pth), input as PCDMs' inception.py",
+    "pt_inception": "TF FID Inception (pt_inception-2015-12-05-6726825d.pth), as pytorch-fid/clean-fid legacy",
+}
+FID_WEIGHTS = {"torchvision": "inception", "pt_inception": "fid_inception"}
+
+
 class InceptionFeatures:
-    """2048-d pool features of torchvision's Inception-v3 with weights from a local file."""
+    """2048-d pool features for FID from a local weights file, by ``network`` (:data:`FID_NETWORKS`):
 
-    def __init__(self, weights: Optional[str] = None, device="cpu"):
-        from torchvision.models import inception_v3
+    - ``"torchvision"``: torchvision's Inception-v3 (ImageNet weights), images in [0, 1] resized
+      bilinearly to 299 and mapped per channel by ``x * (std / 0.5) + (mean - 0.5) / 0.5``, as the
+      PCDMs evaluation code (``inception.py``, checked) feeds it: torchvision's ``transform_input``
+      formula applied to unnormalised images. Those scripts first resize with OpenCV's bicubic to the
+      dataset's size; here images come at their own size.
+    - ``"pt_inception"``: :class:`~hptransfer.models.fid_inception.FIDInceptionV3` with pytorch-fid's
+      weights: bilinear to 299, ``2x - 1``.
+    """
 
-        path = find_weights("inception", weights)
-        net = inception_v3(weights=None, aux_logits=True, init_weights=False)
+    def __init__(self, network: str = "torchvision", weights: Optional[str] = None, device="cpu"):
+        if network not in FID_NETWORKS:
+            raise ValueError(f"FID network must be one of {', '.join(FID_NETWORKS)}, got {network!r}")
+        self.network = network
+        path = find(FID_WEIGHTS[network], weights)
         state = load_state_dict(path)
+        if network == "torchvision":
+            from torchvision.models import inception_v3
+
+            net = inception_v3(weights=None, aux_logits=True, init_weights=False)
+        else:
+            from hptransfer.models.fid_inception import FIDInceptionV3
+
+            net = FIDInceptionV3()
         try:
             net.load_state_dict(state)
         except RuntimeError as e:
-            raise WeightsError(f"{path}: not torchvision's inception_v3 state dict ({str(e)[:200]}...)") from None
-        net.fc = torch.nn.Identity()
+            raise WeightsError(f"{path}: not the {network} FID network's state dict ({str(e)[:200]}...)") from None
+        if network == "torchvision":
+            net.fc = torch.nn.Identity()
         self.net = net.eval().to(device)
         self.device = device
 
@@ -257,10 +298,12 @@ class InceptionFeatures:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 or [-1, 1] -> (B, 2048) float64."""
         x = to_uint8(images).to(self.device, torch.float32) / 255.0
+        if self.network == "pt_inception":
+            return self.net(x).double().cpu()
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-        return self.net((x - mean) / std).double().cpu()
+        return self.net(x * (std / 0.5) + (mean - 0.5) / 0.5).double().cpu()
 
 
 def frechet_distance(feats_a: np.ndarray | torch.Tensor, feats_b: np.ndarray | torch.Tensor) -> float:

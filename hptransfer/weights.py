@@ -1,19 +1,22 @@
 """ImageNet weights: where the loaders find them, and ``hptransfer weights fetch|list``.
 
-Three torchvision files are used: VGG-16 (perceptual losses; LPIPS with ``--lpips-net vgg``),
-AlexNet (LPIPS) and Inception-v3 (FID). A loader looks, in order, at an explicit path (config or
+Four files are used: torchvision's VGG-16 (perceptual losses; LPIPS with ``--lpips-net vgg``),
+AlexNet (LPIPS) and Inception-v3 (FID, ``--fid-network torchvision``), and the TF-ported FID
+Inception of pytorch-fid (``pt_inception-2015-12-05-6726825d.pth``, FID ``--fid-network pt_inception``). A loader looks, in order, at an explicit path (config or
 command line), the file's environment variable, and the torch hub cache
 ``$TORCH_HOME/hub/checkpoints/<file>`` (:func:`torch.hub.get_dir`), the folder torchvision itself
 downloads to. :func:`find` is that lookup, shared by :mod:`hptransfer.models.vgg` and
 :mod:`hptransfer.metrics`.
 
-``fetch`` downloads a file from torchvision's published URL (base overridable with ``--base-url``
-or ``HPTRANSFER_WEIGHTS_URL``, e.g. a local mirror) into a temp file beside the destination,
+``fetch`` downloads a file from its published URL (torchvision's, or pytorch-fid's GitHub release for
+the FID Inception; the base overridable with ``--base-url`` or ``HPTRANSFER_WEIGHTS_URL``, e.g. a local
+mirror holding every file by name) into a temp file beside the destination,
 checks its size and SHA-256, and only then renames it into place; a wrong or truncated download
 is deleted and reported. The full SHA-256 of VGG-16 and AlexNet are the published files' (the
 file names carry their first 8 hex digits, as torchvision names files); for Inception-v3 no full
 hash was found in public sources, so its file is checked the way torchvision's ``check_hash``
-does: the digest must start with the hex prefix in the file name.
+does: the digest must start with the hex prefix in the file name. The FID Inception's full SHA-256 and
+size are the ones other projects pin for pytorch-fid's release file (its name carries the same prefix).
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ class Weight:
     sha256: Optional[str]  # full digest; None: only the prefix in the file name is known
     size: Optional[int]  # bytes, when known
     used_by: str
+    base_url: Optional[str] = None  # where it is published, when not torchvision's DEFAULT_BASE_URL
 
     @property
     def hash_prefix(self) -> str:
@@ -62,7 +66,12 @@ WEIGHTS = {
     "alexnet": Weight("alexnet-owt-7be5be79.pth", "HPTRANSFER_ALEXNET",
                       "7be5be791159472b1fbf3c69796f7cb30dca7ad8466c2df70058c37116cdee02", 244408911,
                       "LPIPS (eval, default --lpips-net alex)"),
-    "inception": Weight("inception_v3_google-0cc3c7bd.pth", "HPTRANSFER_INCEPTION", None, None, "FID (eval)"),
+    "inception": Weight("inception_v3_google-0cc3c7bd.pth", "HPTRANSFER_INCEPTION", None, None,
+                        "FID --fid-network torchvision (eval)"),
+    "fid_inception": Weight("pt_inception-2015-12-05-6726825d.pth", "HPTRANSFER_FID_INCEPTION",
+                            "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2", 95628359,
+                            "FID --fid-network pt_inception (eval)",
+                            "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"),
 }
 
 
@@ -171,8 +180,9 @@ def verify(name: str, path: Path) -> Optional[str]:
 
 
 def url_of(name: str, base_url: Optional[str] = None) -> str:
-    base = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
-    return base.rstrip("/") + "/" + _entry(name).filename
+    w = _entry(name)
+    base = base_url or os.environ.get(BASE_URL_ENV) or w.base_url or DEFAULT_BASE_URL
+    return base.rstrip("/") + "/" + w.filename
 
 
 def fetch(name: str, dest_dir=None, base_url: Optional[str] = None, progress: bool = False) -> Path:
@@ -270,12 +280,12 @@ def _download(url: str, fd: int, tmp: str, w: Weight, progress: bool, hint: str)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     f = sub.add_parser("fetch", help="download, verify and install weights (default: all)",
-                       description="Download torchvision's files, verify size and SHA-256, move them into place.")
+                       description="Download the published files, verify size and SHA-256, move them into place.")
     f.add_argument("names", nargs="*", metavar="NAME", help=f"some of {', '.join(WEIGHTS)} (default: all)")
     f.add_argument("--dir", default=None, help="destination folder (default: the torch hub cache, where the "
                    "loaders look; elsewhere, point the environment variable at the file)")
-    f.add_argument("--base-url", default=None, help=f"download from this base URL instead of torchvision's "
-                   f"({DEFAULT_BASE_URL}; also ${BASE_URL_ENV})")
+    f.add_argument("--base-url", default=None, help=f"download every file from this base URL (a mirror) instead of "
+                   f"where it is published ({DEFAULT_BASE_URL}, pytorch-fid's release; also ${BASE_URL_ENV})")
     ls = sub.add_parser("list", help="which weights are present and verified")
     ls.add_argument("--dir", default=None, help="folder to list (default: the torch hub cache)")
 

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,6 +58,52 @@ def test_table1_variants_on_the_shipped_base():
     assert [r[2] for r in rows["pt_lpl"]] == [{"local": True, "adv": False}] * 2
     # "in replacement": the discriminators replace the local perceptual loss at the top stage
     assert [r[2] for r in rows["pt_lpl_ld"]] == [{"local": True, "adv": False}, {"local": False, "adv": True}]
+
+
+def test_the_shipped_base_is_the_papers_setting_and_the_fades_are_variants():
+    """Section 3 injects the pose at the bottleneck only; section 3.3 grows without alpha blending. The
+    fades (ours) live only in the pt_fade* overlays, which otherwise equal their paper rows."""
+    base = load_config(BASE)
+    assert base.model.pose_at_every_scale is False
+    assert base.model.input_fade == 0 and base.model.output_fade is False
+    for paper, ours in (("pt", "pt_fade"), ("pt_lpl", "pt_fade_lpl"), ("pt_lpl_ld", "pt_fade_lpl_ld")):
+        a, b = load_config([BASE, overlay(paper)]), load_config([BASE, overlay(ours)])
+        assert b.model.input_fade == 1.0 and b.model.output_fade is True
+        b.model.input_fade, b.model.output_fade = a.model.input_fade, a.model.output_fade
+        assert a.to_dict() == b.to_dict(), ours
+
+
+def test_fade_variants_share_the_paper_trunks_only_where_the_trunk_never_grows(tmp_path):
+    from hptransfer.ablate import plan
+    from hptransfer.train import _build_generator, _fades
+
+    finals, order = plan(str(BASE), ["pt", "pt_lpl", "pt_lpl_ld", "pt_fade", "pt_fade_lpl", "pt_fade_lpl_ld"], 1,
+                         tmp_path, [])
+    jobs = {j.name: j for j in order}
+    trunk = {v: jobs[finals[v][0]].init_from for v in finals}
+    assert trunk["pt_fade"] == trunk["pt"] and trunk["pt_fade_lpl"] == trunk["pt_lpl"] == trunk["pt_fade_lpl_ld"]
+    assert trunk["pt"] != trunk["pt_lpl"]
+    assert len(order) == 2 + 6
+    top = jobs[finals["pt_fade"][0]].cfg
+    assert top.model.input_fade == 1.0 and top.model.output_fade  # the fade happens at the growth, in the top job
+    # why sharing is right: a trunk's one stage is trained from scratch, where the fade settings do nothing
+    fresh = {"init_grown": False}
+    assert not _fades(top, 0, fresh)
+    g_fade, g_paper = (_build_generator(c, 64, fading=_fades(c, 0, fresh))
+                       for c in (top, jobs[finals["pt"][0]].cfg))
+    assert g_fade.state_dict().keys() == g_paper.state_dict().keys()
+    # where the trunk itself grows (three stages: a 64 -> 128 trunk), the fades act inside it: no sharing
+    three = ["stages=[{resolution: 64, iterations: 2, batch_size: 2}, {resolution: 128, iterations: 2, batch_size: 1},"
+             " {resolution: 256, iterations: 2, batch_size: 1}]"]
+    finals, order = plan(str(BASE), ["pt", "pt_fade"], 1, tmp_path, three)
+    jobs = {j.name: j for j in order}
+    assert jobs[finals["pt"][0]].init_from != jobs[finals["pt_fade"][0]].init_from
+    # the pose heatmaps at every scale change the 64-px training: no sharing either
+    finals, order = plan(str(BASE), ["pt", Path(overlay("pt"))], 1, tmp_path, [])
+    a = plan(str(BASE), ["pt"], 1, tmp_path, ["model.pose_at_every_scale=true"])[1][0]
+    assert a.name.startswith("trunk") and a.cfg.model.pose_at_every_scale
+    from hptransfer.ablate import _trunk_key
+    assert _trunk_key(a.cfg) != _trunk_key(order[0].cfg)
 
 
 def test_progressive_false_is_idempotent_through_a_saved_config(tmp_path):
@@ -255,3 +302,122 @@ def test_ablate_two_variants_two_seeds_killed_and_resumed(tmp_path):
     from PIL import Image
     with Image.open(out / "figure.png") as im:
         assert im.width >= 4 * 128 and im.height > 2 * 128  # 2 pairs x (reference, truth, 2 variants)
+
+
+# ---------------------------------------------------------------- the report (issue 29)
+
+def _row(values):
+    from hptransfer.ablate import _mean_std
+
+    m, sd = _mean_std(values)
+    return {"mean": m, "std": sd, "values": values}
+
+
+def test_report_verdict_is_the_pooled_t_test_at_5_percent():
+    """The verdict agrees with scipy's two-sample t-test (equal variances) on random seeds, in both
+    directions, for a higher-is-better and a lower-is-better column."""
+    from scipy import stats
+
+    from hptransfer.ablate import compare
+
+    gen = np.random.default_rng(0)
+    seen = set()
+    for _ in range(300):
+        a, b = gen.normal(0.5, 0.02, 3), gen.normal(0.5 + gen.normal(0, 0.04), gen.uniform(0.005, 0.04), 3)
+        p = stats.ttest_ind(b, a, equal_var=True).pvalue
+        for up in (True, False):
+            c = compare(_row(list(a)), _row(list(b)), up)
+            if p >= 0.05:
+                want = "within noise"
+            else:
+                want = "better" if (b.mean() > a.mean()) == up else "worse"
+            assert c["verdict"] == want, (a, b, p, c)
+            seen.add(want)
+            assert c["units"] == pytest.approx((b.mean() - a.mean()) / c["pooled_std"])
+    assert seen == {"better", "worse", "within noise"}
+    assert compare(_row([0.5]), _row([0.6, 0.7]), True) is None  # one seed: no verdict
+    assert compare(_row([0.3, 0.3, 0.3]), _row([0.3, 0.3, 0.3]), True)["verdict"] == "within noise"
+
+
+def test_report_pairs_table1_fades_and_a_descriptor_sweep():
+    from hptransfer.ablate import default_pairs, format_report, make_variants
+
+    rows = {v: {"ssim_gaussian": _row([0.5, 0.52, 0.51]), "vacated_l1": _row([0.2, 0.21, 0.22])}
+            for v in ("baseline", "lpl", "pt", "pt_lpl", "pt_lpl_ld", "pt_fade", "pt_fade_lpl")}
+    rows["copy_reference"] = {"ssim_gaussian": {"mean": 0.6, "std": 0.0, "values": []}}
+    doc = {"rows": rows}
+    assert default_pairs(doc) == [("baseline", "lpl"), ("baseline", "pt"), ("pt", "pt_lpl"), ("pt_lpl", "pt_lpl_ld"),
+                                  ("lpl", "pt_lpl"), ("pt", "pt_fade"), ("pt_lpl", "pt_fade_lpl")]
+    rows["pt_lpl"]["vacated_l1"] = _row([0.30, 0.31, 0.29])
+    text = format_report(doc, [("baseline", "pt_fade")])
+    assert text.startswith("Verdict rule:") and text.count("Verdict rule") == 1
+    block = text.split("**PT → PT + LPL**")[1].split("**")[0]
+    assert "| vacated L1 ↓ | 0.2100 ± 0.0100 | 0.3000 ± 0.0100 | +0.0900 | +9.00 (threshold 2.27) | worse |" in block
+    assert "| SSIM ↑ |" in block and "within noise" in block
+    assert "(`baseline` → `pt_fade`)" in text
+    with pytest.raises(ConfigError, match="no row 'nope'.*baseline"):
+        format_report(doc, [("baseline", "nope")])
+    # a sweep: Table 1 pairs within a count, then each variant's counts in increasing order
+    variants, skipped = make_variants(["pt", "pt_lpl", "pt_lpl_ld"], [0, 18, 44])
+    assert list(skipped) == ["pt_lpl_ld_d0"] and "no local discriminator" in skipped["pt_lpl_ld_d0"]
+    sweep = {"rows": {v.name: {"ssim_gaussian": _row([0.5, 0.5])} for v in variants},
+             "variants": {v.name: {"kind": v.kind, "descriptors": v.descriptors, "label": v.label} for v in variants}}
+    pairs = default_pairs(sweep)
+    assert ("pt_d18", "pt_lpl_d18") in pairs and ("pt_lpl_d18", "pt_lpl_ld_d18") in pairs
+    assert ("pt_lpl_d0", "pt_lpl_d18") in pairs and ("pt_lpl_d18", "pt_lpl_d44") in pairs
+    assert ("pt_lpl_ld_d18", "pt_lpl_ld_d44") in pairs and not any("pt_lpl_ld_d0" in p for p in pairs)
+    assert "PT + LPL, 18 descriptors → PT + LPL, 44 descriptors" in format_report(sweep)
+
+
+def test_report_command_reads_the_table_and_refuses_training_options(tmp_path, capsys):
+    from hptransfer import cli
+
+    rows = {"pt": {"ssim_gaussian": _row([0.5, 0.52, 0.51])}, "pt_fade": {"ssim_gaussian": _row([0.6, 0.61, 0.62])}}
+    (tmp_path / "table.json").write_text(json.dumps({"rows": rows}))
+    assert cli.main(["ablate", "--out", str(tmp_path), "--report", "--pairs", "pt_fade:pt"]) == 0
+    out = capsys.readouterr().out
+    assert "**PT → PT, fades (ours)**" in out and "| better |" in out and "(`pt_fade` → `pt`)" in out
+    assert out == (tmp_path / "report.md").read_text() + "\n"  # printed as written
+    assert cli.main(["ablate", "--out", str(tmp_path), "--report", "--base", str(BASE)]) == 2
+    assert cli.main(["ablate", "--out", str(tmp_path / "none"), "--report"]) == 2
+    assert cli.main(["ablate", "--out", str(tmp_path), "--pairs", "a:b", "--base", str(BASE)]) == 2
+    assert cli.main(["ablate", "--out", str(tmp_path), "--base", str(BASE), "--descriptors", "0,20"]) == 2
+    assert "--descriptors: counts from" in capsys.readouterr().err
+
+
+def test_chest_box_sits_between_neck_and_hips():
+    from hptransfer.ablate import chest_box
+
+    kp = torch.full((18, 2), -1.0)
+    kp[1] = torch.tensor([30.0, 64.0])
+    assert chest_box(kp, 128) is None  # no hip
+    kp[8], kp[11] = torch.tensor([90.0, 54.0]), torch.tensor([90.0, 74.0])
+    top, left, side = chest_box(kp, 128)
+    assert side == 32 and (top + side / 2, left + side / 2) == (60, 64)
+    kp[1] = torch.tensor([2.0, 2.0])
+    kp[8], kp[11] = torch.tensor([4.0, 2.0]), torch.tensor([4.0, 2.0])
+    assert chest_box(kp, 128)[:2] == (0, 0)  # kept inside the image
+
+
+@pytest.mark.slow  # ~1-2 min on 2 shared cores: three one-stage jobs in subprocesses
+def test_descriptor_sweep_skips_ld_at_zero_and_draws_fig4(tmp_path):
+    from PIL import Image
+
+    from hptransfer.ablate import ablate
+    from hptransfer.data import synth
+
+    data = tmp_path / "data"
+    synth.synthesize(data, identities=3, poses=2, size=64, seed=0, views=("front",), framing="centred")
+    table = ablate(str(BASE), ["pt_lpl", "pt_lpl_ld"], 1, tmp_path / "abl",
+                   [f"data.root={data}", "model.width=0.03125", "model.disc_channels=4", "train.impl=reference",
+                    "loss.disc_at_resolution=64", "stages=[{resolution: 64, iterations: 2, batch_size: 2}]"],
+                   figure_pairs=2, descriptors=[0, 18])
+    assert sorted(table["rows"]) == ["copy_reference", "pt_lpl_d0", "pt_lpl_d18", "pt_lpl_ld_d18"]
+    assert "pt_lpl_ld_d0" in table["skipped"]
+    terms = table["stages_and_terms"]
+    assert terms["pt_lpl_d0"][-1]["local"] is False and terms["pt_lpl_d18"][-1]["local"] is True
+    assert terms["pt_lpl_ld_d18"][-1]["adv"] is True
+    assert "Skipped: pt_lpl_ld_d0" in (tmp_path / "abl" / "table.md").read_text()
+    assert "(`pt_lpl_d0` → `pt_lpl_d18`)" in (tmp_path / "abl" / "report.md").read_text()
+    with Image.open(tmp_path / "abl" / "figure_descriptors.png") as im:
+        assert im.width >= 5 * 64 and im.height > 2 * 64  # truth, zoom, 3 rows' zooms; 2 pairs

@@ -24,6 +24,7 @@ LAYERS = {
     "entry": ["hptransfer", "hptransfer.__main__", "hptransfer.cli", "hptransfer.train", "hptransfer.flow_task",
               "hptransfer.evaluate", "hptransfer.infer", "hptransfer.video", "hptransfer.demo", "hptransfer.export",
               "hptransfer.ablate", "hptransfer.compare", "hptransfer.garment", "hptransfer.garment_eval",
+              "hptransfer.garment_study",
               "hptransfer.doctor", "hptransfer.models.summary", "hptransfer.data.cli", "hptransfer.data.check",
               "hptransfer.data.prepare_common", "hptransfer.data.prepare_deepfashion", "hptransfer.data.prepare_h36m",
               "hptransfer.data.prepare_video", "hptransfer.data.prepare_photos", "hptransfer.data.split",

@@ -131,6 +131,10 @@ def _cases(d: Path, out: Path):
                                    "--out", str(out / "g.png")], str(d / "notexport"), [out / "g.png"]),
         ("ablate bad config", ["ablate", "--base", str(d / "bad.yaml"), "--seeds", "1", "--out", str(out / "abl")],
          str(d / "bad.yaml"), [out / "abl" / "runs"]),
+        ("ablate report without a table", ["ablate", "--out", str(out / "abl2"), "--report"], str(out / "abl2"),
+         [out / "abl2"]),
+        ("garment-study not synthetic", ["garment-study", "--data", str(d / "bad"), "--out", str(out / "gs")],
+         str(d / "bad"), [out / "gs"]),
     ]
 
 

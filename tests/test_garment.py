@@ -131,7 +131,7 @@ def test_tryon_evaluation_scores_three_methods(toy, tmp_path):
     gt, m = res["tensors"]["gt"], res["tensors"]["gt_mask"]
     assert float(masked_ssim(gt, gt, m).min()) == pytest.approx(1.0)
     assert res["scores"]["ours"]["ssim"] < 0.99
-    assert "(a) ours" in format_table(res["scores"])
+    assert "(a) flow (ours)" in format_table(res["scores"])
     assert save_figure(res, tmp_path / "fig.png").is_file()
 
 
@@ -240,3 +240,38 @@ def test_flow_pairs_flip_images_masks_and_keypoints_together(toy):
     assert a["source_mask"].sum() > 0 and torch.equal(a["garment"], a["source"] * a["source_mask"])
     # the garment lies inside the region it may occupy (clothes and arms)
     assert ((a["target_mask"] > 0) & (a["target_region"] > 0)).sum() == a["target_mask"].sum()
+
+
+@pytest.mark.slow  # two tiny flow trainings and their evaluations: ~20 s quiet, minutes on shared cores
+def test_garment_study_curves_seeds_rounds_and_resume(toy, tmp_path):
+    """hptransfer garment-study at toy size: every seed evaluated at the same steps (rounds), the
+    untrained flow (identity warp) at step 0, the affine paste once; a rerun trains and scores nothing
+    again; other settings in the same folder are refused."""
+    from hptransfer.config import ConfigError
+    from hptransfer.garment_study import study, summary
+
+    out = tmp_path / "study"
+    args = dict(seeds=2, iterations=2, eval_every=1, pairs=2, resolutions=(64,), round_every=1,
+                overrides=["stages.0.batch_size=2", "train.log_every=1"])
+    doc = study(toy["data"], out, **args)
+    assert sorted(doc["seeds"]) == ["0", "1"]
+    for s in ("0", "1"):
+        assert sorted(doc["seeds"][s], key=int) == ["0", "1", "2"]
+        per_pair = doc["seeds"][s]["2"]["64"]
+        assert set(per_pair) == {"l1", "ssim", "iou"} and len(per_pair["l1"]) == 2
+    assert doc["seeds"]["0"]["0"] == doc["seeds"]["1"]["0"]  # the identity warp does not depend on the seed
+    assert doc["seeds"]["0"]["2"] != doc["seeds"]["1"]["2"]  # trained with their own seeds
+    assert len(doc["affine"]["64"]["ssim"]) == 2
+    text = (out / "summary.md").read_text()
+    assert text == summary(doc) and "| affine paste |" in text and "/4 |" in text  # wins out of 2 seeds x 2 pairs
+    assert (out / "curves.png").stat().st_size > 0
+    stamp = (out / "flow_seed1" / "checkpoints").stat().st_mtime_ns
+    assert study(toy["data"], out, **args) == doc
+    assert (out / "flow_seed1" / "checkpoints").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="other settings"):
+        study(toy["data"], out, **{**args, "pairs": 3})
+    # --report: the summary and the plot from curves.json, nothing trained; at a step every seed has
+    (out / "summary.md").unlink()
+    assert main(["garment-study", "--out", str(out), "--report"]) == 0
+    assert (out / "summary.md").read_text() == text and "flow (ours), step 2" in text
+    assert main(["garment-study", "--out", str(tmp_path / "none"), "--report"]) == 2

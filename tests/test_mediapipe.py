@@ -161,3 +161,55 @@ def test_data_photos_with_mediapipe_keypoints(tmp_path, capfd):
     assert sorted(ann) == sorted(truth) and len(read_pairs(tmp_path / "ds" / "pairs.csv")) == 4
     medians = [np.nanmedian(_errors(truth[n], ann[n])) for n in sorted(ann)]
     assert np.median(medians) < MEDIAN_PX, medians
+
+
+def test_data_h36m_merges_mediapipe_eyes_and_ears_with_the_ground_truth(tmp_path):
+    """``data h36m --keypoints gt+mediapipe`` (the default) on renders standing in for H36M frames: the
+    body joints are the ground truth's exactly, the eyes and ears MediaPipe's, near the true ones."""
+    from hptransfer.data import read_annotations
+    from hptransfer.data.prepare_common import bbox_crop_box, crop_resize
+    from hptransfer.data.prepare_h36m import H36M17_TO_OPENPOSE18, from_h36m17, prepare
+
+    def to_h36m17(kp):  # OpenPose-18 (y, x) -> H36M-17 (x, y); hip centre, spine and head top filled in
+        xy = np.zeros((17, 2), np.float32)
+        for h, o in H36M17_TO_OPENPOSE18.items():
+            xy[h] = kp[o, ::-1]
+        xy[0] = (xy[1] + xy[4]) / 2
+        xy[7] = (xy[0] + xy[8]) / 2
+        xy[10] = xy[9] + (xy[9] - xy[8]) / 2
+        return xy
+
+    root = tmp_path / "h36m"
+    rng = np.random.default_rng([7, 1])
+    ident = synth.make_identity(rng, SIZE)
+    poses, truth = {}, {}
+    for action in ("Posing", "Directions"):
+        seq = f"{action}.54138969"
+        d = root / "S1" / "Frames" / seq
+        d.mkdir(parents=True)
+        track = []
+        for t in range(3):
+            img, kp, _ = synth.render(ident, synth.sample_pose(rng, "front"), SIZE, rng, framing="centred")
+            img.save(d / f"{t:05d}.png")
+            track.append(to_h36m17(kp))
+            truth[(seq, t)] = (img, kp)
+        poses[action] = [np.stack(track)] * 4
+    positions = np.empty((), dtype=object)
+    positions[()] = {"S1": poses}
+    np.savez(root / "data_2d_h36m_gt.npz", positions_2d=positions)
+    out = tmp_path / "out"
+    s = prepare(root, out, fps=3, frames_fps=3, size=SIZE)
+    assert s["problems"] == 0 and s["faces"][1] == 6 and s["faces"][0] >= 5, s["faces"]
+    ann = {**read_annotations(out / "annotations-train.csv"), **read_annotations(out / "annotations-test.csv")}
+    errors = []
+    for (seq, t), (img, kp_true) in truth.items():
+        got = ann[f"S1/{seq}/f{t:06d}.jpg"]
+        gt17 = to_h36m17(kp_true)
+        box = bbox_crop_box(from_h36m17(gt17), img.width, img.height, 1.0, 0.15)
+        _, want = crop_resize(img, kp_true, box, (SIZE, SIZE))
+        body = [o for o in H36M17_TO_OPENPOSE18.values()]
+        np.testing.assert_allclose(got[body], want[body], atol=0.51)  # the ground truth's, whole pixels
+        if (got[14:] >= 0).all():
+            errors += list(_errors(want[14:], got[14:]))
+    print("h36m gt+mediapipe: eye/ear pixel errors", np.round(errors, 1))
+    assert len(errors) >= 16 and np.nanmedian(errors) < MEDIAN_PX and np.nanmax(errors) < MAX_PX

@@ -327,7 +327,7 @@ def test_h36m_sampling_masks_keypoints_split(tmp_path, caplog):
     root = _h36m_tree(tmp_path)
     out = tmp_path / "out"
     caplog.set_level("INFO")
-    s = prepare(root, out, size=96)
+    s = prepare(root, out, size=96, keypoints="gt")
     assert s["problems"] == 0 and s["sequences"] == 3 and s["written"] == 9
     assert "Greeting.55011271: no masks" in caplog.text
     train = read_annotations(out / "annotations-train.csv")
@@ -346,7 +346,7 @@ def test_h36m_sampling_masks_keypoints_split(tmp_path, caplog):
     corner = lambda n: np.asarray(Image.open(out / "images" / n).convert("RGB"))[2, 2]  # noqa: E731
     assert corner("S1/Posing.54138969/f000017.jpg").min() > 240
     assert abs(int(corner("S1/Greeting.55011271/f000017.jpg")[0]) - 128) < 20
-    assert prepare(root, out, size=96)["written"] == 0
+    assert prepare(root, out, size=96, keypoints="gt")["written"] == 0
     assert len(PairDataset(out, "train", 64)) == 12
 
 
@@ -359,10 +359,80 @@ def test_h36m_conversion_and_errors(tmp_path):
     for p in sorted((root / "S1" / "Masks" / "Posing.54138969").iterdir())[:3]:
         p.unlink()
     with pytest.raises(PrepareError, match="17 mask PNGs but 20 frames"):
-        prepare(root, tmp_path / "o", size=64)
+        prepare(root, tmp_path / "o", size=64, keypoints="gt")
     (root / "data_2d_h36m_gt.npz").unlink()
     with pytest.raises(PrepareError, match="cdflib|no 2D poses"):
-        prepare(root, tmp_path / "o", size=64)
+        prepare(root, tmp_path / "o", size=64, keypoints="gt")
+
+
+def _openpose_file(path, kp_yx, confidence=0.9):
+    flat = []
+    for y, x in kp_yx:
+        flat += [float(x), float(y), confidence if y >= 0 else 0.0]
+    path.write_text(json.dumps({"people": [{"pose_keypoints_2d": flat}]}))
+
+
+def test_h36m_keypoints_from_openpose_json(tmp_path):
+    """--keypoints openpose: all 18 from the per-frame JSON files (eyes and ears included), in the crop
+    the ground truth decides; one file per source frame or per sampled frame; errors name the folder."""
+    from hptransfer.data.prepare_common import bbox_crop_box, crop_resize
+    from hptransfer.data.prepare_h36m import from_h36m17, prepare
+
+    n = 20
+    root = _h36m_tree(tmp_path, n=n)
+    js = tmp_path / "openpose"
+    truth = {}
+    for seq in ("Posing.54138969", "Directions 1.54138969", "Greeting.55011271"):
+        d = js / "S1" / seq
+        d.mkdir(parents=True)
+        for t in range(n):
+            kp = from_h36m17(_h36m_pose(t))
+            kp[14:] = kp[0] + np.array([[-3, -2], [-3, 2], [-1, -5], [-1, 5]], np.float32)  # eyes, ears
+            kp[10] = -1  # a joint OpenPose missed
+            _openpose_file(d / f"{seq}_{t:012d}_keypoints.json", kp)
+            truth[(seq, t)] = kp
+    out = tmp_path / "out"
+    s = prepare(root, out, size=96, keypoints="openpose", openpose_json=js)
+    assert s["problems"] == 0
+    ann = read_annotations(out / "annotations-train.csv")
+    name = "S1/Posing.54138969/f000017.jpg"
+    frame = Image.fromarray(_h36m_frame(17))
+    box = bbox_crop_box(from_h36m17(_h36m_pose(17)), frame.width, frame.height, 1.0, 0.15)
+    _, want = crop_resize(frame, truth[("Posing.54138969", 17)], box, (96, 96))
+    np.testing.assert_allclose(ann[name], want, atol=0.51)  # annotations hold whole pixels
+    assert (ann[name][14:] >= 0).all() and (ann[name][10] == -1).all()
+    # one file per sampled frame (frames 0 and 17 of 20 at 3 fps from 50) works too; other counts do not
+    d = js / "S1" / "Posing.54138969"
+    for p in sorted(d.iterdir()):
+        if int(p.name.split("_")[1]) not in (0, 17, 19):
+            p.unlink()
+    with pytest.raises(PrepareError, match=r"Posing.54138969: 3 OpenPose JSON files but S1/Posing.54138969 has 20"):
+        prepare(root, tmp_path / "o2", size=96, keypoints="openpose", openpose_json=js)
+    next(d.glob("*_000000000019_*")).unlink()
+    prepare(root, tmp_path / "o3", size=96, keypoints="openpose", openpose_json=js)
+    ann3 = read_annotations(tmp_path / "o3" / "annotations-train.csv")
+    np.testing.assert_allclose(ann3["S1/Posing.54138969/f000017.jpg"], want, atol=0.51)
+    with pytest.raises(PrepareError, match="needs --openpose-json"):
+        prepare(root, tmp_path / "o4", size=96, keypoints="openpose")
+    with pytest.raises(PrepareError, match="--keypoints must be one of"):
+        prepare(root, tmp_path / "o4", size=96, keypoints="coco")
+
+
+def test_merge_face_takes_eyes_and_ears_only_when_the_noses_agree():
+    from hptransfer.data.prepare_h36m import merge_face
+
+    gt = np.full((18, 2), -1, np.float32)
+    gt[0], gt[1], gt[2], gt[5] = (30, 50), (40, 50), (42, 40), (42, 60)  # shoulders 20 px apart
+    est = gt.copy()
+    est[14:] = [(27, 47), (27, 53), (29, 44), (29, 56)]
+    est[2] = (99, 99)  # the estimate's body joints are never taken
+    got, taken = merge_face(gt, est)
+    assert taken and (got[14:] == est[14:]).all() and (got[:14] == gt[:14]).all()
+    est[0] = (30, 50 + 10.5)  # nose more than half a shoulder width away: another face, or a wrong one
+    got, taken = merge_face(gt, est)
+    assert not taken and (got[14:] == -1).all()
+    est[0] = (30, 59)
+    assert merge_face(gt, est)[1]
 
 
 def test_interrupted_run_resumes_without_redoing(tmp_path, monkeypatch):
@@ -384,10 +454,10 @@ def test_interrupted_run_resumes_without_redoing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prepare_common.Manifest, "submit", flaky_submit)
     with pytest.raises(KeyboardInterrupt):
-        prepare(root, out, size=64, workers=2)
+        prepare(root, out, size=64, workers=2, keypoints="gt")
     monkeypatch.setattr(prepare_common.Manifest, "submit", real_submit)
     assert len(list((out / "images").rglob("*.jpg"))) == 4 and not list((out / "images").rglob("*.tmp"))
     lines = (out / prepare_common.MANIFEST).read_text().splitlines()
     assert len(lines) == 1 + 4 and json.loads(lines[0])["settings"]["tool"] == "h36m"
-    assert prepare(root, out, size=64, workers=2)["written"] == 5  # only the remaining ones
+    assert prepare(root, out, size=64, workers=2, keypoints="gt")["written"] == 5  # only the remaining ones
     assert not any(r["problems"] for r in check_dataset(out).values())

@@ -179,3 +179,54 @@ def test_a_file_that_is_not_weights_is_a_user_error(tmp_path):
     bad.write_bytes(b"not a torch file")
     with pytest.raises(WeightsError, match="vgg.pth: not a weights file"):
         VGG16Features(str(bad))
+
+
+def test_fid_inception_is_fetched_from_pytorch_fid_and_verified(server, monkeypatch, tmp_path):
+    """The FID Inception's entry: pytorch-fid's release URL, full SHA-256 and size; the fetch path with a
+    local file in its place (its own hash), then loaded by the FID network from the hub cache."""
+    from hptransfer import metrics
+    from hptransfer.models.fid_inception import FIDInceptionV3
+
+    real = W.WEIGHTS["fid_inception"]
+    assert W.url_of("fid_inception") == ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                                         "pt_inception-2015-12-05-6726825d.pth")
+    assert real.sha256.startswith("6726825d") and real.size == 95628359
+    monkeypatch.delenv(W.BASE_URL_ENV, raising=False)
+    assert W.url_of("fid_inception", "http://mirror/x/") == "http://mirror/x/pt_inception-2015-12-05-6726825d.pth"
+    # a stand-in file (random weights in the network's layout), served under the real name
+    torch.manual_seed(0)
+    src = tmp_path / "src.pth"
+    torch.save(FIDInceptionV3().state_dict(), src)
+    blob = src.read_bytes()
+
+    class _Serve(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = blob if self.path.endswith(real.filename) else blob[:-1] + b"x"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Serve)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/fid/"
+        monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+        monkeypatch.delenv("HPTRANSFER_FID_INCEPTION", raising=False)
+        # the published hash refuses the stand-in: nothing is kept
+        with pytest.raises(WeightsError, match="differs from the published|bytes"):
+            W.fetch("fid_inception", base_url=url)
+        assert not (tmp_path / "hub" / "checkpoints" / real.filename).exists()
+        stand_in = W.Weight(real.filename, real.env, hashlib.sha256(blob).hexdigest(), len(blob), real.used_by,
+                            real.base_url)
+        monkeypatch.setitem(W.WEIGHTS, "fid_inception", stand_in)
+        path = W.fetch("fid_inception", base_url=url)
+        assert path == tmp_path / "hub" / "checkpoints" / real.filename and W.verify("fid_inception", path) is None
+        feats = metrics.InceptionFeatures("pt_inception")(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+        assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

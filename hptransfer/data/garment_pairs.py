@@ -1,4 +1,5 @@
-"""Training pairs for the appearance flow network (``task: garment_flow``).
+"""Training pairs for the appearance flow network (``task: garment_flow``). Ours: the paper does not say
+what its appearance flow network trained on; these pairs are one person in two poses.
 
 A dataset in the benchmark format plus one parsing map per image (``<root>/<parsing_dir>/<stem>.png``,
 as :mod:`hptransfer.data.synth` writes them; LIP, CIHP or ATR numbering). For a pair (A -> B) of one

@@ -19,9 +19,23 @@ masks: the frame is only cropped, and the log says so), and a square box around 
 Greeting, Walking -> train; Directions -> test (``--train-actions`` / ``--test-actions``). Pairs
 are all ordered pairs within one subject and camera (and split), capped by ``--max-pairs``.
 
-Joints: H36M-17 in VideoPose3D order -> OpenPose-18 by :data:`H36M17_TO_OPENPOSE18`. Approximated:
-OpenPose's neck is H36M's thorax (8), OpenPose's nose is H36M's neck/nose joint (9); the eyes and
-ears have no H36M counterpart and are missing (-1). H36M's head top (10) and spine (7) are unused.
+Keypoints (``--keypoints``): the paper uses 18 OpenPose keypoints (section 3.1, OpenPose [3]); H36M's
+ground truth has no eyes or ears. Three sources, one per run (recorded in the manifest):
+
+- ``gt+mediapipe`` (default): the ground-truth body joints (below) and MediaPipe Pose's eyes and ears,
+  estimated on the cropped frame (static image mode) and kept only where MediaPipe's nose lies within
+  :data:`FACE_TOLERANCE` shoulder widths of the ground truth's (else they stay missing; the count is
+  logged). Needs the optional ``mediapipe`` extra.
+- ``openpose``: all 18 from OpenPose JSON files (COCO-18 or BODY_25, as ``data video`` reads them),
+  ``--openpose-json DIR`` holding ``DIR/<subject>/<sequence>/*.json``, one per source frame or one per
+  sampled frame in sorted name order: the paper's estimator.
+- ``gt``: the ground-truth body joints only; eyes and ears stay missing, so at 1024 px 4 heatmaps are
+  empty and 4 of the 44 descriptors never exist.
+
+Every source crops the same box, from the ground-truth joints. Ground-truth joints: H36M-17 in
+VideoPose3D order -> OpenPose-18 by :data:`H36M17_TO_OPENPOSE18`. Approximated: OpenPose's neck is
+H36M's thorax (8), OpenPose's nose is H36M's neck/nose joint (9). H36M's head top (10) and spine (7)
+are unused.
 """
 from __future__ import annotations
 
@@ -31,7 +45,8 @@ from typing import Optional
 
 import numpy as np
 
-from hptransfer.data.prepare_common import PrepareError, all_pairs, final_check, person_frame, progress
+from hptransfer.data.prepare_common import (PrepareError, all_pairs, bbox_crop_box, crop_resize, final_check,
+                                            person_frame, progress)
 from hptransfer.data.shard_writer import ShardOptions, add_sink_arguments, open_sink, sink_shards
 from hptransfer.data.prepare_video import count_frames, read_video, sample_indices
 
@@ -43,6 +58,12 @@ H36M17_TO_OPENPOSE18 = {9: 0, 8: 1, 14: 2, 15: 3, 16: 4, 11: 5, 12: 6, 13: 7,
                         1: 8, 2: 9, 3: 10, 4: 11, 5: 12, 6: 13}
 # The 17 of H36M's 32 D2_Positions joints that VideoPose3D keeps, in its order.
 H36M32_KEEP = (0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 15, 17, 18, 19, 25, 26, 27)
+KEYPOINT_SOURCES = ("gt+mediapipe", "openpose", "gt")
+DEFAULT_KEYPOINTS = "gt+mediapipe"
+FACE = (14, 15, 16, 17)  # OpenPose-18 eyes and ears: no H36M joint
+# MediaPipe's face points are kept when its nose is this many ground-truth shoulder widths from the
+# ground truth's nose (H36M's neck/nose joint sits a little below the nose: a loose bound).
+FACE_TOLERANCE = 0.5
 TRAIN_ACTIONS = ("Posing", "Greeting", "Walking")
 TEST_ACTIONS = ("Directions",)
 FRAME_EXTS = (".jpg", ".jpeg", ".png")
@@ -56,6 +77,90 @@ def from_h36m17(xy: np.ndarray) -> np.ndarray:
         if np.isfinite(xy[h]).all() and (xy[h] >= 0).all():
             out[o] = (xy[h, 1], xy[h, 0])
     return out
+
+
+def merge_face(kp_gt: np.ndarray, kp_est: np.ndarray, tolerance: float = FACE_TOLERANCE) -> tuple[np.ndarray, bool]:
+    """Ground-truth body joints (18, 2) (y, x) with the eyes and ears of an estimate (same image) where
+    the estimate's nose is within ``tolerance`` shoulder widths of the ground truth's nose. Returns
+    (keypoints, whether the face was taken)."""
+    out = np.array(kp_gt, dtype=np.float32)
+    present = lambda k, i: bool((k[i] >= 0).all())  # noqa: E731
+    if not (present(kp_gt, 0) and present(kp_est, 0) and present(kp_gt, 2) and present(kp_gt, 5)):
+        return out, False
+    shoulders = float(np.linalg.norm(kp_gt[2] - kp_gt[5]))
+    if float(np.linalg.norm(kp_est[0] - kp_gt[0])) > tolerance * max(shoulders, 1.0):
+        return out, False
+    out[list(FACE)] = np.asarray(kp_est, dtype=np.float32)[list(FACE)]
+    return out, True
+
+
+class KeypointSource:
+    """Keypoints of the sampled frames by ``--keypoints`` (see the module docstring)."""
+
+    def __init__(self, kind: str = DEFAULT_KEYPOINTS, openpose_json=None):
+        if kind not in KEYPOINT_SOURCES:
+            raise PrepareError(f"--keypoints must be one of {', '.join(KEYPOINT_SOURCES)}, got {kind!r}")
+        self.kind = kind
+        self.json_dir = Path(openpose_json) if openpose_json else None
+        if (kind == "openpose") != (self.json_dir is not None):
+            raise PrepareError("--keypoints openpose needs --openpose-json DIR, and --openpose-json goes with it")
+        if self.json_dir is not None and not self.json_dir.is_dir():
+            raise PrepareError(f"{self.json_dir}: OpenPose JSON folder not found")
+        if kind == "gt+mediapipe":  # MediaPipe runs in the workers (h36m_frame): missing, it stops here
+            from hptransfer.data.prepare_video import MEDIAPIPE_HINT
+            from hptransfer.errors import MissingDependency
+            from hptransfer.infer import import_mediapipe
+
+            try:
+                import_mediapipe()
+            except MissingDependency:
+                raise PrepareError(f"{MEDIAPIPE_HINT}; or --keypoints gt (body joints only, no eyes or ears)") from None
+        self.files: list[Path] = []
+
+    def begin(self, subject: str, seq: str, n_frames: int, wanted: list[int]) -> None:
+        """A new sequence: find its OpenPose files (one per source frame or per sampled frame)."""
+        self.wanted = {i: j for j, i in enumerate(wanted)}
+        self.n_frames = n_frames
+        if self.kind != "openpose":
+            return
+        d = self.json_dir / subject / seq
+        self.files = sorted(d.glob("*.json")) if d.is_dir() else []
+        if not self.files:
+            raise PrepareError(f"{d}: no OpenPose .json files for {subject}/{seq}")
+        if len(self.files) not in (n_frames, len(wanted)):
+            raise PrepareError(f"{d}: {len(self.files)} OpenPose JSON files but {subject}/{seq} has {n_frames} frames "
+                               f"({len(wanted)} sampled); expected one file per frame")
+
+    def before_crop(self, i: int, kp_gt: np.ndarray) -> np.ndarray:
+        """Keypoints of source frame ``i`` in its pixels (OpenPose's, or the ground truth's)."""
+        if self.kind != "openpose":
+            return kp_gt
+        from hptransfer.pose import read_openpose_json
+
+        path = self.files[i] if len(self.files) == self.n_frames else self.files[self.wanted[i]]
+        try:
+            return read_openpose_json(path)
+        except ValueError as e:  # InputError: a broken file, named
+            raise PrepareError(f"{e} (frame {i})") from None
+
+
+_FACE_DETECTOR = None  # one MediaPipe graph per process that makes frames, built on its first frame
+
+
+def h36m_frame(source, kp_gt: np.ndarray, kp: np.ndarray, mask, margin: float, size: int, label: str,
+               with_face: bool):
+    """One sampled frame, in a sink's worker: masked (:func:`person_frame`), cropped to the box around the
+    ground truth's joints, ``kp`` (the ``--keypoints`` source's, source pixels) carried into the crop; with
+    ``with_face``, MediaPipe's eyes and ears on the cropped frame merged in (:func:`merge_face`)."""
+    global _FACE_DETECTOR
+    img, _ = person_frame(source, kp_gt, mask, None, size, label)
+    img, kp = crop_resize(img, kp, bbox_crop_box(kp_gt, img.width, img.height, 1.0, margin), (size, size))
+    if with_face:
+        if _FACE_DETECTOR is None:
+            from hptransfer.data.prepare_video import MediaPipePose
+            _FACE_DETECTOR = MediaPipePose(segmentation=False, static=True)
+        kp, _ = merge_face(kp, _FACE_DETECTOR(np.asarray(img))[0])
+    return img, kp
 
 
 def base_action(action: str) -> str:
@@ -153,15 +258,18 @@ def sequences(subject_dir: Path) -> dict[str, tuple[str, Path]]:
 def prepare(root, out, poses_npz=None, fps: float = 3.0, frames_fps: float = 50.0, size: int = 512,
             margin: float = 0.15, train_actions=TRAIN_ACTIONS, test_actions=TEST_ACTIONS,
             max_pairs: Optional[int] = 2000, max_mismatch: int = 5, workers: int = 1,
-            shards: Optional[ShardOptions] = None) -> dict:
-    """Build the dataset in ``out``; returns {"written", "sequences", "no_masks", "problems"}.
-    ``workers``: processes making the images; ``shards``: write a shard folder instead of a folder."""
+            shards: Optional[ShardOptions] = None, keypoints: str = DEFAULT_KEYPOINTS, openpose_json=None) -> dict:
+    """Build the dataset in ``out``; returns {"written", "sequences", "no_masks", "problems", "faces"}
+    (faces: [frames with MediaPipe's eyes and ears, frames] with ``gt+mediapipe``). ``workers``: processes
+    making the images; ``shards``: write a shard folder instead of a folder."""
     root, out = Path(root), Path(out)
     subjects = sorted(p for p in root.glob("S*") if p.is_dir())
     if not subjects:
         raise PrepareError(f"{root}: no subject folders S1, S5, ...")
     poses = Poses(root, Path(poses_npz) if poses_npz else None)
-    manifest = open_sink(out, {"tool": "h36m", "fps": fps, "size": size, "margin": margin}, workers, shards)
+    source = KeypointSource(keypoints, openpose_json)
+    manifest = open_sink(out, {"tool": "h36m", "fps": fps, "size": size, "margin": margin, "keypoints": keypoints},
+                         workers, shards)
     groups: dict[tuple[str, str, str], list[str]] = {}
     ann: dict[str, list] = {"train": [], "test": []}
     summary = {"sequences": 0, "no_masks": []}
@@ -193,6 +301,7 @@ def prepare(root, out, poses_npz=None, fps: float = 3.0, frames_fps: float = 50.
                     log.warning("%s/%s: no masks; background kept, bounding-box crop around the pose only",
                                 sdir.name, seq)
                 wanted = [i for i in sample_indices(n, fps_in, fps) if i < n_use]
+                source.begin(sdir.name, seq, n, wanted)
                 if kind == "video":
                     it = ((i, f) for i, f in read_video(src, fps) if i < n_use)
                 else:
@@ -202,9 +311,10 @@ def prepare(root, out, poses_npz=None, fps: float = 3.0, frames_fps: float = 50.
                 for i, frame in progress(it, total=len(wanted), desc=f"{sdir.name} {seq}"):
                     name = f"{sdir.name}/{safe}/f{i:06d}.jpg"
                     if not manifest.is_done(name):  # masked, cropped and written in a worker
-                        manifest.submit(name, split, person_frame, frames[i] if frame is None else frame,
-                                        from_h36m17(pose[i]), None if masks is None else masks(i), margin, size,
-                                        f"{sdir.name}/{seq} frame {i}")
+                        kp_gt = from_h36m17(pose[i])
+                        manifest.submit(name, split, h36m_frame, frames[i] if frame is None else frame, kp_gt,
+                                        source.before_crop(i, kp_gt), None if masks is None else masks(i), margin,
+                                        size, f"{sdir.name}/{seq} frame {i}", source.kind == "gt+mediapipe")
                     ann[split].append(name)
                     groups.setdefault(key, []).append(name)
                 summary["sequences"] += 1
@@ -220,6 +330,11 @@ def prepare(root, out, poses_npz=None, fps: float = 3.0, frames_fps: float = 50.
                 pairs += all_pairs(names, max_pairs)
         manifest.write_split(split, {n: manifest.keypoints(n) for n in sorted(ann[split])}, pairs)
     summary["written"] = manifest.writes
+    frames_kp = [manifest.keypoints(n) for split in ann for n in ann[split]]
+    summary["faces"] = [sum(int((kp[list(FACE)] >= 0).any()) for kp in frames_kp), len(frames_kp)]
+    if keypoints == "gt+mediapipe" and frames_kp:
+        log.info("MediaPipe eyes and ears kept on %d of %d frames (the rest: no face found, or its nose more than "
+                 "%.1f shoulder widths from the ground truth's)", *summary["faces"], FACE_TOLERANCE)
     summary["problems"] = final_check(out)
     return summary
 
@@ -237,6 +352,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--test-actions", nargs="+", default=list(TEST_ACTIONS))
     parser.add_argument("--max-pairs", type=int, default=2000, help="at most this many pairs per subject+camera")
     add_sink_arguments(parser)
+    parser.add_argument("--keypoints", choices=KEYPOINT_SOURCES, default=DEFAULT_KEYPOINTS,
+                        help="gt+mediapipe (default): ground-truth body joints + MediaPipe's eyes and ears; openpose: "
+                             "all 18 from --openpose-json (the paper's estimator); gt: body joints only, eyes and ears "
+                             "missing")
+    parser.add_argument("--openpose-json", default=None, metavar="DIR",
+                        help="with --keypoints openpose: DIR/<subject>/<sequence>/*.json, one per frame")
 
 
 def run(args) -> int:
@@ -244,7 +365,7 @@ def run(args) -> int:
     try:
         s = prepare(args.root, args.out, args.poses, args.fps, args.frames_fps, args.size, args.margin,
                     tuple(args.train_actions), tuple(args.test_actions), args.max_pairs, workers=args.workers,
-                    shards=sink_shards(args))
+                    shards=sink_shards(args), keypoints=args.keypoints, openpose_json=args.openpose_json)
     except PrepareError as e:
         print(f"error: {e}")
         return 2

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hptransfer.data.formats import read_annotations, write_annotations, write_pairs
+from hptransfer.data.formats import read_annotations, write_annotations, write_image_sizes, write_pairs
 from hptransfer.data.prepare_common import (Manifest, PrepareError, all_pairs, bbox_crop_box, crop_resize,
                                             inside_only, progress)
 from hptransfer.data.split import add_person_arguments, persons
@@ -100,8 +100,7 @@ def prepare(images, out, keypoints=None, frame: str = "person", size: int = 256,
             manifest.add(out_name, img, kp)
             kept.append((name, out_name))
     finally:
-        if manifest.done or manifest.path.exists():
-            manifest.save()
+        manifest.finish()
     if dropped:
         log.warning("%d of %d photos left out: fewer than %d keypoints found (first: %s)", len(dropped), len(names),
                     MIN_VISIBLE, ", ".join(dropped[:3]))
@@ -116,6 +115,7 @@ def prepare(images, out, keypoints=None, frame: str = "person", size: int = 256,
         raise PrepareError(f"{images}: no person has two usable photos, so there is no pair to train on")
     write_annotations(out / "annotations.csv", {o: manifest.keypoints(o) for _, o in kept})
     write_pairs(out / "pairs.csv", pairs)
+    write_image_sizes(out, {o: manifest.done[o]["hw"] for _, o in kept})
     return {"written": manifest.writes, "images": len(kept), "persons": len(by_person), "pairs": len(pairs),
             "dropped": dropped, "rules": dict(rules)}
 

@@ -4,7 +4,9 @@ Frames are sampled at ``--fps`` (default 3). Keypoints come from OpenPose JSON f
 (``--openpose-json DIR``: one file per source frame, or one per sampled frame, in sorted name order;
 with several videos, ``DIR/<video stem>/`` when it exists) or from MediaPipe Pose (the optional
 ``mediapipe`` extra), converted with :func:`hptransfer.pose.from_mediapipe33`. ``--remove-background``
-whitens everything outside MediaPipe's person segmentation. ``--frame person`` (default) crops each
+whitens everything outside MediaPipe's person segmentation: ours; the paper removed its YouTube
+backgrounds with a human parsing network (LIP, [23]), and MediaPipe's mask is a stand-in that needs no
+weights beyond the extra. ``--frame person`` (default) crops each
 frame to a square box around the person's keypoints (their extent plus
 :data:`hptransfer.infer.FRAME_MARGIN` of it per side, the framing of DeepFashion's shots) and resizes it
 to ``--size``; ``--frame full`` keeps whole frames. Images are ``images/<video stem>/fNNNNNN.jpg``
@@ -97,6 +99,7 @@ class MediaPipePose:
             raise PrepareError(MEDIAPIPE_HINT) from None
         self.quiet = quiet_native_logs  # MediaPipe's C++ log lines go to the DEBUG log, not the console
         with self.quiet():
+            # static: every image on its own (crops that move between frames); else tracking along a video
             self.pose = mp.solutions.pose.Pose(static_image_mode=static, model_complexity=1,
                                                enable_segmentation=segmentation)
             # The graph's calculators open (and log) in its own threads after the constructor returns: one

@@ -2,6 +2,11 @@
 from the pose it was photographed in to a target person's garment region, and the bilinear sampling
 layer that applies them.
 
+The paper's: the inputs (the garment image, the reference and target pose masks) and the bilinear
+sampling layer (:func:`warp`). Ours (the paper gives no architecture): the pose heatmaps as extra
+inputs, the two-encoder coarse-to-fine pyramid below, and everything it is trained with
+(:mod:`hptransfer.flow_losses`, :mod:`hptransfer.data.garment_pairs`).
+
 Inputs (B = batch, R = resolution): the masked garment image (B, 3, R, R) in [-1, 1] (zero outside
 its mask), the source garment mask (B, 1, R, R) in [0, 1], the target garment region (B, 1, R, R)
 (where the garment may lie on the target person: clothes and arms), and both poses as (B, 18, 2)

@@ -20,8 +20,10 @@ avgpool(encoder[R](from_rgb[R](x))) + (1 - alpha) * from_rgb[R/2](avgpool(x))`` 
 stage's from-RGB, kept for the stage) and decoder[R] gets the top skip times alpha. Without it the
 fresh top encoder feeds the trained deeper blocks random features at the growth and its skip offers
 the new decoder block a sharp copy of the reference, which pulls the output back towards the
-reference's pose (CPU demo, 400 iterations at 128 px: L1 on the target's new body pixels 0.216 with
-the fade, 0.240 without; on vacated pixels 0.181 and 0.172). The new decoder block and to-RGB train
+reference's pose (CPU demo, 400 iterations at 128 px, one run each: L1 on the target's new body pixels
+0.216 with the fade, 0.240 without; on vacated pixels 0.181 with it, 0.172 without: mixed). The CPU
+ablation compares the fades with the paper's growth over 3 seeds (``configs/ablation/pt_fade*.yaml``).
+The new decoder block and to-RGB train
 from scratch, as in the paper.
 
 Output fade (``model.output_fade``, with the input fade, same alpha): the previous stage's to-RGB is

@@ -166,7 +166,7 @@ def test_garment_demo_end_to_end(tmp_path, capsys):
     assert (out / "garment_grid.png").is_file() and (out / "tryon.png").is_file()
     assert len(list((out / "steps").glob("*.png"))) >= 10
     printed = capsys.readouterr().out
-    assert "stand-in" in printed and "(a) ours" in printed
+    assert "stand-in" in printed and "(a) flow (ours)" in printed
 
 
 def test_garment_flow_task_resumes_exactly(toy, tmp_path):

@@ -102,9 +102,12 @@ def test_grow_keeps_weights_and_runs_at_double_size():
     assert AppearanceFlow.from_arch(model.arch()).resolution == 128
 
 
-def test_flow_onnx_export_matches_onnxruntime(tmp_path):
-    pytest.importorskip("onnxruntime")
-    from hptransfer.flow_task import export_flow, export_onnx, load_flow, onnx_max_abs_diff
+def test_flow_onnx_export_matches_onnxruntime(tmp_path, capsys):
+    """`hptransfer export --checkpoint FLOW_EXPORT --format onnx` writes the flow network's graph (not the
+    generator's), equal to PyTorch in onnxruntime; a format the flow network lacks is refused."""
+    ort = pytest.importorskip("onnxruntime")
+    from hptransfer.cli import main
+    from hptransfer.flow_task import export_flow, load_flow, onnx_max_abs_diff
 
     torch.manual_seed(0)
     model = AppearanceFlow(64, levels=3, channels=8)
@@ -113,9 +116,15 @@ def test_flow_onnx_export_matches_onnxruntime(tmp_path):
             head[-1].weight.normal_(0, 0.01)
     export_flow(model.eval(), tmp_path / "export")
     loaded = load_flow(tmp_path / "export")
-    path = export_onnx(loaded, tmp_path / "flow.onnx")
-    assert path.is_file()
+    path = tmp_path / "flow.onnx"
+    assert main(["export", "--checkpoint", str(tmp_path / "export"), "--format", "onnx", "--out", str(path)]) == 0
+    assert "onnxruntime vs PyTorch" in capsys.readouterr().out
+    outputs = [o.name for o in ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_outputs()]
+    assert outputs == ["warped", "warped_mask", "flow"]
     assert onnx_max_abs_diff(loaded, path) < 1e-4
+    assert main(["export", "--checkpoint", str(tmp_path / "export"), "--format", "torchscript", "--out",
+                 str(tmp_path / "flow.pt")]) == 2
+    assert not (tmp_path / "flow.pt").exists()
 
 
 def test_flow_color_wheel():

@@ -319,3 +319,38 @@ def test_sync_check_finds_a_hidden_host_read_on_the_cpu(tmp_path, monkeypatch):
     assert sync_check.main([*toy, "--out", str(tmp_path / "read.json")]) == 1
     result = json.loads((tmp_path / "read.json").read_text())["results"][0]
     assert result["result"] == "fail" and "_local_scalar_dense" in result["error"] and "reads_on_the_host" in result["error"]
+
+
+# ----------------------------------------------------------------------------- bench/bench_checkpoint.py
+def test_bench_checkpoint_computed_bytes_and_a_written_checkpoint(tmp_path, monkeypatch):
+    """On a toy config: per shipped DeepSpeed config, each rank's optimiser shard is 12 bytes per parameter
+    over the ranks and ZeRO-3 drops the replicated fp32 weights from the model-states file; the measured
+    single-process checkpoint (weights + Adam's two moments) is ~12 bytes per parameter and is removed."""
+    from bench import bench_checkpoint
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model: {width: 0.03125, disc_channels: 4}\n"
+                      "loss: {vgg_weights: random, layers: [relu1_2], disc_at_resolution: 64}\n"
+                      "stages: [{resolution: 64, iterations: 1, batch_size: 1}]\n")
+    monkeypatch.setattr(bench_checkpoint, "result_path", lambda name: tmp_path / f"{name}.json")
+    written = tmp_path / "written"
+    assert bench_checkpoint.main(["--config", str(config), "--ranks", "1,2", "--repeat", "1",
+                                  "--out", str(written)]) == 0
+    doc = json.loads((tmp_path / "checkpoint.json").read_text())
+    _, g, d = bench_checkpoint.stage_models(str(config))
+    engines = {"generator": bench_checkpoint.counts(g), "discriminator": bench_checkpoint.counts(d)}
+    assert doc["parameters"] == {k: v[0] for k, v in engines.items()}
+    rows = {(r["config"], r["ranks"], r["engine"]): r for r in doc["computed"]}
+    configs = {r["config"] for r in doc["computed"]}
+    assert len(configs) == len(list((REPO / "configs" / "ds").glob("zero*.json"))) and len(rows) == len(configs) * 4
+    assert rows[("zero1g_zero2d_bf16.json", 1, "generator")]["zero"] == 1
+    assert rows[("zero1g_zero2d_bf16.json", 1, "discriminator")]["zero"] == 2
+    for (name, ranks, engine), r in rows.items():
+        params, buffer_bytes = engines[engine]
+        assert r["optim_per_rank_MB"] == pytest.approx(12 * params / ranks / 1e6)
+        weights = 0 if r["zero"] == 3 else 4 * params
+        assert r["model_states_MB"] == pytest.approx((weights + buffer_bytes) / 1e6), (name, engine)
+    measured = doc["measured_single_process"]
+    expected = sum(12 * params + buffer_bytes for params, buffer_bytes in engines.values())
+    assert expected <= measured["bytes"] < 1.25 * expected, (measured["bytes"], expected)  # + file headers
+    assert measured["median_s"] > 0 and not list(written.iterdir())

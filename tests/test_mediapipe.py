@@ -86,6 +86,42 @@ def test_infer_with_a_photo_as_pose(tiny_cfg, tmp_path):
     assert Image.open(pasted).size == (SIZE, SIZE)
 
 
+def test_video_driven_by_a_video_of_a_person(tiny_cfg, tmp_path, capsys):
+    """`hptransfer video --poses dance.mp4` (docs/own-data.md): MediaPipe on every decoded frame of the
+    driving video, near the renders' true keypoints, and one generated frame per driving frame."""
+    import imageio.v2 as imageio
+    import imageio_ffmpeg
+
+    from hptransfer import video
+
+    rng = np.random.default_rng([7, 1])
+    ident = synth.make_identity(rng, SIZE)
+    truth = []
+    gen = imageio_ffmpeg.write_frames(str(tmp_path / "dance.mp4"), (SIZE, SIZE), fps=5, quality=10,
+                                      macro_block_size=16)
+    gen.send(None)
+    for _ in range(3):
+        img, kp, _ = synth.render(ident, synth.sample_pose(rng, "front"), SIZE, rng, framing="centred")
+        gen.send(np.asarray(img).tobytes())
+        truth.append(kp)
+    gen.close()
+    torch.manual_seed(0)
+    export = export_generator(Generator(tiny_cfg, 64).eval(), tmp_path / "export")
+    _render(2)[0].save(tmp_path / "ref.png")
+    out = tmp_path / "dance_out.mp4"
+    assert main(["video", "--checkpoint", str(export), "--reference", str(tmp_path / "ref.png"), "--poses",
+                 str(tmp_path / "dance.mp4"), "--out", str(out), "--device", "cpu"]) == 0
+    assert f"wrote {out}: 3 frames" in capsys.readouterr().out
+    reader = imageio.get_reader(str(out), format="FFMPEG")
+    frames = list(reader.iter_data())
+    reader.close()
+    assert len(frames) == 3 and frames[0].shape[:2] == (64, 64)
+    poses, size = video.read_pose_sequence(tmp_path / "dance.mp4")  # what the command estimated
+    assert size == (SIZE, SIZE) and len(poses) == 3
+    medians = [np.nanmedian(_errors(t, p)) for t, p in zip(truth, poses)]
+    assert np.median(medians) < MEDIAN_PX, medians
+
+
 def test_data_video_with_mediapipe_keypoints(tmp_path, capfd):
     """A video of renders of one person in 6 poses -> dataset; MediaPipe's keypoints vs the true ones."""
     import imageio_ffmpeg

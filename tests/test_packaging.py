@@ -98,6 +98,40 @@ def test_makefile_targets_cuda_12_and_refuses_other_majors():
     assert "nvidia-dali-cuda130" in (REPO / "requirements-cuda13.txt").read_text()
 
 
+def test_make_demo_and_make_test_set_up_then_run_their_command():
+    """The README's `make demo` / `make test` (and docs/garment.md's `make demo-garment`): each builds the
+    venv and the editable install first, then runs one command; `make test` adds the test tools and
+    MediaPipe (--no-deps) and runs Triton in its interpreter on a machine without a GPU. The demo commands
+    are what tests/test_demo.py and tests/test_garment.py run at toy size, and they parse."""
+    import shlex
+
+    from hptransfer import cli
+
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA", "VENV", "DEMO_DIR", "DEMO_DATA")}
+    venv = "/nonexistent-venv"
+
+    def recipe(target: str) -> list:  # -B: every recipe printed as if the venv did not exist; -n: none run
+        run = subprocess.run(["make", "-n", "-B", target, f"VENV={venv}"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        return run.stdout.splitlines()
+
+    editable = f"{venv}/bin/python -m pip install --no-build-isolation --no-deps -e ."
+    for target, argv in (("demo", ["demo", "--data", "data/synth_demo", "--out", "runs/synth_demo"]),
+                         ("demo-garment", ["demo", "--garment", "--data", "data/synth_demo", "--out", "runs/synth_demo",
+                                           "--garment-out", "runs/garment_demo"])):
+        lines = recipe(target)
+        assert editable in lines and lines[-1] == shlex.join([f"{venv}/bin/hptransfer", *argv]), lines
+        assert not any("requirements-test.txt" in line for line in lines), lines  # no test tools for a demo
+        cli.parse_args_with_overrides(cli.build_parser("demo"), argv)  # exits on an option demo lacks
+    lines = recipe("test")
+    gpu = shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+    assert lines[-1] == ("" if gpu else "TRITON_INTERPRET=1 ") + f"{venv}/bin/python -m pytest tests -q --timeout=1500"
+    order = [next(i for i, line in enumerate(lines) if needle in line) for needle in
+             (editable, "-r requirements-test.txt", "--no-deps -r requirements-mediapipe.txt", "-m pytest tests")]
+    assert order == sorted(order), lines
+
+
 def _without_nvcc_env() -> dict:
     """The environment of a CPU-only build: no nvcc on PATH, CUDA_HOME pointing nowhere."""
     path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)

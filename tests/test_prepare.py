@@ -461,3 +461,27 @@ def test_interrupted_run_resumes_without_redoing(tmp_path, monkeypatch):
     assert len(lines) == 1 + 4 and json.loads(lines[0])["settings"]["tool"] == "h36m"
     assert prepare(root, out, size=64, workers=2, keypoints="gt")["written"] == 5  # only the remaining ones
     assert not any(r["problems"] for r in check_dataset(out).values())
+
+
+def test_data_h36m_command_writes_shards_like_its_folder(tmp_path, capsys):
+    """`hptransfer data h36m --root R --out OUT --shards --workers N` (docs/data.md): no images/ folder, and
+    the shards hold the names, keypoints and pairs of the folder the same tool writes."""
+    from hptransfer.cli import main
+    from hptransfer.data.dataset import PairDataset
+    from hptransfer.data.prepare_h36m import prepare
+    from hptransfer.data.shards import ShardPairDataset, ShardSet
+
+    root = _h36m_tree(tmp_path)
+    folder, sh = tmp_path / "folder", tmp_path / "shards"
+    prepare(root, folder, size=96, keypoints="gt")
+    assert main(["data", "h36m", "--root", str(root), "--out", str(sh), "--shards", "--workers", "2", "--size", "96",
+                 "--sizes", "64", "--image-format", "png", "--keypoints", "gt"]) == 0
+    assert "wrote 9 images from 3 sequences" in capsys.readouterr().out and not (sh / "images").exists()
+    shards = ShardSet(sh)
+    for split in ("train", "test"):
+        csv = read_annotations(folder / f"annotations-{split}.csv")
+        assert shards.names(split) == sorted(csv), split
+        for name, row in zip(shards.names(split), shards.table(split)):
+            assert np.array_equal(row["kp"], csv[name]) and tuple(row["hw"]) == (96, 96), name
+    assert len(ShardPairDataset(sh, "train", 64)) == len(PairDataset(folder, "train", 64)) == 12
+    assert main(["data", "check", str(sh)]) == 0

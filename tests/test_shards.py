@@ -205,6 +205,7 @@ def test_damaged_member_names_shard_and_member(png_shards, tmp_path, how, words)
     for x, y in zip(t, d):
         _items_equal(x, y, "skip_bad")
     assert main(["data", "check", str(root)]) == 1
+    assert main(["data", "check", str(root), "--no-decode"]) == 1  # the fast check still reads every member
     assert main(["data", "check", str(root), "--skip-bad"]) == 0
 
 
@@ -357,6 +358,7 @@ def test_cli_shard_check_show(folder, tmp_path, capsys):
     assert main(["data", "check", str(out)]) == 0
     report = capsys.readouterr().out
     assert "problems found: 0" in report and "images" in report
+    assert main(["data", "check", str(out), "--no-decode"]) == 0
     assert main(["data", "show", str(out), "--n", "3", "--out", str(tmp_path / "grid.png")]) == 0
     assert Image.open(tmp_path / "grid.png").size[0] > 0
     assert main(["data", "shard", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2

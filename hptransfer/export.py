@@ -22,7 +22,7 @@ import torch
 
 from hptransfer._version import __version__
 from hptransfer.checkpoint import FORMAT_VERSION, export_dir, read_export_config, write_dir_atomically
-from hptransfer.errors import CheckpointError
+from hptransfer.errors import CheckpointError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -283,9 +283,8 @@ def run(args) -> int:
         return flow_task.run_export(args)
     g = load_any(args.checkpoint)
     if args.resolution is not None and args.resolution != g.resolution:
-        print(f"error: {args.checkpoint} holds a {g.resolution}-px generator; --resolution {args.resolution} "
-              "would need a generator trained to that stage")
-        return 2
+        raise InputError(f"{args.checkpoint} holds a {g.resolution}-px generator; --resolution {args.resolution} "
+                         "would need a generator trained to that stage")
     if args.format == "safetensors":
         out = export_generator(g, args.out, extra={"exported_from": str(args.checkpoint)})
         load_generator(out)

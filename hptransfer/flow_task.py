@@ -22,7 +22,7 @@ import torch
 
 from hptransfer._version import __version__
 from hptransfer.checkpoint import FORMAT_VERSION, export_dir, read_export_config, write_dir_atomically
-from hptransfer.errors import CheckpointError
+from hptransfer.errors import CheckpointError, InputError
 from hptransfer.flow_losses import flow_loss
 from hptransfer.step import read_nonfinite
 
@@ -253,6 +253,9 @@ def onnx_max_abs_diff(model, onnx_path, batch: int = 2, seed: int = 1) -> float:
 
 def run_export(args) -> int:
     """``hptransfer export`` for a flow export directory (safetensors or onnx)."""
+    if args.format not in ("safetensors", "onnx"):
+        raise InputError(f"{args.checkpoint}: an appearance flow network exports as safetensors or onnx, not "
+                         f"{args.format}")
     model = load_flow(args.checkpoint)
     if args.resolution is not None and args.resolution != model.resolution:
         model.resolution = args.resolution  # resolution-free weights: any multiple of 2**levels
@@ -263,7 +266,4 @@ def run_export(args) -> int:
     elif args.format == "onnx":
         out = export_onnx(model, args.out, args.batch, args.opset)
         print(f"wrote {out}; onnxruntime vs PyTorch max abs difference: {onnx_max_abs_diff(model, out):.3g}")
-    else:
-        print("error: the flow network exports as safetensors or onnx")
-        return 2
     return 0

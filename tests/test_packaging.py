@@ -107,12 +107,15 @@ def test_make_demo_and_make_test_set_up_then_run_their_command():
 
     from hptransfer import cli
 
-    env = {k: v for k, v in os.environ.items() if k not in ("CUDA", "VENV", "DEMO_DIR", "DEMO_DATA")}
+    # under `make test` the suite inherits the outer make's MAKELEVEL/MAKEFLAGS: a nested make would print
+    # "make[1]: Entering directory" lines and take the outer flags
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CUDA", "VENV", "DEMO_DIR", "DEMO_DATA", "MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     venv = "/nonexistent-venv"
 
     def recipe(target: str) -> list:  # -B: every recipe printed as if the venv did not exist; -n: none run
-        run = subprocess.run(["make", "-n", "-B", target, f"VENV={venv}"], cwd=REPO, env=env, capture_output=True,
-                             text=True, timeout=60)
+        run = subprocess.run(["make", "--no-print-directory", "-n", "-B", target, f"VENV={venv}"], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stderr
         return run.stdout.splitlines()
 

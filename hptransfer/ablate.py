@@ -361,6 +361,17 @@ def _pick_descriptors(kp, count: int = 2) -> list[int]:
     return picks[:count]
 
 
+def _spread_pairs(ds, n_pairs: int):
+    """(reference, target, kp_reference, kp_target) of ``n_pairs`` pairs spread over ``ds`` (different
+    people, not one person's pairs); keypoints float."""
+    import torch
+
+    picks = sorted({round(i * (len(ds) - 1) / max(n_pairs - 1, 1)) for i in range(n_pairs)})
+    items = [ds[i] for i in picks]
+    stack = lambda key: torch.stack([torch.as_tensor(it[key]) for it in items])  # noqa: E731
+    return stack("reference"), stack("target"), stack("kp_reference").float(), stack("kp_target").float()
+
+
 def make_figure(finals: dict, jobs: dict[str, Job], out_path: Path, split: str, n_pairs: int = 4,
                 labels: Optional[dict] = None, zoom: int = 4) -> Optional[Path]:
     """Fig. 7 layout: per test pair a row of reference, ground truth and each variant's output (its
@@ -385,14 +396,7 @@ def make_figure(finals: dict, jobs: dict[str, Job], out_path: Path, split: str, 
         return None
     any_job = jobs[next(iter(next(iter(finals.values())).values()))]
     R = next(iter(shown.values())).resolution
-    ds = PairDataset(any_job.cfg.data.root, split, R)
-    # different people: spread over the split
-    picks = sorted({round(i * (len(ds) - 1) / max(n_pairs - 1, 1)) for i in range(n_pairs)})
-    items = [ds[i] for i in picks]
-    ref = torch.stack([torch.as_tensor(it["reference"]) for it in items])
-    tgt = torch.stack([torch.as_tensor(it["target"]) for it in items])
-    kp = torch.stack([torch.as_tensor(it["kp_target"]) for it in items]).float()
-    kp_ref = torch.stack([torch.as_tensor(it["kp_reference"]) for it in items]).float()
+    ref, tgt, kp_ref, kp = _spread_pairs(PairDataset(any_job.cfg.data.root, split, R), n_pairs)
     # (label, images, keypoints where its boxes go): the reference at its own pose, the rest at the target's
     columns = [("reference", ref, kp_ref), ("ground truth", tgt, kp)]
     labels = {**LABELS, **(labels or {})}
@@ -402,13 +406,13 @@ def make_figure(finals: dict, jobs: dict[str, Job], out_path: Path, split: str, 
     cell_w = max(R, 2 * z)
     label_h, gap = 14, 4
     row_h = R + z + gap
-    W, H = cell_w * len(columns), label_h + row_h * len(items)
+    W, H = cell_w * len(columns), label_h + row_h * len(ref)
     canvas = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(canvas)
     colours = ((255, 0, 0), (0, 160, 255))
     for c, (label, _, _) in enumerate(columns):
         draw.text((c * cell_w + 2, 1), label.replace(" + ", "+"), fill=(0, 0, 0))  # fits a 128-px column
-    for r, it in enumerate(items):
+    for r in range(len(ref)):
         ds_ids = _pick_descriptors(kp[r])
         for c, (_, imgs, kps) in enumerate(columns):
             centres = kps[r]
@@ -472,24 +476,19 @@ def make_descriptor_figure(finals: dict, jobs: dict[str, Job], info: dict, out_p
         return None
     any_job = jobs[next(iter(next(iter(finals.values())).values()))]
     R = next(iter(shown.values())).resolution
-    ds = PairDataset(any_job.cfg.data.root, split, R)
-    picks = sorted({round(i * (len(ds) - 1) / max(n_pairs - 1, 1)) for i in range(n_pairs)})
-    items = [ds[i] for i in picks]
-    ref = torch.stack([torch.as_tensor(it["reference"]) for it in items])
-    tgt = torch.stack([torch.as_tensor(it["target"]) for it in items])
-    kp = torch.stack([torch.as_tensor(it["kp_target"]) for it in items]).float()
+    ref, tgt, _, kp = _spread_pairs(PairDataset(any_job.cfg.data.root, split, R), n_pairs)
     outputs = {v: M.to_uint8(generate(g, ref, kp).float().cpu()) for v, g in shown.items()}
     truth = M.to_uint8(tgt)
     label_h, gap = 14, 4
     columns = ["ground truth", "zoom"] + [f"{info.get(v, {}).get('kind', v)} {info.get(v, {}).get('descriptors', '')}"
                                           for v in shown]
-    W, H = R * len(columns) + gap * (len(columns) - 1), label_h + (R + gap) * len(items)
+    W, H = R * len(columns) + gap * (len(columns) - 1), label_h + (R + gap) * len(ref)
     canvas = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(canvas)
     for c, text in enumerate(columns):
         draw.text((c * (R + gap) + 2, 1), text, fill=(0, 0, 0))
     as_image = lambda t: Image.fromarray(np.ascontiguousarray(t.permute(1, 2, 0).numpy()))  # noqa: E731
-    for r in range(len(items)):
+    for r in range(len(ref)):
         y0 = label_h + r * (R + gap)
         full = as_image(truth[r])
         canvas.paste(full, (0, y0))
